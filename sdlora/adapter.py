@@ -1,0 +1,146 @@
+"""Reading and writing adapter files: safetensors only, checked before use, written atomically."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .formats import ModuleWeights
+from .keys import Family
+
+FORMAT_VERSION = 1
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be used, with the file and the reason in the message."""
+
+
+def _header(path: Path) -> dict:
+    """The safetensors JSON header, after checking the file is complete. Never unpickles anything."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise AdapterFileError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8 or header_len > 100_000_000:
+            if head[:2] == b"PK" or head[:1] == b"\x80":
+                hint = "it looks like a pickled PyTorch checkpoint, which sdlora never opens"
+            else:
+                hint = "its first 8 bytes are not a safetensors header length"
+            raise AdapterFileError(f"{path}: not a safetensors file ({hint}); adapters must be .safetensors")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterFileError(f"{path}: not a safetensors file (its header is not JSON: {error})") from None
+    if not isinstance(header, dict):
+        raise AdapterFileError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                   default=0)
+    expected = 8 + header_len + data_end
+    if size < expected:
+        raise AdapterFileError(
+            f"{path}: truncated: the header describes {expected} bytes but the file has {size}; "
+            "the download or copy was cut short, fetch the file again"
+        )
+    return header
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of an adapter file, checked: complete, safetensors, all values finite."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: no such adapter file")
+    header = _header(path)
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # safetensors raises its own error type for malformed files
+        raise AdapterFileError(f"{path}: cannot be read as safetensors: {error}") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterFileError(
+                f"{path}: tensor {name!r} holds NaN or infinite values; the adapter is broken "
+                "(often a training run that diverged): use an earlier checkpoint"
+            )
+    return tensors, dict(header.get("__metadata__") or {})
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call write(temporary_path), then rename over `path`: a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_adapter(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: adapter files are written as .safetensors; name the file *.safetensors")
+    write_atomic(path, lambda temporary: save_file(state_dict, str(temporary), metadata=metadata))
+    return path
+
+
+def _uniform(values: list[float]) -> str:
+    """kohya writes 'Dynamic' when modules differ (for example after resizing)."""
+    distinct = sorted(set(values))
+    if len(distinct) == 1:
+        value = distinct[0]
+        return str(int(value)) if float(value).is_integer() else str(value)
+    return "Dynamic"
+
+
+def build_metadata(
+    modules: dict[str, ModuleWeights], family: Family, title: str, targets: dict[str, list[str]] | None = None,
+    extra: dict | None = None,
+) -> dict[str, str]:
+    """kohya's `ss_*` keys, Stability's `modelspec.*` keys, and sdlora's own JSON record."""
+    ranks = {key: weights.rank for key, weights in modules.items()}
+    alphas = {key: weights.effective_alpha for key, weights in modules.items()}
+    has_conv = any(weights.down.dim() == 4 for weights in modules.values())
+    record = {
+        "format_version": FORMAT_VERSION,
+        "family": family.name,
+        "targets": targets or {},
+        "ranks": ranks,
+        "alphas": alphas,
+        **(extra or {}),
+    }
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": _uniform(list(ranks.values())),
+        "ss_network_alpha": _uniform(list(alphas.values())),
+        "ss_base_model_version": family.base_model_version,
+        "ss_v2": str(family.name == "sd2"),
+        "ss_output_name": title,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": family.architecture,
+        "modelspec.implementation": family.implementation,
+        "modelspec.title": title,
+        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.resolution": f"{family.resolution}x{family.resolution}",
+        "modelspec.prediction_type": family.prediction_type,
+        "sdlora": json.dumps(record, sort_keys=True),
+    }
+    if has_conv:
+        conv = [w for w in modules.values() if w.down.dim() == 4 and w.down.shape[-1] > 1]
+        if conv:
+            metadata["ss_network_args"] = json.dumps({
+                "conv_dim": _uniform([w.rank for w in conv]),
+                "conv_alpha": _uniform([w.effective_alpha for w in conv]),
+            })
+    return metadata

@@ -1,0 +1,531 @@
+"""Training data: finding images and captions, aspect-ratio buckets, and the torch Dataset/sampler.
+
+Every random choice (flip, crop, caption shuffling/dropout, batch order) is a pure function of
+(seed, epoch, index), so a resumed run sees exactly the same data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CONCEPT_DIR = re.compile(r"^(\d+)_(.+)$")  # kohya's "N_concept words" folders
+_EXIF_ORIENTATION = 0x0112
+
+
+class DataError(ValueError):
+    """A problem with the training data or data settings; the message says which file/value and what to do."""
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One usable image: its caption, repeats per epoch and size after EXIF orientation."""
+
+    path: Path
+    caption: str
+    repeats: int
+    width: int
+    height: int
+    concept: str | None = None
+
+
+@dataclass
+class DatasetScan:
+    """What `find_images` found: usable items, skipped files with reasons, and missing-caption count."""
+
+    items: list[ImageItem]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    missing_captions: int = 0
+    root: Path | None = None
+
+    def summary(self) -> str:
+        """A few printable lines describing the scan."""
+        samples = sum(item.repeats for item in self.items)
+        where = f" in {self.root}" if self.root is not None else ""
+        lines = [f"Found {len(self.items)} images{where} ({samples} samples per epoch with repeats)."]
+        if self.skipped:
+            lines.append(f"Skipped {len(self.skipped)} files:")
+            for path, reason in self.skipped:
+                shown = path.relative_to(self.root) if self.root and path.is_relative_to(self.root) else path
+                lines.append(f"  {shown}: {reason}")
+        if self.missing_captions:
+            lines.append(f"{self.missing_captions} images have no caption and will train with an empty one.")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery
+# ---------------------------------------------------------------------------------------------
+
+
+def _norm(path: Path) -> str:
+    return os.path.normcase(os.path.normpath(path))
+
+
+def _read_metadata_jsonl(path: Path) -> dict[str, str]:
+    captions = {}
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                captions[_norm(path.parent / row["file_name"])] = str(row["text"]).strip()
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(
+                    f"{path}, line {number}: expected a JSON object with 'file_name' and 'text' ({e!r}); "
+                    "fix or remove the line"
+                ) from None
+    return captions
+
+
+def _read_captions_csv(path: Path) -> dict[str, str]:
+    # utf-8-sig: spreadsheets often write a byte-order mark that would otherwise corrupt the first header.
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"file_name", "text"} <= set(reader.fieldnames):
+            raise DataError(f"{path}: needs a header row with columns file_name,text; found {reader.fieldnames}")
+        return {_norm(path.parent / r["file_name"]): (r["text"] or "").strip() for r in reader if r["file_name"]}
+
+
+def _probe_image(path: Path) -> tuple[int, int] | str:
+    """(width, height) after EXIF orientation, or the reason the file cannot be used."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as img:
+            # verify() misses truncated files; a full load() decodes every byte and catches them.
+            img.load()
+            width, height = img.size
+            # Orientations 5-8 swap the axes; reading the tag is cheaper than exif_transpose on a copy.
+            if img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                width, height = height, width
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad data
+        return f"unreadable image ({type(e).__name__}: {e})"
+    return width, height
+
+
+def find_images(root: Path | str, caption_extension: str = ".txt") -> DatasetScan:
+    """Walk `root` recursively for images, their captions and kohya-style `N_concept` repeats."""
+    root = Path(root)
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a folder"
+        raise DataError(f"training data folder {root} {what}; pass the folder that holds your images")
+
+    image_paths: list[Path] = []
+    jsonl: dict[str, str] = {}  # normalised image path -> caption, from metadata.jsonl files
+    table: dict[str, str] = {}  # the same from captions.csv files
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Hidden folders/files (.git, .ipynb_checkpoints, macOS "._x.png") are never training data.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        folder = Path(dirpath)
+        # os.walk is top-down, so a deeper folder's file overrides a shallower one for the same image.
+        if "metadata.jsonl" in filenames:
+            jsonl.update(_read_metadata_jsonl(folder / "metadata.jsonl"))
+        if "captions.csv" in filenames:
+            table.update(_read_captions_csv(folder / "captions.csv"))
+        image_paths += [
+            folder / n for n in sorted(filenames) if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+
+    items: list[ImageItem] = []
+    skipped: list[tuple[Path, str]] = []
+    missing = 0
+    for path in image_paths:
+        size = _probe_image(path)
+        if isinstance(size, str):
+            skipped.append((path, size))
+            continue
+        repeats, concept = 1, None
+        for part in path.parent.relative_to(root).parts:  # the deepest concept folder wins
+            if match := CONCEPT_DIR.match(part):
+                repeats, concept = int(match.group(1)), match.group(2).strip()
+                if repeats < 1:
+                    raise DataError(f"folder {part!r} under {root} asks for 0 repeats; use at least 1 (1_{concept})")
+        caption = ""
+        sidecar = path.with_suffix(caption_extension)
+        if sidecar.is_file():
+            # Newlines are folded so a caption written over several lines stays one prompt.
+            caption = " ".join(sidecar.read_text(encoding="utf-8-sig").split("\n")).strip()
+        if not caption:  # an empty sidecar falls through to the other sources
+            caption = jsonl.get(_norm(path)) or table.get(_norm(path), "")
+        if not caption:
+            caption = concept or ""
+            missing += not caption
+        items.append(ImageItem(path, caption, repeats, size[0], size[1], concept))
+
+    if not items:
+        bad = f"; unreadable: {', '.join(p.name for p, _ in skipped[:10])}" if skipped else ""
+        raise DataError(f"no usable images in {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)}){bad}")
+    return DatasetScan(items, skipped, missing, root)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: transparency composited on white, high bit depths scaled (not clipped)."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # Pillow's own convert() clips these at 255, which turns a 16-bit photo almost white.
+        arr = np.asarray(img).astype(np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0  # 65535 -> 255
+        elif img.mode == "F" and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0  # float images are usually 0..1
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        # White, not black: most transparent training images are cut-outs meant to sit on a page.
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_image(path: Path | str) -> Image.Image:
+    """Open an image as RGB with its EXIF orientation applied."""
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)  # returns a new image, safe to use after close
+    return to_rgb(img)
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_probability(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise DataError(f"{name} must be a probability between 0 and 1, got {value}")
+
+
+def process_caption(
+    caption: str,
+    rng: random.Random,
+    *,
+    prefix: str = "",
+    suffix: str = "",
+    shuffle_tags: bool = False,
+    keep_tokens: int = 0,
+    caption_dropout: float = 0.0,
+    tag_dropout: float = 0.0,
+) -> str:
+    """Apply tag shuffling/dropout, caption dropout and prefix/suffix to a comma-separated caption."""
+    _check_probability("caption_dropout", caption_dropout)
+    _check_probability("tag_dropout", tag_dropout)
+    if keep_tokens < 0:
+        raise DataError(f"keep_tokens must be 0 or more, got {keep_tokens}")
+    # random() is in [0, 1), so a probability of 1 always fires and 0 never does.
+    if caption_dropout > 0 and rng.random() < caption_dropout:
+        return ""  # unconditional sample for classifier-free guidance: no trigger word either
+    tags = [t.strip() for t in caption.split(",")]
+    tags = [t for t in tags if t]
+    kept, rest = tags[:keep_tokens], tags[keep_tokens:]
+    if shuffle_tags:
+        rng.shuffle(rest)
+    if tag_dropout > 0:
+        rest = [t for t in rest if rng.random() >= tag_dropout]
+    parts = [prefix.strip(), ", ".join(kept + rest), suffix.strip()]
+    return ", ".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """Caption processing settings for `ImageCaptionDataset` (see `process_caption`)."""
+
+    prefix: str = ""
+    suffix: str = ""
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    caption_dropout: float = 0.0
+    tag_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        process_caption("", random.Random(0), **self.__dict__)  # same validation, fails early
+
+
+# ---------------------------------------------------------------------------------------------
+# Aspect-ratio buckets
+# ---------------------------------------------------------------------------------------------
+
+
+def bucket_defaults(resolution: int) -> tuple[int, int, int]:
+    """Default (min_side, max_side, step) for a resolution: step 64 from 256 px up, else 8."""
+    step = 64 if resolution >= 256 else 8
+    return max(step, resolution // 2 // step * step), resolution * 2, step
+
+
+def make_buckets(
+    resolution: int, min_side: int | None = None, max_side: int | None = None, step: int | None = None
+) -> list[tuple[int, int]]:
+    """Kohya-style (width, height) buckets with area <= resolution**2, sides multiples of `step`.
+
+    Rule: for each width w in min_side..max_side by step, h = the largest multiple of step with
+    w*h <= resolution**2, capped at max_side; keep (w, h) and (h, w) if h >= min_side; add the
+    square (resolution, resolution). Defaults (see `bucket_defaults`): step = 64 for resolution >= 256
+    else 8, min_side = resolution/2 rounded down to step, max_side = 2 * resolution.
+    """
+    d_min, d_max, d_step = bucket_defaults(resolution)
+    min_side, max_side, step = min_side or d_min, max_side or d_max, step or d_step
+    for name, value in (("resolution", resolution), ("min_side", min_side), ("max_side", max_side)):
+        if value <= 0 or value % step:
+            raise DataError(f"{name}={value} must be a positive multiple of the bucket step {step}")
+    if not min_side <= resolution <= max_side:
+        raise DataError(f"need min_side <= resolution <= max_side, got {min_side}, {resolution}, {max_side}")
+    area = resolution * resolution
+    buckets = {(resolution, resolution)}
+    for width in range(min_side, max_side + 1, step):
+        height = min(max_side, area // width // step * step)
+        if height >= min_side:
+            buckets.update({(width, height), (height, width)})
+    return sorted(buckets)
+
+
+def assign_bucket(
+    width: int, height: int, buckets: Sequence[tuple[int, int]], allow_upscale: bool = True
+) -> tuple[int, int]:
+    """The bucket closest in log aspect ratio to width/height; ties go to the larger area.
+
+    Without `allow_upscale`, only buckets that fit inside the image are candidates; if none does
+    (always the case for images smaller in area than the buckets) the image is upscaled anyway.
+    The choice is made here, not at crop time, because batches need the final size up front.
+    """
+    candidates = list(buckets)
+    if not allow_upscale:
+        candidates = [b for b in buckets if b[0] <= width and b[1] <= height] or candidates
+    if not candidates:
+        raise DataError("assign_bucket got an empty bucket list; build one with make_buckets")
+    aspect = math.log(width / height)
+    # Rounding makes mirror-image errors compare equal, so the area tie-break actually applies.
+    return min(candidates, key=lambda b: (round(abs(math.log(b[0] / b[1]) - aspect), 9), -b[0] * b[1]))
+
+
+class Cropped(NamedTuple):
+    """Result of `resize_and_crop`; sizes and offsets are (row, column) order, as SDXL conditioning wants."""
+
+    image: Image.Image
+    crop_top_left: tuple[int, int]  # (top, left) in the resized image
+    original_size: tuple[int, int]  # (height, width) before resizing
+
+
+def resize_and_crop(
+    img: Image.Image, bucket: tuple[int, int], rng: random.Random | None = None, random_crop: bool = False
+) -> Cropped:
+    """Scale `img` to cover `bucket` (keeping aspect), then crop centre or at random to exactly the bucket."""
+    bw, bh = bucket
+    w, h = img.size
+    scale = max(bw / w, bh / h)
+    # max() guards against rounding a covering size down by one pixel.
+    new_w, new_h = max(bw, round(w * scale)), max(bh, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    if random_crop:
+        if rng is None:
+            raise DataError("random_crop=True needs an rng so the crop is reproducible")
+        top, left = rng.randint(0, new_h - bh), rng.randint(0, new_w - bw)
+    else:
+        top, left = (new_h - bh) // 2, (new_w - bw) // 2
+    return Cropped(img.crop((left, top, left + bw, top + bh)), (top, left), (h, w))
+
+
+def bucket_histogram(assignments: Iterable[tuple[int, int]]) -> str:
+    """One line per bucket, `WxH: count` followed by a bar, largest-area buckets last."""
+    counts = Counter(assignments)
+    if not counts:
+        return "(no images)"
+    most = max(counts.values())
+    rows = sorted(counts.items(), key=lambda kv: (kv[0][0] * kv[0][1], kv[0]))
+    return "\n".join(f"{w}x{h}: {n} {'#' * max(1, round(40 * n / most))}" for (w, h), n in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch dataset and sampler
+# ---------------------------------------------------------------------------------------------
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Bucketed, augmented image/caption samples; item i appears `repeats` times per epoch."""
+
+    def __init__(
+        self,
+        scan: DatasetScan,
+        resolution: int,
+        *,
+        min_side: int | None = None,
+        max_side: int | None = None,
+        step: int | None = None,
+        allow_upscale: bool = False,
+        flip_prob: float = 0.0,
+        random_crop: bool = False,
+        caption_options: CaptionOptions | None = None,
+        seed: int = 0,
+    ) -> None:
+        _check_probability("flip_prob", flip_prob)
+        self.items = list(scan.items)
+        self.buckets = make_buckets(resolution, min_side, max_side, step)
+        self.flip_prob, self.random_crop, self.seed = flip_prob, random_crop, seed
+        self.caption_options = caption_options or CaptionOptions()
+        item_buckets = [assign_bucket(it.width, it.height, self.buckets, allow_upscale) for it in self.items]
+        # Dataset index -> item index, each item's repeats laid out consecutively.
+        self.item_of: list[int] = [i for i, it in enumerate(self.items) for _ in range(it.repeats)]
+        self.sample_buckets: list[tuple[int, int]] = [item_buckets[i] for i in self.item_of]
+        # Shared memory so DataLoader workers (even persistent ones) see set_epoch from the main process.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.item_of)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentations `__getitem__` reproduces; call before iterating."""
+        self._epoch.fill_(epoch)
+
+    def _rng(self, index: int, purpose: str) -> random.Random:
+        # String seeds are hashed with SHA-512, so this is stable across processes and Python runs.
+        # Separate streams keep captions identical whether or not flips/crops are enabled.
+        return random.Random(f"{self.seed}:{self.epoch}:{index}:{purpose}")
+
+    def caption(self, index: int) -> str:
+        """The processed caption of sample `index` in the current epoch, without loading the image."""
+        item = self.items[self.item_of[index]]
+        return process_caption(item.caption, self._rng(index, "caption"), **self.caption_options.__dict__)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample index {index} out of range for {len(self)} samples")
+        item = self.items[self.item_of[index]]
+        bucket = self.sample_buckets[index]
+        try:
+            img = load_image(item.path)
+        except Exception as e:
+            raise DataError(f"could not load {item.path} ({e}); it was readable at start-up, was it changed?") from e
+        rng = self._rng(index, "image")
+        cropped = resize_and_crop(img, bucket, rng, self.random_crop)
+        flipped = self.flip_prob > 0 and rng.random() < self.flip_prob
+        out = ImageOps.mirror(cropped.image) if flipped else cropped.image
+        pixels = torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0
+        return {
+            "pixel_values": pixels,
+            "caption": self.caption(index),
+            "index": index,
+            "bucket": bucket,
+            "original_size": cropped.original_size,
+            "crop_top_left": cropped.crop_top_left,
+            "flipped": flipped,
+        }
+
+
+class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of dataset indices, each from one bucket, in an order fixed by (seed, epoch).
+
+    Resume: `state_dict(batches_done)` / `load_state_dict` (or `set_epoch(epoch, skip_batches)`)
+    make the next iteration continue mid-epoch. A DataLoader fetches batches ahead of the training
+    loop, so save the number of batches the loop actually finished, not what the sampler handed out.
+    """
+
+    def __init__(
+        self,
+        sample_buckets: Sequence[tuple[int, int]],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        drop_last: bool = False,
+        shuffle: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        self.sample_buckets = list(sample_buckets)
+        self.batch_size, self.seed, self.drop_last, self.shuffle = batch_size, seed, drop_last, shuffle
+        self.epoch = 0
+        self.position = 0  # batches of this epoch handed out so far (skipped ones included)
+        self._skip = 0  # where the next iteration starts
+
+    def _total(self) -> int:
+        sizes = Counter(self.sample_buckets).values()
+        if self.drop_last:
+            return sum(n // self.batch_size for n in sizes)
+        return sum(-(-n // self.batch_size) for n in sizes)
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields (a pending resume skip is subtracted)."""
+        return max(0, self._total() - self._skip)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of `epoch`, in order; a pure function of (seed, epoch) and the buckets."""
+        rng = random.Random(f"{self.seed}:{epoch}:batches")
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, bucket in enumerate(self.sample_buckets):
+            groups[bucket].append(index)
+        batches = []
+        for bucket in sorted(groups):  # sorted: dict order must not depend on anything but the data
+            indices = groups[bucket]
+            if self.shuffle:
+                rng.shuffle(indices)
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start : start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch for the next iteration, optionally starting after `skip_batches` batches."""
+        if skip_batches < 0:
+            raise DataError(f"skip_batches must be 0 or more, got {skip_batches}")
+        self.epoch, self._skip, self.position = epoch, skip_batches, skip_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start, self._skip = self._skip, 0  # a resume skip applies to one iteration only
+        self.position = start
+        for batch in self.batches(self.epoch)[start:]:
+            self.position += 1
+            yield batch
+
+    def state_dict(self, batches_done: int | None = None) -> dict[str, int]:
+        """Resume point: epoch and batch position (pass `batches_done` when a DataLoader prefetches)."""
+        position = self.position if batches_done is None else batches_done
+        return {"epoch": self.epoch, "position": position, "seed": self.seed, "num_samples": len(self.sample_buckets)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a `state_dict()`; refuses one saved with a different seed or dataset size."""
+        for key, mine in (("seed", self.seed), ("num_samples", len(self.sample_buckets))):
+            if key in state and state[key] != mine:
+                raise DataError(
+                    f"sampler state was saved with {key}={state[key]} but this run has {key}={mine}; the batch order "
+                    "would differ, so use the same data and seed, or start fresh with set_epoch()"
+                )
+        self.set_epoch(int(state["epoch"]), int(state["position"]))
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack `pixel_values` into [B, 3, H, W] and gather the other fields into lists."""
+    shapes = {tuple(sample["pixel_values"].shape) for sample in batch}
+    if len(shapes) > 1:
+        raise DataError(f"a batch mixes image sizes {sorted(shapes)}; use BucketBatchSampler or batch_size=1")
+    return {
+        "pixel_values": torch.stack([sample["pixel_values"] for sample in batch]),
+        "captions": [sample["caption"] for sample in batch],
+        "indices": [sample["index"] for sample in batch],
+        "buckets": [sample["bucket"] for sample in batch],
+        "original_sizes": [sample["original_size"] for sample in batch],
+        "crop_top_lefts": [sample["crop_top_left"] for sample in batch],
+    }

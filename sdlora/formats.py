@@ -1,0 +1,181 @@
+"""Pure functions between adapter state dicts in other tools' layouts and module keys.
+
+Layouts read: kohya/A1111 (`lora_unet_…​.lora_down.weight`, `.lora_up.weight`, `.alpha`), PEFT as
+diffusers saves it (`unet.….lora_A.weight` / `.lora_B.weight`, alpha in the `lora_adapter_metadata`
+header), and older diffusers (`.lora.down.weight`, `.lora_linear_layer.down.weight`, and the
+attention-processor form `….processor.to_q_lora.down.weight`). Layout written: kohya.
+No I/O here, and every key is accounted for: a key left over is reported, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .keys import TEXT_ENCODERS, Family, canonical_path, kohya_index, kohya_name
+
+# Tensor-name suffix -> role, longest first so `lora.down.weight` wins over `down.weight`-like tails.
+ROLES = {
+    "lora_linear_layer.down.weight": "down",
+    "lora_linear_layer.up.weight": "up",
+    "lora_down.weight": "down",
+    "lora_up.weight": "up",
+    "lora.down.weight": "down",
+    "lora.up.weight": "up",
+    "lora_A.weight": "down",
+    "lora_B.weight": "up",
+    "alpha": "alpha",
+}
+PROCESSOR_FORM = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+
+# Tensors of adapter kinds this loader does not read yet, to name them in the error.
+OTHER_KINDS = {
+    "hada_w1_a": "LyCORIS LoHa", "hada_t1": "LyCORIS LoHa (Tucker)",
+    "lokr_w1": "LyCORIS LoKr", "lokr_w1_a": "LyCORIS LoKr", "lokr_w2": "LyCORIS LoKr",
+    "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA (PEFT)",
+    "diff": "a full weight difference", "diff_b": "a bias difference", "lora_mid.weight": "LoCon (Tucker)",
+}
+
+
+@dataclass
+class ModuleWeights:
+    """One module's LoRA tensors. alpha None means the file had none: alpha = rank (scale 1)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else self.alpha
+
+
+@dataclass
+class Parsed:
+    modules: dict[str, ModuleWeights]  # module key -> weights
+    layout: str  # "kohya", "peft" or "diffusers"
+    unmatched: list[str]  # file keys that name no module of the model
+    unsupported: list[str]  # file keys of a kind or role this loader cannot apply
+
+
+def split_tensor_name(key: str) -> tuple[str, str] | None:
+    """`<module name>.<role suffix>` -> (module name, role) for the roles we read, else None."""
+    match = PROCESSOR_FORM.match(key)
+    if match:
+        stem, projection, direction = match.groups()
+        projection = "to_out.0" if projection == "to_out" else projection
+        return f"{stem}.{projection}", direction
+    for suffix, role in ROLES.items():
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], role
+    return None
+
+
+def describe_unsupported(keys: list[str]) -> str:
+    """A short description of what kind of adapter the unreadable keys belong to, if we know."""
+    kinds = sorted({kind for key in keys for tail, kind in OTHER_KINDS.items() if key.endswith("." + tail)})
+    return f" (these look like {', '.join(kinds)}, which sdlora does not read yet)" if kinds else ""
+
+
+def peft_alphas(metadata: dict[str, str]) -> dict[str, dict]:
+    """Per-component PEFT config (lora_alpha, r, alpha_pattern, use_rslora) from diffusers' header."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    flat = json.loads(raw)
+    configs: dict[str, dict] = {}
+    for name, value in flat.items():
+        component, _, field_name = name.partition(".")
+        configs.setdefault(component, {})[field_name] = value
+    return configs
+
+
+def peft_alpha(config: dict, path: str, rank: int) -> float | None:
+    """The alpha PEFT would use for a module, expressed as a plain alpha (scale = alpha / rank)."""
+    alpha = config.get("lora_alpha")
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            alpha = value
+            break
+    if alpha is None:
+        return None
+    if config.get("use_rslora"):  # rsLoRA scales by alpha / sqrt(r): the same as alpha * sqrt(r) / r
+        return float(alpha) * math.sqrt(rank)
+    return float(alpha)
+
+
+def dotted_module_key(name: str) -> str | None:
+    """`unet.x.y` / `text_encoder.x.y` (diffusers and PEFT names) -> module key; bare UNet paths too."""
+    component, _, path = name.partition(".")
+    if component in ("unet", *TEXT_ENCODERS):
+        return f"{component}.{canonical_path(component, path)}"
+    if re.match(r"(down_blocks|up_blocks|mid_block)\.", name):  # old attention-processor files
+        return f"unet.{name}"
+    return None
+
+
+def parse_state_dict(
+    state_dict: dict[str, torch.Tensor], metadata: dict[str, str], family: Family, model_keys: list[str]
+) -> Parsed:
+    """Map an adapter file's tensors onto module keys of a model.
+
+    kohya names lose the dots of module paths, so they are matched against the names the model's own
+    modules would have (`model_keys`); dotted layouts name their modules directly.
+    """
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    sources: dict[str, list[str]] = {}  # module name -> the file keys it came from
+    unsupported: list[str] = []
+    for key, tensor in state_dict.items():
+        split = split_tensor_name(key)
+        if split is None:
+            unsupported.append(key)
+            continue
+        name, role = split
+        grouped.setdefault(name, {})[role] = tensor
+        sources.setdefault(name, []).append(key)
+
+    known = set(model_keys)
+    kohya_names = kohya_index(family, model_keys)
+    is_kohya = any(name.startswith("lora_") for name in grouped)
+    layout = "kohya" if is_kohya else "peft" if any(".lora_A." in k for k in state_dict) else "diffusers"
+    configs = peft_alphas(metadata)
+
+    modules: dict[str, ModuleWeights] = {}
+    unmatched: list[str] = []
+    for name, roles in grouped.items():
+        key = kohya_names.get(name) if name.startswith("lora_") else dotted_module_key(name)
+        if key is None or key not in known:
+            unmatched.extend(sources[name])
+            continue
+        if "down" not in roles or "up" not in roles:
+            unsupported.extend(sources[name])
+            continue
+        alpha = roles["alpha"].item() if "alpha" in roles else None
+        if alpha is None and key.split(".")[0] in configs:
+            component, _, path = key.partition(".")
+            alpha = peft_alpha(configs[component], path, roles["down"].shape[0])
+        modules[key] = ModuleWeights(down=roles["down"], up=roles["up"], alpha=alpha)
+    return Parsed(modules=modules, layout=layout, unmatched=sorted(unmatched), unsupported=sorted(unsupported))
+
+
+def to_kohya(modules: dict[str, ModuleWeights], family: Family, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Module weights -> the kohya state dict that A1111, ComfyUI and diffusers read.
+
+    alpha stays fp32 whatever `dtype` is: a value like 0.3 would not survive fp16, and readers
+    take it with `.item()`.
+    """
+    state_dict: dict[str, torch.Tensor] = {}
+    for key, weights in modules.items():
+        name = kohya_name(family, key)
+        state_dict[f"{name}.lora_down.weight"] = weights.down.detach().to("cpu", dtype).contiguous()
+        state_dict[f"{name}.lora_up.weight"] = weights.up.detach().to("cpu", dtype).contiguous()
+        state_dict[f"{name}.alpha"] = torch.tensor(weights.effective_alpha, dtype=torch.float32)
+    return state_dict

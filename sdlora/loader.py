@@ -1,0 +1,350 @@
+"""Attaching adapters to a pipeline: load, strength, stack, fuse, unload, and save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter import SAVE_DTYPES, AdapterFileError, build_metadata, read_adapter, write_adapter
+from .formats import ModuleWeights, describe_unsupported, parse_state_dict, to_kohya
+from .keys import FAMILIES, family_from_kohya_names, family_named_in_metadata, module_key
+from .lora import LoRA, AdaptedLayer
+from .models import components, detect_family, unet_block_counts
+from .strength import Strength, check_strength, resolve_strength
+from .targets import adaptable_modules, patterns_for, select
+
+logger = logging.getLogger("sdlora")
+_REGISTRY = "_sdlora_adapters"
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass
+class AdapterInfo:
+    """What `list_adapters` reports about one loaded adapter."""
+
+    name: str
+    source: str  # the file it came from, or "new" for an adapter made to be trained
+    strength: Strength
+    family: str
+    layout: str
+    modules: dict[str, int] = field(default_factory=dict)  # component -> adapted layers
+    ranks: dict[str, list[int]] = field(default_factory=dict)  # component -> distinct ranks
+    targets: dict[str, list[str]] = field(default_factory=dict)  # component -> patterns, for new adapters
+    fused: bool = False
+
+
+# ---------------------------------------------------------------- bookkeeping on the modules
+
+
+def _registry(module: nn.Module) -> dict[str, AdapterInfo]:
+    if not hasattr(module, _REGISTRY):
+        object.__setattr__(module, _REGISTRY, {})
+    return getattr(module, _REGISTRY)
+
+
+def _infos(parts: dict[str, nn.Module]) -> dict[str, AdapterInfo]:
+    infos: dict[str, AdapterInfo] = {}
+    for module in parts.values():
+        infos.update(_registry(module))
+    return infos
+
+
+def _layers(parts: dict[str, nn.Module]):
+    """(component, path, wrapper) for every adapted layer."""
+    for component, model in parts.items():
+        for path, module in model.named_modules():
+            if isinstance(module, AdaptedLayer):
+                yield component, path, module
+
+
+def _require_loaded(parts: dict[str, nn.Module], name: str) -> AdapterInfo:
+    infos = _infos(parts)
+    if name not in infos:
+        loaded = ", ".join(infos) or "none"
+        raise KeyError(f"no adapter named {name!r} is loaded (loaded: {loaded})")
+    return infos[name]
+
+
+def _check_new_name(parts: dict[str, nn.Module], name: str) -> None:
+    if not _NAME.match(name):
+        raise ValueError(f"adapter name {name!r} may hold only letters, digits, '_' and '-'")
+    if name in _infos(parts):
+        raise ValueError(f"an adapter named {name!r} is already loaded: unload it first or pick another name")
+
+
+def _wrap(model: nn.Module, path: str) -> AdaptedLayer:
+    """The AdaptedLayer at `path`, putting one in place of the plain layer if needed."""
+    layer = model.get_submodule(path)
+    if isinstance(layer, AdaptedLayer):
+        return layer
+    parent_path, _, child = path.rpartition(".")
+    wrapper = AdaptedLayer(layer)
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, wrapper)
+    return wrapper
+
+
+def _unwrap(model: nn.Module, path: str, wrapper: AdaptedLayer) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, wrapper.base)
+
+
+def _model_layers(parts: dict[str, nn.Module]) -> dict[str, tuple[str, str, nn.Module]]:
+    """module key -> (component, path in the installed model, layer) for every adaptable layer."""
+    layers = {}
+    for component, model in parts.items():
+        for path, layer in adaptable_modules(model).items():
+            layers[module_key(component, path)] = (component, path, layer)
+    return layers
+
+
+# ---------------------------------------------------------------- checking a file against a model
+
+
+def _expected_shapes(layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if isinstance(layer, nn.Linear):
+        return (rank, layer.in_features), (layer.out_features, rank)
+    return (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
+
+
+def _without_unit_kernel(shape) -> tuple[int, ...]:
+    return tuple(shape[:2]) if len(shape) == 4 and tuple(shape[2:]) == (1, 1) else tuple(shape)
+
+
+def _fits(tensor: torch.Tensor, expected: tuple[int, ...]) -> bool:
+    """Exact shape, or the same numbers with 1x1 spatial dims added or dropped (linear vs 1x1 conv)."""
+    return _without_unit_kernel(tensor.shape) == _without_unit_kernel(expected)
+
+
+def _check_shapes(path: Path, modules: dict[str, ModuleWeights], layers: dict, file_family: str, model_family: str):
+    for key, weights in modules.items():
+        layer = layers[key][2]
+        down_shape, up_shape = _expected_shapes(layer, weights.rank)
+        for role, tensor, expected in (("lora_down", weights.down, down_shape), ("lora_up", weights.up, up_shape)):
+            if not _fits(tensor, expected):
+                raise AdapterFileError(
+                    f"{path}: {key} does not fit this model: {role} should be {list(expected)} "
+                    f"but the file has {list(tensor.shape)}. The file says it is for {file_family}; "
+                    f"this model is {model_family}."
+                )
+
+
+def _file_family(tensors: dict, metadata: dict[str, str]) -> str:
+    family = family_named_in_metadata(metadata) or family_from_kohya_names(list(tensors))
+    return family.title if family else "an unstated model family"
+
+
+def _component_of(file_key: str) -> str | None:
+    """Which component a file key is for, judged from its prefix."""
+    for prefix, component in (("lora_unet_", "unet"), ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"),
+                              ("lora_te_", "text_encoder"), ("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"),
+                              ("text_encoder.", "text_encoder")):
+        if file_key.startswith(prefix):
+            return component
+    return None
+
+
+def _recorded_targets(metadata: dict[str, str]) -> dict[str, list[str]]:
+    """The target patterns an sdlora file records; other tools' files do not say."""
+    try:
+        return json.loads(metadata.get("sdlora", "{}")).get("targets", {})
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+
+
+# ---------------------------------------------------------------- the public API
+
+
+def load(target, path: str | os.PathLike, strength: Strength = 1.0, name: str | None = None,
+         strict: bool = True) -> str:
+    """Apply an adapter file to a pipeline (or a bare UNet / text encoder); returns its name.
+
+    Reads sdlora and kohya/A1111 files and both layouts that diffusers writes. With strict=False,
+    tensors that name no layer of this model are skipped and reported instead of refused.
+    Nothing is modified unless the whole file checks out.
+    """
+    parts = components(target)
+    path = Path(path)
+    name = name or re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
+    _check_new_name(parts, name)
+    check_strength(strength, unet_block_counts(parts), list(parts))
+    family = detect_family(parts)
+
+    tensors, metadata = read_adapter(path)
+    layers = _model_layers(parts)
+    parsed = parse_state_dict(tensors, metadata, family, list(layers))
+    absent = [k for k in parsed.unmatched if _component_of(k) not in (None, *parts)]
+    unmatched = [k for k in parsed.unmatched if k not in absent]
+    file_family = _file_family(tensors, metadata)
+    if parsed.unsupported:
+        raise AdapterFileError(
+            f"{path}: {len(parsed.unsupported)} tensor(s) sdlora cannot apply, first {parsed.unsupported[:3]}"
+            + describe_unsupported(parsed.unsupported)
+        )
+    if unmatched and strict:
+        raise AdapterFileError(
+            f"{path}: {len(unmatched)} tensor(s) name no layer of this {family.title} model, first "
+            f"{unmatched[:5]}. The file says it is for {file_family}. "
+            "Pass strict=False to load the layers that match and skip the rest."
+        )
+    if not parsed.modules:
+        raise AdapterFileError(f"{path}: no tensor of this file matches a layer of this {family.title} model "
+                               f"(the file says it is for {file_family})")
+    _check_shapes(path, parsed.modules, layers, file_family, family.title)
+    if unmatched:
+        logger.warning("%s: skipped %d tensor(s) that name no layer of this model: %s",
+                       path, len(unmatched), ", ".join(unmatched[:10]))
+    if absent:
+        logger.info("%s: %d tensor(s) are for components this target does not have", path, len(absent))
+
+    info = AdapterInfo(name=name, source=str(path), strength=strength, family=family.name, layout=parsed.layout,
+                       targets=_recorded_targets(metadata))
+    for key, weights in parsed.modules.items():
+        component, model_path, _ = layers[key]
+        wrapper = _wrap(parts[component], model_path)
+        lora = LoRA.from_weights(wrapper.base, weights.down, weights.up, weights.alpha)
+        wrapper.add(name, lora, resolve_strength(strength, component, model_path))
+        info.modules[component] = info.modules.get(component, 0) + 1
+        info.ranks.setdefault(component, [])
+        if weights.rank not in info.ranks[component]:
+            info.ranks[component].append(weights.rank)
+    for component in info.modules:
+        _registry(parts[component])[name] = info
+    return name
+
+
+def add_adapter(target, name: str, rank: int = 16, alpha: float | None = None, targets: str | list[str] = "attn",
+                components_to_adapt: tuple[str, ...] | None = None) -> list[str]:
+    """Attach a fresh, trainable adapter (down Kaiming-uniform, up zero); returns the module keys adapted.
+
+    alpha defaults to rank (scale 1). Raises if the targets match no layer of a component asked for.
+    """
+    parts = components(target)
+    _check_new_name(parts, name)
+    chosen = components_to_adapt or tuple(parts)
+    missing = [c for c in chosen if c not in parts]
+    if missing:
+        raise ValueError(f"cannot adapt {', '.join(missing)}: the target has only {', '.join(parts)}")
+    family = detect_family(parts)
+    info = AdapterInfo(name=name, source="new", strength=1.0, family=family.name, layout="sdlora")
+    plan = {}
+    for component in chosen:
+        patterns = patterns_for(targets, component)
+        paths = select(parts[component], patterns)
+        if not paths:
+            raise ValueError(f"targets {targets!r} match no Linear or Conv2d layer of the {component}")
+        plan[component] = paths
+        info.targets[component] = patterns
+    adapted = []
+    for component, paths in plan.items():
+        for path in paths:
+            wrapper = _wrap(parts[component], path)
+            wrapper.add(name, LoRA(wrapper.base, rank, alpha))
+            adapted.append(module_key(component, path))
+        info.modules[component] = len(paths)
+        info.ranks[component] = [rank]
+        _registry(parts[component])[name] = info
+    return adapted
+
+
+def set_strength(target, name: str, strength: Strength) -> None:
+    """Change an adapter's strength: a float, per component, or per UNet block (see sdlora.strength)."""
+    parts = components(target)
+    info = _require_loaded(parts, name)
+    check_strength(strength, unet_block_counts(parts), list(parts))
+    if info.fused:
+        raise RuntimeError(f"adapter {name!r} is fused into the weights: call sdlora.unfuse first, "
+                           "set the strength, then fuse again")
+    for component, path, wrapper in _layers(parts):
+        if name in wrapper.adapters:
+            wrapper.strengths[name] = resolve_strength(strength, component, path)
+    info.strength = strength
+
+
+def list_adapters(target) -> list[AdapterInfo]:
+    """The loaded adapters with their strengths, ranks and targets, in load order."""
+    return list(_infos(components(target)).values())
+
+
+def fuse(target) -> None:
+    """Add every loaded adapter's strength-scaled update into the base weights (zero-overhead inference)."""
+    parts = components(target)
+    infos = _infos(parts)
+    if any(info.fused for info in infos.values()):
+        raise RuntimeError("adapters are already fused: call sdlora.unfuse first to fuse again")
+    for _, _, wrapper in _layers(parts):
+        wrapper.fuse()
+    for info in infos.values():
+        info.fused = True
+
+
+def unfuse(target) -> bool:
+    """Restore the base weights exactly as they were before `fuse`; returns whether anything was fused."""
+    parts = components(target)
+    infos = _infos(parts)
+    was_fused = any(info.fused for info in infos.values())
+    for _, _, wrapper in _layers(parts):
+        wrapper.unfuse()
+    for info in infos.values():
+        info.fused = False
+    return was_fused
+
+
+def unload(target, name: str | None = None) -> None:
+    """Remove one adapter, or all; layers left with no adapter get their original module back."""
+    parts = components(target)
+    names = [name] if name is not None else list(_infos(parts))
+    if name is not None:
+        _require_loaded(parts, name)
+    refuse = unfuse(target)
+    for component, path, wrapper in list(_layers(parts)):
+        for adapter_name in names:
+            if adapter_name in wrapper.adapters:
+                wrapper.remove(adapter_name)
+        if not wrapper.adapters:
+            _unwrap(parts[component], path, wrapper)
+    for module in parts.values():
+        for adapter_name in names:
+            _registry(module).pop(adapter_name, None)
+    if refuse and _infos(parts):
+        fuse(target)
+
+
+def adapter_weights(target, name: str) -> dict[str, ModuleWeights]:
+    """module key -> the adapter's tensors (no copy), for saving or inspection."""
+    parts = components(target)
+    _require_loaded(parts, name)
+    weights = {}
+    for component, path, wrapper in _layers(parts):
+        lora = wrapper.adapters[name] if name in wrapper.adapters else None
+        if lora is not None:
+            weights[module_key(component, path)] = ModuleWeights(lora.down.weight, lora.up.weight, lora.alpha)
+    return weights
+
+
+def save(target, path: str | os.PathLike, name: str, dtype: str = "fp16", extra_metadata: dict | None = None) -> Path:
+    """Write an adapter as a kohya-layout .safetensors file (A1111, ComfyUI and diffusers read it)."""
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
+    parts = components(target)
+    info = _require_loaded(parts, name)
+    family = FAMILIES[info.family]
+    weights = adapter_weights(target, name)
+    state_dict = to_kohya(weights, family, SAVE_DTYPES[dtype])
+    metadata = build_metadata(weights, family, title=name, targets=info.targets, extra=extra_metadata)
+    return write_adapter(path, state_dict, metadata)
+
+
+def trainable_parameters(target, name: str) -> list[nn.Parameter]:
+    parts = components(target)
+    _require_loaded(parts, name)
+    return [p for _, _, wrapper in _layers(parts) if name in wrapper.adapters
+            for p in wrapper.adapters[name].parameters()]
+
+

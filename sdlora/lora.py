@@ -1,0 +1,143 @@
+"""LoRA layers: a low-rank update, and a wrapper that holds several of them on one base layer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+class LoRA(nn.Module):
+    """One low-rank update of a Linear or Conv2d layer: delta(x) = up(down(x)) * alpha / rank.
+
+    For a conv, `down` has the base kernel, stride and padding, and `up` is 1x1 (the LoCon layout).
+    Strength is not stored here: it is a runtime knob of the wrapper.
+    """
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | None = None, *,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"rank must be > 0, got {rank}")
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        factory = {"device": device or base.weight.device, "dtype": base.weight.dtype}
+        if isinstance(base, nn.Linear):
+            self.down = nn.Linear(base.in_features, rank, bias=False, **factory)
+            self.up = nn.Linear(rank, base.out_features, bias=False, **factory)
+        elif isinstance(base, nn.Conv2d):
+            if base.groups != 1:
+                raise ValueError(f"LoRA on a grouped conv (groups={base.groups}) is not supported")
+            self.down = nn.Conv2d(
+                base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
+                bias=False, padding_mode=base.padding_mode, **factory,
+            )
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False, **factory)
+        else:
+            raise TypeError(f"LoRA wraps nn.Linear or nn.Conv2d, not {type(base).__name__}")
+        # A fresh adapter changes nothing: up starts at zero, down as nn.Linear's own init.
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.up.weight)
+
+    @classmethod
+    def from_weights(cls, base: nn.Linear | nn.Conv2d, down: torch.Tensor, up: torch.Tensor,
+                     alpha: float | None) -> LoRA:
+        """An adapter holding the given tensors, in the base layer's dtype and device."""
+        lora = cls(base, down.shape[0], alpha, device="meta")  # no random init of tensors about to be replaced
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        lora.down.weight = nn.Parameter(down.to(**factory).reshape(lora.down.weight.shape))
+        lora.up.weight = nn.Parameter(up.to(**factory).reshape(lora.up.weight.shape))
+        return lora
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x)) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update as a weight of the base layer's shape, in fp32: up @ down * alpha / rank."""
+        up = self.up.weight.float().flatten(1)  # [out, rank]
+        down = self.down.weight.float().flatten(1)  # [rank, in * kh * kw]
+        return (up @ down).view(self.up.weight.shape[0], *self.down.weight.shape[1:]) * self.scale
+
+
+class AdaptedLayer(nn.Module):
+    """A base layer plus any number of named adapters, each with its own strength.
+
+    y = base(x) + sum_i strength_i * adapter_i(x). Fusing adds the strength-scaled deltas into the
+    base weight (computed in fp32) and keeps an exact copy of the original weight, so unfusing
+    restores it bit for bit whatever its dtype.
+    """
+
+    def __init__(self, base: nn.Linear | nn.Conv2d):
+        super().__init__()
+        if not isinstance(base, SUPPORTED_LAYERS):
+            raise TypeError(f"adapters attach to nn.Linear or nn.Conv2d, not {type(base).__name__}")
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.strengths: dict[str, float] = {}
+        self.fused: list[str] = []
+        self._original_weight: torch.Tensor | None = None
+
+    # Code elsewhere (diffusers processors, transformers) reads these off the layer it replaced.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def add(self, name: str, adapter: nn.Module, strength: float = 1.0) -> None:
+        if name in self.adapters:
+            raise ValueError(f"this layer already has an adapter named {name!r}")
+        self.adapters[name] = adapter
+        self.strengths[name] = float(strength)
+
+    def remove(self, name: str) -> None:
+        if name in self.fused:
+            raise RuntimeError(f"adapter {name!r} is fused into this layer: unfuse first")
+        del self.adapters[name]
+        del self.strengths[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for name, adapter in self.adapters.items():
+            strength = self.strengths[name]
+            if strength == 0.0 or name in self.fused:
+                continue
+            dtype = next(adapter.parameters()).dtype
+            y = y + (strength * adapter(x.to(dtype))).to(y.dtype)
+        return y
+
+    def delta_weight(self, names: list[str] | None = None) -> torch.Tensor:
+        """The summed strength-scaled update of the named adapters (all by default), fp32."""
+        names = list(self.adapters) if names is None else names
+        delta = torch.zeros(self.base.weight.shape, dtype=torch.float32, device=self.base.weight.device)
+        for name in names:
+            delta += self.strengths[name] * self.adapters[name].delta_weight().to(delta.device)
+        return delta
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        if self.fused:
+            raise RuntimeError("this layer is already fused: unfuse it before fusing again")
+        names = [name for name, strength in self.strengths.items() if strength != 0.0]
+        if not names:
+            return
+        weight = self.base.weight
+        self._original_weight = weight.detach().to("cpu", copy=True)
+        weight.copy_((weight.float() + self.delta_weight(names)).to(weight.dtype))
+        self.fused = names
+
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        if self._original_weight is not None:
+            self.base.weight.copy_(self._original_weight)
+        self._original_weight = None
+        self.fused = []

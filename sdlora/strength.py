@@ -1,0 +1,65 @@
+"""Adapter strength: a float, per component, or per UNet block, resolved to one number per layer.
+
+    0.8                                         every layer
+    {"unet": 0.8, "text_encoder": 0.3}          per component; a component left out gets 1.0
+    {"unet": {"down": 1.0, "mid": 0.5, "up": [0.2, 1.0]}}
+                                                per UNet block: a float for all blocks of that kind or
+                                                one value per block; a kind left out gets 1.0, and so
+                                                do UNet layers outside the blocks (conv_in, time_embedding)
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+from .keys import unet_block
+
+BlockStrength = Union[float, list[float]]
+Strength = Union[float, dict[str, Union[float, dict[str, BlockStrength]]]]
+BLOCK_KINDS = ("down", "mid", "up")
+
+
+def check_strength(strength: Strength, block_counts: dict[str, int], components: list[str]) -> None:
+    """Raise ValueError naming the bad part of a strength spec; block_counts like {"down": 4, ...}."""
+    if _is_number(strength):
+        return
+    if not isinstance(strength, dict):
+        raise ValueError(f"strength must be a number or a dict per component, got {strength!r}")
+    for component, value in strength.items():
+        if component not in components:
+            raise ValueError(f"strength names component {component!r}, but this model has {', '.join(components)}")
+        if _is_number(value):
+            continue
+        if component != "unet" or not isinstance(value, dict):
+            raise ValueError(f"strength for {component!r} must be a number"
+                             + (" or a dict of UNet blocks" if component == "unet" else "") + f", got {value!r}")
+        for kind, block_value in value.items():
+            if kind not in BLOCK_KINDS:
+                raise ValueError(f"strength for 'unet' has unknown block {kind!r}; use {', '.join(BLOCK_KINDS)}")
+            if _is_number(block_value):
+                continue
+            if not isinstance(block_value, (list, tuple)) or not all(_is_number(v) for v in block_value):
+                raise ValueError(f"strength for unet {kind!r} must be a number or a list of numbers, "
+                                 f"got {block_value!r}")
+            if len(block_value) != block_counts[kind]:
+                raise ValueError(f"strength for unet {kind!r} has {len(block_value)} values but this UNet has "
+                                 f"{block_counts[kind]} {kind} block(s): give one value per block")
+
+
+def resolve_strength(strength: Strength, component: str, path: str) -> float:
+    """The strength of one layer. `path` is the layer's module path within its component."""
+    if _is_number(strength):
+        return float(strength)
+    value = strength.get(component, 1.0)
+    if _is_number(value):
+        return float(value)
+    block = unet_block(path)
+    if block is None:
+        return 1.0
+    kind, index = block
+    block_value = value.get(kind, 1.0)
+    return float(block_value if _is_number(block_value) else block_value[index])
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
