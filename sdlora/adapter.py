@@ -44,8 +44,11 @@ def _header(path: Path) -> dict:
         raise AdapterFileError(f"{path}: not a safetensors file (its header is not JSON: {error})") from None
     if not isinstance(header, dict):
         raise AdapterFileError(f"{path}: not a safetensors file (its header is not a JSON object)")
-    data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
-                   default=0)
+    try:
+        data_end = max((int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"),
+                       default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise AdapterFileError(f"{path}: not a safetensors file (its header has malformed tensor entries)") from None
     expected = 8 + header_len + data_end
     if size < expected:
         raise AdapterFileError(
@@ -110,20 +113,19 @@ def build_metadata(
 ) -> dict[str, str]:
     """kohya's `ss_*` keys, Stability's `modelspec.*` keys, and sdlora's own JSON record."""
     ranks = {key: weights.rank for key, weights in modules.items()}
-    alphas = {key: weights.effective_alpha for key, weights in modules.items()}
+    alphas = [weights.effective_alpha for weights in modules.values()]
     has_conv = any(weights.down.dim() == 4 for weights in modules.values())
     record = {
         "format_version": FORMAT_VERSION,
         "family": family.name,
         "targets": targets or {},
         "ranks": ranks,
-        "alphas": alphas,
         **(extra or {}),
     }
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": _uniform(list(ranks.values())),
-        "ss_network_alpha": _uniform(list(alphas.values())),
+        "ss_network_alpha": _uniform(alphas),
         "ss_base_model_version": family.base_model_version,
         "ss_v2": str(family.name == "sd2"),
         "ss_output_name": title,

@@ -66,6 +66,13 @@ class LoRA(nn.Module):
         return (up @ down).view(self.up.weight.shape[0], *self.down.weight.shape[1:]) * self.scale
 
 
+class AdapterDict(nn.ModuleDict):
+    """A ModuleDict whose keys may equal method names: adapter names ("half", "update") are the user's."""
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        self._modules[key] = module
+
+
 class AdaptedLayer(nn.Module):
     """A base layer plus any number of named adapters, each with its own strength.
 
@@ -79,7 +86,7 @@ class AdaptedLayer(nn.Module):
         if not isinstance(base, SUPPORTED_LAYERS):
             raise TypeError(f"adapters attach to nn.Linear or nn.Conv2d, not {type(base).__name__}")
         self.base = base
-        self.adapters = nn.ModuleDict()
+        self.adapters = AdapterDict()
         self.strengths: dict[str, float] = {}
         self.fused: list[str] = []
         self._original_weight: torch.Tensor | None = None

@@ -1,0 +1,445 @@
+"""Tests for sdlora.data: discovery, image loading, captions, buckets, dataset and sampler."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdlora.data import (
+    BucketBatchSampler,
+    CaptionOptions,
+    DataError,
+    ImageCaptionDataset,
+    assign_bucket,
+    bucket_histogram,
+    collate,
+    find_images,
+    load_image,
+    make_buckets,
+    process_caption,
+    resize_and_crop,
+)
+
+
+def save(path: Path, size=(48, 32), color=(200, 30, 30), mode="RGB", **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path, **kwargs)
+    return path
+
+
+def halves(size=(40, 20)) -> Image.Image:
+    """Left half red, right half blue: makes flips, crops and rotations visible."""
+    img = Image.new("RGB", size, (255, 0, 0))
+    img.paste((0, 0, 255), (size[0] // 2, 0, size[0], size[1]))
+    return img
+
+
+def noisy_image_bytes(fmt: str, size=(64, 64)) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def captioned_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    save(root / "a.png")
+    (root / "a.txt").write_text("cat, sitting\n")
+    save(root / "b.jpg")
+    save(root / "G.PNG", size=(32, 64))
+    (root / "notes.md").write_text("not an image")
+    save(root / "sub" / "c.webp")
+    save(root / "sub" / "only_csv.png")
+    save(root / "sub" / "deep" / "d.bmp")
+    save(root / "3_mystyle" / "e.png")
+    save(root / "3_mystyle" / "f.png")
+    (root / "3_mystyle" / "f.txt").write_text("own caption")
+    rows = [
+        {"file_name": "a.png", "text": "WRONG: the .txt beside the image wins"},
+        {"file_name": "b.jpg", "text": "dog"},
+        {"file_name": "sub/c.webp", "text": "bird from jsonl"},
+    ]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (root / "sub" / "captions.csv").write_text(
+        'file_name,text\nc.webp,"bird from csv, loses to jsonl"\nonly_csv.png,"fish, blue"\n'
+    )
+    return root
+
+
+def test_find_images_captions_repeats_and_concepts(captioned_tree: Path):
+    scan = find_images(captioned_tree)
+    by_name = {item.path.name: item for item in scan.items}
+    assert set(by_name) == {"a.png", "b.jpg", "G.PNG", "c.webp", "only_csv.png", "d.bmp", "e.png", "f.png"}
+    assert by_name["a.png"].caption == "cat, sitting"
+    assert by_name["b.jpg"].caption == "dog"
+    assert by_name["c.webp"].caption == "bird from jsonl"
+    assert by_name["only_csv.png"].caption == "fish, blue"
+    assert by_name["d.bmp"].caption == "" and by_name["G.PNG"].caption == ""
+    assert (by_name["e.png"].caption, by_name["e.png"].repeats, by_name["e.png"].concept) == ("mystyle", 3, "mystyle")
+    assert (by_name["f.png"].caption, by_name["f.png"].repeats) == ("own caption", 3)
+    assert by_name["a.png"].repeats == 1 and by_name["a.png"].concept is None
+    assert (by_name["G.PNG"].width, by_name["G.PNG"].height) == (32, 64)
+    assert scan.missing_captions == 2 and scan.skipped == []
+    assert find_images(captioned_tree).items == scan.items  # deterministic order
+    assert "Found 8 images" in scan.summary() and "12 samples" in scan.summary()
+
+
+def test_broken_files_are_skipped_and_named(tmp_path: Path):
+    save(tmp_path / "good.png")
+    (tmp_path / "random.png").write_bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    for name, fmt in (("truncated.png", "PNG"), ("truncated.jpg", "JPEG")):
+        data = noisy_image_bytes(fmt)
+        (tmp_path / name).write_bytes(data[: len(data) // 2])  # the header still opens fine
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    scan = find_images(tmp_path)
+    assert [item.path.name for item in scan.items] == ["good.png"]
+    broken = ["empty.jpg", "random.png", "truncated.jpg", "truncated.png"]
+    assert sorted(p.name for p, _ in scan.skipped) == broken
+    summary = scan.summary()
+    for name in broken:
+        assert name in summary
+    assert "0 bytes" in dict((p.name, r) for p, r in scan.skipped)["empty.jpg"]
+
+
+def test_no_usable_images_raise_data_error_naming_the_folder(tmp_path: Path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=str(empty)):
+        find_images(empty)
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError, match="does not exist") as info:
+        find_images(missing)
+    assert str(missing) in str(info.value)
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="x.png"):
+        find_images(only_bad)
+    with pytest.raises(DataError, match="not a folder"):
+        find_images(save(tmp_path / "file.png"))
+
+
+def test_malformed_metadata_names_file_and_line(tmp_path: Path):
+    save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n{broken\n')
+    with pytest.raises(DataError, match=r"metadata.jsonl, line 2"):
+        find_images(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_image_alpha_modes_composite_on_white(tmp_path: Path):
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    rgba.putpixel((1, 1), (10, 20, 30, 255))
+    save_to = tmp_path / "rgba.png"
+    rgba.save(save_to)
+    out = load_image(save_to)
+    assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 1)) == (10, 20, 30)
+
+    la = Image.new("LA", (4, 4), (0, 0))
+    la.putpixel((2, 2), (0, 255))
+    la.save(tmp_path / "la.png")
+    out = load_image(tmp_path / "la.png")
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((2, 2)) == (0, 0, 0)
+
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    pal.putpixel((3, 3), 1)
+    pal.save(tmp_path / "p.png", transparency=0)
+    out = load_image(tmp_path / "p.png")
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((3, 3)) == (0, 255, 0)
+
+
+def test_load_image_grayscale_and_cmyk(tmp_path: Path):
+    save(tmp_path / "l.png", mode="L", color=77)
+    assert load_image(tmp_path / "l.png").getpixel((0, 0)) == (77, 77, 77)
+    save(tmp_path / "cmyk.jpg", mode="CMYK", color=(0, 255, 0, 0))  # magenta ink
+    r, g, b = load_image(tmp_path / "cmyk.jpg").getpixel((5, 5))
+    assert r > 200 and g < 60 and b > 200
+
+
+def test_load_image_16_bit_is_scaled_not_clipped(tmp_path: Path):
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (4, 1))
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as raw:
+        assert raw.mode.startswith("I")  # really a high-bit-depth file
+    row = np.asarray(load_image(tmp_path / "g16.png"))[0, :, 0].astype(int)
+    assert row[0] <= 1 and row[-1] >= 254
+    assert np.all(np.diff(row) >= 0) and len(set(row.tolist())) > 200  # ordered, not clipped to a few values
+
+
+def test_exif_orientation_6_rotates(tmp_path: Path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    halves((20, 10)).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    out = load_image(tmp_path / "rot.jpg")
+    assert out.size == (10, 20)
+    # Orientation 6 means "rotate 90 degrees clockwise to display": the stored left (red) goes on top.
+    top, bottom = out.getpixel((5, 2)), out.getpixel((5, 17))
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+    item = find_images(tmp_path).items[0]
+    assert (item.width, item.height) == (10, 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+# ---------------------------------------------------------------------------------------------
+
+CAPTION = "sks person,  red hat , smiling, outdoors, sunny, portrait"
+TAGS = ["sks person", "red hat", "smiling", "outdoors", "sunny", "portrait"]
+
+
+def test_shuffle_keeps_tokens_and_is_a_permutation():
+    outputs = set()
+    for seed in range(20):
+        out = process_caption(CAPTION, random.Random(seed), shuffle_tags=True, keep_tokens=2).split(", ")
+        assert out[:2] == TAGS[:2] and sorted(out) == sorted(TAGS)
+        outputs.add(tuple(out))
+    assert len(outputs) > 1  # some seed really changes the order
+    assert process_caption(CAPTION, random.Random(0)) == ", ".join(TAGS)  # no options: only whitespace tidied
+
+
+def test_dropouts_prefix_suffix_and_determinism():
+    rng = random.Random(0)
+    assert process_caption(CAPTION, rng, caption_dropout=1.0, prefix="trig", suffix="end") == ""
+    assert process_caption(CAPTION, rng, tag_dropout=1.0, keep_tokens=1) == "sks person"
+    assert process_caption(CAPTION, rng, tag_dropout=1.0, keep_tokens=1, prefix="trig") == "trig, sks person"
+    assert process_caption("a, b", rng, prefix="trig", suffix="best quality") == "trig, a, b, best quality"
+    assert process_caption("", rng, prefix="trig") == "trig"
+    outs = [process_caption(CAPTION, random.Random(s), tag_dropout=0.5) for s in range(300)]
+    kept = [len([t for t in out.split(", ") if t]) for out in outs]
+    assert 0.4 < sum(kept) / (300 * len(TAGS)) < 0.6  # about half the tags survive
+    options = dict(shuffle_tags=True, keep_tokens=1, caption_dropout=0.3, tag_dropout=0.3, prefix="p")
+    for seed in range(10):
+        assert process_caption(CAPTION, random.Random(seed), **options) == process_caption(
+            CAPTION, random.Random(seed), **options
+        )
+
+
+@pytest.mark.parametrize("bad", [dict(caption_dropout=1.5), dict(tag_dropout=-0.1), dict(keep_tokens=-1)])
+def test_caption_options_are_validated(bad):
+    with pytest.raises(DataError):
+        process_caption("a", random.Random(0), **bad)
+    with pytest.raises(DataError):
+        CaptionOptions(**bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Buckets
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resolution,step,lo,hi", [(512, 64, 256, 1024), (64, 8, 32, 128), (40, 8, 16, 80)])
+def test_make_buckets_rules(resolution, step, lo, hi):
+    buckets = make_buckets(resolution)
+    assert (resolution, resolution) in buckets and len(buckets) > 4
+    assert buckets == sorted(set(buckets))
+    for w, h in buckets:
+        assert w % step == 0 and h % step == 0
+        assert lo <= w <= hi and lo <= h <= hi
+        assert w * h <= resolution * resolution
+        assert (h, w) in buckets
+        # as large as possible: one more step on one side (the one the rule solved for) breaks a limit
+        def maximal(a, b):
+            return a * (b + step) > resolution * resolution or b + step > hi
+
+        assert maximal(w, h) or maximal(h, w)
+
+
+def test_make_buckets_rejects_bad_settings():
+    with pytest.raises(DataError, match="multiple"):
+        make_buckets(100, step=64)
+    with pytest.raises(DataError):
+        make_buckets(512, min_side=640)
+
+
+def test_assign_bucket_prefers_matching_aspect():
+    buckets = make_buckets(512)
+    for w, h in buckets:
+        bw, bh = assign_bucket(w * 3, h * 3, buckets)
+        assert math.isclose(bw / bh, w / h) and bw * bh >= w * h
+    bw, bh = assign_bucket(2000, 1000, buckets)
+    assert bw > bh
+    assert assign_bucket(700, 700, buckets) == (512, 512)
+
+
+def test_no_upscaling_unless_allowed():
+    buckets = make_buckets(512)
+    assert assign_bucket(1010, 256, buckets) == (1024, 256)  # closest aspect, but wider than the image
+    bucket = assign_bucket(1010, 256, buckets, allow_upscale=False)
+    assert bucket[0] <= 1010 and bucket[1] <= 256 and bucket == (960, 256)
+    img = Image.new("RGB", (1010, 256))
+    cropped = resize_and_crop(img, bucket, random.Random(0))
+    assert cropped.image.size == bucket
+    # Fallback: nothing fits inside a tiny image, so it is upscaled to the nearest-aspect bucket anyway.
+    assert assign_bucket(10, 10, buckets, allow_upscale=False) == (512, 512)
+
+
+def test_resize_and_crop_center_and_random():
+    img = halves((100, 50))
+    cropped = resize_and_crop(img, (40, 40))
+    assert cropped.image.size == (40, 40)
+    assert cropped.crop_top_left == (0, 20) and cropped.original_size == (50, 100)
+    assert cropped.image.getpixel((19, 20))[0] > 200 and cropped.image.getpixel((20, 20))[2] > 200  # centred
+    offsets = {resize_and_crop(img, (40, 40), random.Random(s), random_crop=True).crop_top_left for s in range(20)}
+    assert len(offsets) > 3 and all(top == 0 and 0 <= left <= 40 for top, left in offsets)
+    again = [resize_and_crop(img, (40, 40), random.Random(5), random_crop=True) for _ in range(2)]
+    assert again[0].crop_top_left == again[1].crop_top_left and again[0].image.tobytes() == again[1].image.tobytes()
+
+
+def test_bucket_histogram():
+    text = bucket_histogram([(64, 32), (32, 32), (64, 32)])
+    assert text.splitlines()[0].startswith("32x32: 1") and text.splitlines()[1].startswith("64x32: 2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset and sampler
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def scan(tmp_path: Path):
+    sizes = [(64, 64), (96, 48), (48, 96), (80, 80), (120, 60), (40, 80), (70, 70)]
+    for i, size in enumerate(sizes):
+        folder = tmp_path / ("2_thing" if i % 3 == 0 else "plain")
+        folder.mkdir(exist_ok=True)
+        halves(size).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"tag{i}, red, blue, green, yellow")
+    return find_images(tmp_path)
+
+
+def make_dataset(scan, **kwargs) -> ImageCaptionDataset:
+    options = CaptionOptions(shuffle_tags=True, keep_tokens=1, tag_dropout=0.2, prefix="trig")
+    defaults = dict(flip_prob=0.5, random_crop=True, caption_options=options, seed=7)
+    return ImageCaptionDataset(scan, 32, **{**defaults, **kwargs})
+
+
+def test_dataset_samples(scan):
+    ds = make_dataset(scan)
+    assert len(ds) == sum(item.repeats for item in scan.items) == 10
+    for index in range(len(ds)):
+        sample = ds[index]
+        w, h = sample["bucket"]
+        assert sample["pixel_values"].shape == (3, h, w) and sample["pixel_values"].dtype == torch.float32
+        assert sample["pixel_values"].min() >= -1 and sample["pixel_values"].max() <= 1
+        assert sample["pixel_values"].min() < -0.9 and sample["pixel_values"].max() > 0.9  # full range used
+        assert sample["caption"].startswith("trig, tag") and sample["index"] == index
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_flip_mirrors_the_image(scan):
+    plain = make_dataset(scan, flip_prob=0.0, random_crop=False)[0]["pixel_values"]
+    flipped = make_dataset(scan, flip_prob=1.0, random_crop=False)[0]["pixel_values"]
+    assert plain[0, :, 0].mean() > 0.9 and flipped[0, :, 0].mean() < -0.9  # red moved from left to right
+    assert torch.equal(flipped, plain.flip(-1))
+
+
+def test_dataset_is_a_function_of_seed_epoch_index(scan):
+    ds, other = make_dataset(scan), make_dataset(scan)
+    other.set_epoch(2)  # jumps straight to epoch 2, as a resumed run would
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        first = [ds[i] for i in range(len(ds))]
+    for a, b in zip(first, [other[i] for i in range(len(other))]):
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["caption"] == b["caption"]
+    ds.set_epoch(3)
+    changed = [ds[i] for i in range(len(ds))]
+    assert any(a["caption"] != b["caption"] for a, b in zip(first, changed))
+    assert any(not torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(first, changed))
+    reseeded = make_dataset(scan, seed=8)
+    reseeded.set_epoch(3)
+    assert [reseeded.caption(i) for i in range(len(ds))] != [s["caption"] for s in changed]
+
+
+def test_sampler_batches_one_bucket_and_repeats(scan):
+    ds = make_dataset(scan)
+    assert len(set(ds.sample_buckets)) > 1  # the test needs several buckets
+    for drop_last in (False, True):
+        sampler = BucketBatchSampler(ds.sample_buckets, 2, seed=3, drop_last=drop_last)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        for batch in batches:
+            assert len({ds.sample_buckets[i] for i in batch}) == 1
+            assert len(batch) == 2 or not drop_last
+        flat = [i for batch in batches for i in batch]
+        if not drop_last:
+            assert sorted(flat) == list(range(len(ds)))
+            per_item = Counter(ds.item_of[i] for i in flat)
+            assert all(per_item[k] == item.repeats for k, item in enumerate(ds.items))
+
+
+def test_sampler_order_depends_on_seed_and_epoch(scan):
+    buckets = make_dataset(scan).sample_buckets
+    a, b = BucketBatchSampler(buckets, 2, seed=3), BucketBatchSampler(buckets, 2, seed=3)
+    assert list(a) == list(b)
+    a.set_epoch(0)
+    epoch0 = list(a)
+    a.set_epoch(1)
+    assert list(a) != epoch0 and list(BucketBatchSampler(buckets, 2, seed=4)) != epoch0
+
+
+def test_sampler_resumes_mid_epoch_exactly(scan):
+    buckets = make_dataset(scan).sample_buckets
+    sampler = BucketBatchSampler(buckets, 2, seed=3)
+    sampler.set_epoch(5)
+    full = list(sampler)
+    sampler.set_epoch(5)
+    iterator = iter(sampler)
+    done = [next(iterator) for _ in range(3)]
+    state = sampler.state_dict()
+    assert state["epoch"] == 5 and state["position"] == 3 and done == full[:3]
+
+    resumed = BucketBatchSampler(buckets, 2, seed=3)
+    resumed.load_state_dict(state)
+    assert len(resumed) == len(full) - 3
+    assert list(resumed) == full[3:]
+    assert list(resumed) == full  # the skip applies to one iteration only
+    resumed.load_state_dict(sampler.state_dict(batches_done=1))
+    assert list(resumed) == full[1:]
+    with pytest.raises(DataError, match="seed"):
+        BucketBatchSampler(buckets, 2, seed=4).load_state_dict(state)
+
+
+def test_dataloader_with_persistent_workers_sees_set_epoch(scan):
+    ds = make_dataset(scan)
+    sampler = BucketBatchSampler(ds.sample_buckets, 2, seed=1)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=sampler, collate_fn=collate, num_workers=1, persistent_workers=True
+    )
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        for batch, indices in zip(loader, sampler.batches(epoch)):
+            assert batch["indices"] == indices
+            assert batch["captions"] == [ds.caption(i) for i in indices]
+            expected = torch.stack([ds[i]["pixel_values"] for i in indices])
+            assert torch.equal(batch["pixel_values"], expected)
+
+
+def test_collate_rejects_mixed_sizes(scan):
+    ds = make_dataset(scan)
+    first = ds[0]
+    other = next(ds[i] for i in range(len(ds)) if ds.sample_buckets[i] != first["bucket"])
+    with pytest.raises(DataError, match="BucketBatchSampler"):
+        collate([first, other])
+    batch = collate([first, ds[1]] if ds.sample_buckets[1] == first["bucket"] else [first])
+    assert batch["pixel_values"].ndim == 4 and isinstance(batch["captions"], list)
