@@ -84,6 +84,19 @@ def kohya_index(family: Family, keys: list[str]) -> dict[str, str]:
     return {kohya_name(family, key): key for key in keys}
 
 
+_FILE_PREFIXES = (("lora_unet_", "unet"), ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"),
+                  ("lora_te_", "text_encoder"), ("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"),
+                  ("text_encoder.", "text_encoder"))
+
+
+def component_of_file_key(file_key: str) -> str | None:
+    """Which component an adapter file's key is for, judged from its prefix (kohya or diffusers)."""
+    for prefix, component in _FILE_PREFIXES:
+        if file_key.startswith(prefix):
+            return component
+    return None
+
+
 def unet_block(path: str) -> tuple[str, int] | None:
     """("down" | "mid" | "up", block index) for a UNet module path, None outside those blocks."""
     match = re.match(r"(down|up)_blocks\.(\d+)\.", path)

@@ -14,7 +14,7 @@ from torch import nn
 
 from .adapter import SAVE_DTYPES, AdapterFileError, build_metadata, read_adapter, write_adapter
 from .formats import ModuleWeights, describe_unsupported, parse_state_dict, to_kohya
-from .keys import FAMILIES, family_from_kohya_names, family_named_in_metadata, module_key
+from .keys import FAMILIES, component_of_file_key, family_from_kohya_names, family_named_in_metadata, module_key
 from .lora import LoRA, AdaptedLayer
 from .models import components, detect_family, unet_block_counts
 from .strength import Strength, check_strength, resolve_strength
@@ -140,16 +140,6 @@ def _file_family(tensors: dict, metadata: dict[str, str]) -> str:
     return family.title if family else "an unstated model family"
 
 
-def _component_of(file_key: str) -> str | None:
-    """Which component a file key is for, judged from its prefix."""
-    for prefix, component in (("lora_unet_", "unet"), ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"),
-                              ("lora_te_", "text_encoder"), ("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"),
-                              ("text_encoder.", "text_encoder")):
-        if file_key.startswith(prefix):
-            return component
-    return None
-
-
 def _recorded_targets(metadata: dict[str, str]) -> dict[str, list[str]]:
     """The target patterns an sdlora file records; other tools' files do not say."""
     try:
@@ -179,7 +169,7 @@ def load(target, path: str | os.PathLike, strength: Strength = 1.0, name: str | 
     tensors, metadata = read_adapter(path)
     layers = _model_layers(parts)
     parsed = parse_state_dict(tensors, metadata, family, list(layers))
-    absent = [k for k in parsed.unmatched if _component_of(k) not in (None, *parts)]
+    absent = [k for k in parsed.unmatched if component_of_file_key(k) not in (None, *parts)]
     unmatched = [k for k in parsed.unmatched if k not in absent]
     file_family = _file_family(tensors, metadata)
     if parsed.unsupported:

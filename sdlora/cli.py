@@ -1,0 +1,70 @@
+"""The `sdlora` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .adapter import AdapterFileError, read_adapter
+from .formats import split_tensor_name
+from .keys import component_of_file_key, family_from_kohya_names, family_named_in_metadata
+
+
+def describe(path: Path) -> str:
+    """A human summary of an adapter file: family, layout, modules per component, ranks, alphas."""
+    tensors, metadata = read_adapter(path)
+    modules: dict[str, dict[str, object]] = {}
+    for key, tensor in tensors.items():
+        split = split_tensor_name(key)
+        if split:
+            modules.setdefault(split[0], {})[split[1]] = tensor
+    components = Counter(component_of_file_key(name) or "unet" for name in modules)
+    ranks = Counter(int(roles["down"].shape[0]) for roles in modules.values() if "down" in roles)
+    alphas = Counter(round(float(roles["alpha"].item()), 4) for roles in modules.values() if "alpha" in roles)
+    dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
+    family = family_named_in_metadata(metadata) or family_from_kohya_names(list(tensors))
+    lines = [
+        f"file:       {path} ({path.stat().st_size / 1024:.1f} KiB, {len(tensors)} tensors)",
+        f"family:     {family.title if family else 'not stated'}",
+        f"modules:    {', '.join(f'{c} {n}' for c, n in sorted(components.items()))}",
+        f"ranks:      {', '.join(f'{r} (x{n})' for r, n in sorted(ranks.items()))}",
+        f"alphas:     {', '.join(f'{a:g} (x{n})' for a, n in sorted(alphas.items())) or 'none stored (alpha = rank)'}",
+        f"dtypes:     {', '.join(f'{d} (x{n})' for d, n in sorted(dtypes.items()))}",
+    ]
+    unread = [key for key in tensors if split_tensor_name(key) is None]
+    if unread:
+        lines.append(f"not LoRA:   {len(unread)} tensor(s), first {unread[0]!r}")
+    for key in sorted(metadata):
+        if key.startswith(("ss_network", "ss_base", "modelspec.title", "modelspec.architecture", "ss_steps")):
+            lines.append(f"{key + ':':<27} {metadata[key]}")
+    if "sdlora" in metadata:
+        record = json.loads(metadata["sdlora"])
+        lines.append(f"sdlora:     format {record.get('format_version')}, targets {record.get('targets')}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdlora", description="Train and use LoRA adapters for Stable Diffusion.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="describe adapter files (layout, family, ranks, metadata)",
+                                  description="Describe adapter .safetensors files without loading a model.")
+    inspect.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "inspect":
+            print("\n\n".join(describe(path) for path in args.files))
+    except AdapterFileError as error:
+        print(f"sdlora: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
