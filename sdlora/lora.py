@@ -59,6 +59,10 @@ class LoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x)) * self.scale
 
+    def forward_unscaled(self, x: torch.Tensor) -> torch.Tensor:
+        """up(down(x)) in the adapter's dtype; the wrapper folds scale and strength into one add."""
+        return self.up(self.down(x.to(self.up.weight.dtype)))
+
     def delta_weight(self) -> torch.Tensor:
         """The update as a weight of the base layer's shape, in fp32: up @ down * alpha / rank."""
         up = self.up.weight.float().flatten(1)  # [out, rank]
@@ -118,8 +122,7 @@ class AdaptedLayer(nn.Module):
             strength = self.strengths[name]
             if strength == 0.0 or name in self.fused:
                 continue
-            dtype = next(adapter.parameters()).dtype
-            y = y + (strength * adapter(x.to(dtype))).to(y.dtype)
+            y = torch.add(y, adapter.forward_unscaled(x).to(y.dtype), alpha=strength * adapter.scale)
         return y
 
     def delta_weight(self, names: list[str] | None = None) -> torch.Tensor:

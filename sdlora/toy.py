@@ -1,0 +1,412 @@
+"""A toy world of coloured shapes, and a scorer that reads the concepts back out of an image.
+
+The world is what models/toy-sd1 was pretrained on: one shape (circle, square, triangle) in one of
+four colours on a plain light background, captioned `a {colour} {shape}`. Two concepts are kept out
+of pretraining on purpose so that adapters have something new to learn:
+
+    style "outline"   the same shapes drawn hollow, as a thick outline
+    shape "star"      a 5-pointed star (the "character", bound to a trigger word)
+
+The scorer is plain image analysis (segment the shape from the background, then measure its colour,
+geometry and hollowness), so it needs no learned model and gives the same answer everywhere.
+
+    python -m sdlora.toy datasets          # regenerate datasets/style-outline and datasets/character-star
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    # Hues about 60-120 degrees apart, and all far from the background, so a blurry sample still
+    # lands nearest its own colour.
+    "red": (215, 40, 40),
+    "yellow": (235, 195, 25),
+    "green": (35, 160, 60),
+    "blue": (40, 80, 215),
+}
+BACKGROUND = (240, 240, 240)
+SHAPES = ("circle", "square", "triangle")  # the pretraining shapes
+STAR = "star"  # never in pretraining: the character concept
+ALL_SHAPES = (*SHAPES, STAR)
+STYLES = ("filled", "outline")  # "outline" is never in pretraining: the style concept
+TRIGGERS = ("sks", "zkz", "ohwx")  # spare tokens in the toy tokenizer, never seen in pretraining
+STAR_TRIGGER = "zkz"  # the trigger that datasets/character-star binds to the star
+
+SUPERSAMPLE = 4  # render at 4x and box-filter down: clean anti-aliased edges
+OUTLINE_WIDTH = 0.11  # outline thickness, as a fraction of the shape's size...
+OUTLINE_MIN = 2.0 / 32  # ...but never thinner than 2 px of a 32 px image, or small shapes close up
+STAR_INNER = 0.45  # inner/outer radius; fatter than a regular star (0.38) so arms survive 32 px
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image of the world. size, cx, cy are fractions of the image width (resolution-free)."""
+
+    colour: str
+    shape: str
+    style: str = "filled"
+    size: float = 0.6
+    cx: float = 0.5
+    cy: float = 0.5
+
+
+# --- Rendering ---------------------------------------------------------------------------------
+
+
+def _polygon(shape: str, cx: float, cy: float, size: float):
+    """Vertices of a square/triangle/star whose bounding box is about `size` wide, centred on (cx, cy),
+    with the point an outline is inset about and that point's distance to every edge."""
+    if shape == "square":
+        half = size * 0.85 / 2  # a square of full size looks much bigger than a circle of the same size
+        points = [(cx - half, cy - half), (cx + half, cy - half), (cx + half, cy + half), (cx - half, cy + half)]
+        return points, (cx, cy), half
+    if shape == "triangle":
+        # Equilateral, pointing up, with its bounding box centred on (cx, cy); inset about the incentre.
+        height = size * math.sqrt(3) / 2
+        points = [(cx, cy - height / 2), (cx + size / 2, cy + height / 2), (cx - size / 2, cy + height / 2)]
+        return points, (cx, cy + height / 6), size / (2 * math.sqrt(3))
+    if shape == STAR:
+        outer = size / 2 / math.sin(math.radians(72))  # bounding-box width = 2 R sin 72
+        inner = outer * STAR_INNER
+        centre_y = cy + outer * (1 - math.cos(math.radians(36))) / 2  # centres the box vertically
+        points = []
+        for k in range(10):
+            radius = outer if k % 2 == 0 else inner
+            angle = math.radians(-90 + 36 * k)
+            points.append((cx + radius * math.cos(angle), centre_y + radius * math.sin(angle)))
+        # Distance from the centre to an edge (tip to inner corner), from the triangle they span.
+        edge = math.dist(points[0], points[1])
+        return points, (cx, centre_y), outer * inner * math.sin(math.radians(36)) / edge
+    raise ValueError(f"unknown shape {shape!r}; use one of {', '.join(ALL_SHAPES)}")
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, size: float, fill, inset: float = 0.0) -> None:
+    """Draw the shape, shrunk by `inset` on every side (how the hollow of an outline is cut)."""
+    if shape == "circle":
+        r = size / 2 - inset
+        if r > 0:
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        return
+    points, centre, inradius = _polygon(shape, cx, cy, size)
+    scale = max(inradius - inset, 0.0) / inradius
+    if scale > 0:
+        draw.polygon([(centre[0] + (x - centre[0]) * scale, centre[1] + (y - centre[1]) * scale) for x, y in points],
+                     fill=fill)
+
+
+def render(scene: Scene, size: int = 32) -> Image.Image:
+    """The scene as a `size` x `size` RGB image."""
+    if scene.colour not in COLOURS:
+        raise ValueError(f"unknown colour {scene.colour!r}; use one of {', '.join(COLOURS)}")
+    if scene.style not in STYLES:
+        raise ValueError(f"unknown style {scene.style!r}; use one of {', '.join(STYLES)}")
+    big = size * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    cx, cy, extent = scene.cx * big, scene.cy * big, scene.size * big
+    colour = COLOURS[scene.colour]
+    _draw(draw, scene.shape, cx, cy, extent, colour)
+    if scene.style == "outline":
+        # Cut the hollow with the same shape inset on every side, so the stroke is equally thick all round.
+        width = max(OUTLINE_WIDTH * extent, OUTLINE_MIN * big)
+        _draw(draw, scene.shape, cx, cy, extent, BACKGROUND, inset=width)
+    return image.resize((size, size), Image.Resampling.BOX)
+
+
+def random_scene(
+    rng: np.random.Generator,
+    colours: Sequence[str] = tuple(COLOURS),
+    shapes: Sequence[str] = SHAPES,
+    style: str = "filled",
+) -> Scene:
+    """A scene with a random colour and shape from the lists, and a random size and position."""
+    colour = colours[int(rng.integers(len(colours)))]
+    shape = shapes[int(rng.integers(len(shapes)))]
+    return _placed(rng, colour, shape, style)
+
+
+def _placed(rng: np.random.Generator, colour: str, shape: str, style: str) -> Scene:
+    size = float(rng.uniform(0.40, 0.75))
+    margin = 0.06  # 2 px of 32: the shape never touches the border, so the border is pure background
+    low, high = size / 2 + margin, 1 - size / 2 - margin
+    return Scene(colour, shape, style, size, float(rng.uniform(low, high)), float(rng.uniform(low, high)))
+
+
+def balanced_scenes(
+    n: int,
+    seed: int,
+    colours: Sequence[str] = tuple(COLOURS),
+    shapes: Sequence[str] = SHAPES,
+    style: str = "filled",
+) -> list[Scene]:
+    """n scenes cycling through every colour x shape pair in order (so small sets cover them all),
+    each with a random size and position."""
+    rng = np.random.default_rng(seed)
+    pairs = [(c, s) for s in shapes for c in colours]
+    return [_placed(rng, *pairs[i % len(pairs)], style) for i in range(n)]
+
+
+def caption(scene: Scene, trigger: str | None = None) -> str:
+    """`a red circle`; with a trigger the trigger replaces the shape word: `a red zkz`."""
+    return f"a {scene.colour} {trigger or scene.shape}"
+
+
+def write_dataset(
+    folder: str | Path,
+    n: int,
+    seed: int,
+    style: str = "filled",
+    shapes: Sequence[str] = SHAPES,
+    colours: Sequence[str] = tuple(COLOURS),
+    caption_fn: Callable[[Scene], str] = caption,
+    size: int = 32,
+) -> list[Scene]:
+    """Write n images as NNNN.png + NNNN.txt, like a user's training folder; returns the scenes."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    scenes = balanced_scenes(n, seed, colours, shapes, style)
+    for i, scene in enumerate(scenes):
+        render(scene, size).save(folder / f"{i:04d}.png", optimize=False)
+        (folder / f"{i:04d}.txt").write_text(caption_fn(scene) + "\n", encoding="utf-8")
+    return scenes
+
+
+# The shipped adapter datasets: name -> how to regenerate it bit for bit.
+DATASETS: dict[str, dict] = {
+    "style-outline": dict(n=32, seed=1001, style="outline", shapes=SHAPES),
+    "character-star": dict(n=24, seed=1002, style="filled", shapes=(STAR,),
+                           caption_fn=lambda scene: caption(scene, trigger=STAR_TRIGGER)),
+}
+
+
+def write_datasets(root: str | Path = "datasets") -> list[Path]:
+    """(Re)generate every shipped dataset under `root`; the README.md next to the images is kept."""
+    folders = []
+    for name, spec in DATASETS.items():
+        folder = Path(root) / name
+        for old in [*folder.glob("*.png"), *folder.glob("*.txt")]:
+            old.unlink()
+        write_dataset(folder, **spec)
+        folders.append(folder)
+    return folders
+
+
+# --- Scoring -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What the scorer sees in one image. colour/shape/style are None when no shape was found."""
+
+    colour: str | None
+    shape: str | None
+    style: str | None
+    fill: float = 0.0  # silhouette area / bounding-box area: square ~1, circle ~0.79, triangle ~0.5
+    solidity: float = 0.0  # silhouette area / convex-hull area: convex shapes ~1, star ~0.6
+    hollow: float = 0.0  # share of the silhouette that is background: outline ~0.4-0.6, filled ~0
+    area: float = 0.0  # silhouette area as a share of the image
+
+    @property
+    def star(self) -> bool:
+        return self.shape == STAR
+
+    @property
+    def outline(self) -> bool:
+        return self.style == "outline"
+
+
+ANALYSIS_SIZE = 32  # every image is scored at this size, so the pixel thresholds mean the same thing
+HOLLOW_MIN = 0.12  # outline triangles (the least hollow) are ~0.35; filled shapes ~0-0.03
+STAR_SOLIDITY = 0.78  # stars ~0.6, convex shapes >= 0.85 even at small sizes
+SQUARE_FILL = 0.88  # squares 0.93-1.0, circles 0.76-0.82 (blur rounds corners: the gap stays wide)
+CIRCLE_FILL = 0.64  # triangles 0.47-0.58
+
+
+def score(image: Image.Image | np.ndarray) -> Scores:
+    """Colour, shape and style of the one shape in `image` (PIL image or HxWx3 uint8 array)."""
+    pixels = _as_array(image)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    background = np.median(border, axis=0)
+    distance = np.linalg.norm(pixels - background, axis=-1)
+    strongest = np.percentile(distance, 99)
+    if strongest < 40:  # nothing stands out from the background
+        return Scores(None, None, None)
+    # Half-way between background and shape colour is where the true edge is, however blurred.
+    mask = _largest_component(distance > strongest / 2)
+    silhouette = _fill_holes(mask)
+    area = float(silhouette.sum())
+    if area < 6:
+        return Scores(None, None, None)
+    hollow = 1 - mask.sum() / area
+    style = "outline" if hollow > HOLLOW_MIN else "filled"
+
+    # Colour: median of the shape's core pixels (edges are blends with the background).
+    core = mask & (distance > strongest * 0.6)
+    median = np.median(pixels[core if core.any() else mask], axis=0)
+    colour = min(COLOURS, key=lambda name: float(np.sum((np.array(COLOURS[name]) - median) ** 2)))
+
+    rows, cols = np.nonzero(silhouette)
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    fill = area / box
+    solidity = area / _hull_area(silhouette)
+    if solidity < STAR_SOLIDITY:
+        shape = STAR
+    elif fill > SQUARE_FILL:
+        shape = "square"
+    elif fill > CIRCLE_FILL:
+        shape = "circle"
+    else:
+        shape = "triangle"
+    return Scores(colour, shape, style, float(fill), float(solidity), float(hollow), area / silhouette.size)
+
+
+def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    image = image.convert("RGB")
+    if image.size != (ANALYSIS_SIZE, ANALYSIS_SIZE):
+        image = image.resize((ANALYSIS_SIZE, ANALYSIS_SIZE), Image.Resampling.BOX)
+    return np.asarray(image, dtype=np.float64)
+
+
+def _shift_union(mask: np.ndarray) -> np.ndarray:
+    """mask OR its 4 neighbours (a 4-connected dilation)."""
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    return grown
+
+
+def _flood(seed: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    region = seed & allowed
+    while True:
+        grown = _shift_union(region) & allowed
+        if (grown == region).all():
+            return region
+        region = grown
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The biggest 4-connected blob: drops specks that noise or a stray sample lets through."""
+    remaining = mask.copy()
+    best = np.zeros_like(mask)
+    while remaining.any():
+        seed = np.zeros_like(mask)
+        seed[tuple(np.argwhere(remaining)[0])] = True
+        blob = _flood(seed, remaining)
+        if blob.sum() > best.sum():
+            best = blob
+        remaining &= ~blob
+        if remaining.sum() <= best.sum():
+            break
+    return best
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """mask plus every background pixel that the image border cannot reach (the inside of an outline)."""
+    edge = np.zeros_like(mask)
+    edge[0] = edge[-1] = edge[:, 0] = edge[:, -1] = True
+    outside = _flood(edge, ~mask)
+    return ~outside
+
+
+def _hull_area(mask: np.ndarray) -> float:
+    """Area of the convex hull of the mask's pixel squares (monotone chain + shoelace)."""
+    rows, cols = np.nonzero(mask)
+    corners = {(x + dx, y + dy) for y, x in zip(rows.tolist(), cols.tolist()) for dx in (0, 1) for dy in (0, 1)}
+    points = sorted(corners)
+
+    def half(seq):
+        chain: list[tuple[int, int]] = []
+        for p in seq:
+            while len(chain) >= 2 and _cross(chain[-2], chain[-1], p) <= 0:
+                chain.pop()
+            chain.append(p)
+        return chain[:-1]
+
+    hull = half(points) + half(reversed(points))
+    twice = sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in zip(hull, hull[1:] + hull[:1]))
+    return abs(twice) / 2
+
+
+def _cross(o, a, b) -> int:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+
+def presence_rates(images: Iterable[Image.Image | np.ndarray | Scores]) -> dict[str, float]:
+    """Share of images showing each value: {"colour:red": .., "shape:star": .., "style:outline": .., "none": ..}."""
+    scores = [item if isinstance(item, Scores) else score(item) for item in images]
+    if not scores:
+        raise ValueError("presence_rates needs at least one image")
+    counts: Counter[str] = Counter()
+    for s in scores:
+        if s.shape is None:
+            counts["none"] += 1
+            continue
+        counts[f"colour:{s.colour}"] += 1
+        counts[f"shape:{s.shape}"] += 1
+        counts[f"style:{s.style}"] += 1
+    keys = ["none", *(f"colour:{c}" for c in COLOURS), *(f"shape:{s}" for s in ALL_SHAPES),
+            *(f"style:{s}" for s in STYLES)]
+    return {key: counts[key] / len(scores) for key in keys}
+
+
+def match_rate(
+    images: Iterable[Image.Image | np.ndarray | Scores],
+    colour: str | None = None,
+    shape: str | None = None,
+    style: str | None = None,
+) -> float:
+    """Share of images whose every given attribute matches (attributes left as None are not checked)."""
+    scores = [item if isinstance(item, Scores) else score(item) for item in images]
+    if not scores:
+        raise ValueError("match_rate needs at least one image")
+    wanted = {"colour": colour, "shape": shape, "style": style}
+    hits = sum(all(v is None or getattr(s, k) == v for k, v in wanted.items()) for s in scores)
+    return hits / len(scores)
+
+
+def parse_caption(text: str) -> tuple[str, str]:
+    """(colour, shape word) of a toy caption `a red circle`; raises ValueError for anything else."""
+    words = text.split()
+    if len(words) != 3 or words[0] != "a" or words[1] not in COLOURS:
+        raise ValueError(f"not a toy caption: {text!r} (expected 'a COLOUR SHAPE')")
+    return words[1], words[2]
+
+
+# --- Command line ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sdlora.toy", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    datasets = sub.add_parser("datasets", help="regenerate the shipped adapter datasets")
+    datasets.add_argument("--root", default="datasets", help="folder that holds the dataset folders")
+    sample = sub.add_parser("sample", help="write a few example images of the world")
+    sample.add_argument("--out", required=True)
+    sample.add_argument("--n", type=int, default=16)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--style", default="filled", choices=STYLES)
+    sample.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, e.g. circle,star")
+    args = parser.parse_args(argv)
+    if args.command == "datasets":
+        for folder in write_datasets(args.root):
+            print(f"wrote {folder} ({len(list(folder.glob('*.png')))} images)")
+    else:
+        write_dataset(args.out, args.n, args.seed, args.style, tuple(args.shapes.split(",")))
+        print(f"wrote {args.n} images to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
