@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from . import config
 from .adapter import AdapterFileError, read_adapter
 from .formats import split_tensor_name
 from .keys import component_of_file_key, family_from_kohya_names, family_named_in_metadata
@@ -52,11 +53,50 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="describe adapter files (layout, family, ranks, metadata)",
                                   description="Describe adapter .safetensors files without loading a model.")
     inspect.add_argument("files", nargs="+", type=Path, metavar="FILE")
+
+    train = commands.add_parser(
+        "train", help="train a LoRA on a folder of captioned images",
+        description="Train a LoRA adapter on a folder of captioned images. Every option can also be set in a "
+                    "TOML file given with --config (keys as below, with _ or -); flags override the file.",
+        usage="sdlora train --model MODEL --data DIR --output-dir OUT [--config train.toml] [options]")
+    train.add_argument("--config", type=Path, help="TOML file with any of the options below")
+    train.add_argument("--quiet", action="store_true", help="no progress bar or summaries")
+    config.add_arguments(train)
     return parser
+
+
+def quiet_libraries() -> None:
+    """diffusers and transformers talk a lot at load time; our own summaries say what matters."""
+    import logging
+
+    for name in ("diffusers", "transformers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train import TrainingDiverged, train
+
+    quiet_libraries()
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet")}
+    try:
+        settings = config.build(values, args.config)
+        train(settings, quiet=args.quiet)
+    except TrainingDiverged as error:
+        print(f"sdlora: training stopped: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, OSError) as error:  # config, data and model problems
+        print(f"sdlora: error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return run_train(args)
     try:
         if args.command == "inspect":
             print("\n\n".join(describe(path) for path in args.files))

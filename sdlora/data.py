@@ -392,33 +392,45 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         """Select the epoch whose augmentations `__getitem__` reproduces; call before iterating."""
         self._epoch.fill_(epoch)
 
-    def _rng(self, index: int, purpose: str) -> random.Random:
+    def _rng(self, index: int, purpose: str, epoch: int | None) -> random.Random:
         # String seeds are hashed with SHA-512, so this is stable across processes and Python runs.
         # Separate streams keep captions identical whether or not flips/crops are enabled.
-        return random.Random(f"{self.seed}:{self.epoch}:{index}:{purpose}")
+        epoch = self.epoch if epoch is None else epoch
+        return random.Random(f"{self.seed}:{epoch}:{index}:{purpose}")
 
-    def caption(self, index: int) -> str:
-        """The processed caption of sample `index` in the current epoch, without loading the image."""
+    def caption(self, index: int, epoch: int | None = None) -> str:
+        """The processed caption of sample `index` in an epoch (default: the current one)."""
         item = self.items[self.item_of[index]]
-        return process_caption(item.caption, self._rng(index, "caption"), **self.caption_options.__dict__)
+        return process_caption(item.caption, self._rng(index, "caption", epoch), **self.caption_options.__dict__)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"sample index {index} out of range for {len(self)} samples")
-        item = self.items[self.item_of[index]]
-        bucket = self.sample_buckets[index]
+    def flipped(self, index: int, epoch: int | None = None) -> bool:
+        """Whether sample `index` is mirrored in an epoch; known without loading the image."""
+        return self.flip_prob > 0 and self._rng(index, "flip", epoch).random() < self.flip_prob
+
+    def item_pixels(self, item_index: int, bucket: tuple[int, int], flipped: bool,
+                    rng: random.Random | None = None) -> tuple[torch.Tensor, Cropped]:
+        """One image cropped to its bucket, maybe mirrored, as a [3, H, W] tensor in [-1, 1]."""
+        item = self.items[item_index]
         try:
             img = load_image(item.path)
         except Exception as e:
             raise DataError(f"could not load {item.path} ({e}); it was readable at start-up, was it changed?") from e
-        rng = self._rng(index, "image")
         cropped = resize_and_crop(img, bucket, rng, self.random_crop)
-        flipped = self.flip_prob > 0 and rng.random() < self.flip_prob
         out = ImageOps.mirror(cropped.image) if flipped else cropped.image
         pixels = torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0
+        return pixels, cropped
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """A sample by index (current epoch) or by (epoch, index), so prefetching workers never guess."""
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample index {index} out of range for {len(self)} samples")
+        bucket = self.sample_buckets[index]
+        flipped = self.flipped(index, epoch)
+        pixels, cropped = self.item_pixels(self.item_of[index], bucket, flipped, self._rng(index, "crop", epoch))
         return {
             "pixel_values": pixels,
-            "caption": self.caption(index),
+            "caption": self.caption(index, epoch),
             "index": index,
             "bucket": bucket,
             "original_size": cropped.original_size,

@@ -210,10 +210,11 @@ def load(target, path: str | os.PathLike, strength: Strength = 1.0, name: str | 
 
 
 def add_adapter(target, name: str, rank: int = 16, alpha: float | None = None, targets: str | list[str] = "attn",
-                components_to_adapt: tuple[str, ...] | None = None) -> list[str]:
+                components_to_adapt: tuple[str, ...] | None = None, dtype: torch.dtype | None = None) -> list[str]:
     """Attach a fresh, trainable adapter (down Kaiming-uniform, up zero); returns the module keys adapted.
 
-    alpha defaults to rank (scale 1). Raises if the targets match no layer of a component asked for.
+    alpha defaults to rank (scale 1); dtype defaults to each base layer's. Raises if the targets
+    match no layer of a component asked for.
     """
     parts = components(target)
     _check_new_name(parts, name)
@@ -235,7 +236,7 @@ def add_adapter(target, name: str, rank: int = 16, alpha: float | None = None, t
     for component, paths in plan.items():
         for path in paths:
             wrapper = _wrap(parts[component], path)
-            wrapper.add(name, LoRA(wrapper.base, rank, alpha))
+            wrapper.add(name, LoRA(wrapper.base, rank, alpha, dtype=dtype))
             adapted.append(module_key(component, path))
         info.modules[component] = len(paths)
         info.ranks[component] = [rank]
@@ -318,8 +319,13 @@ def adapter_weights(target, name: str) -> dict[str, ModuleWeights]:
     return weights
 
 
-def save(target, path: str | os.PathLike, name: str, dtype: str = "fp16", extra_metadata: dict | None = None) -> Path:
-    """Write an adapter as a kohya-layout .safetensors file (A1111, ComfyUI and diffusers read it)."""
+def save(target, path: str | os.PathLike, name: str, dtype: str = "fp16", title: str | None = None,
+         record: dict | None = None, header: dict[str, str] | None = None) -> Path:
+    """Write an adapter as a kohya-layout .safetensors file (A1111, ComfyUI and diffusers read it).
+
+    `record` joins sdlora's JSON record in the header (the training config, say); `header` adds
+    plain header keys (kohya's `ss_*` training facts).
+    """
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
     parts = components(target)
@@ -327,8 +333,24 @@ def save(target, path: str | os.PathLike, name: str, dtype: str = "fp16", extra_
     family = FAMILIES[info.family]
     weights = adapter_weights(target, name)
     state_dict = to_kohya(weights, family, SAVE_DTYPES[dtype])
-    metadata = build_metadata(weights, family, title=name, targets=info.targets, extra=extra_metadata)
+    metadata = build_metadata(weights, family, title=title or name, targets=info.targets, extra=record)
+    metadata.update(header or {})
     return write_adapter(path, state_dict, metadata)
+
+
+@torch.no_grad()
+def copy_weights_from(target, name: str, path: str | os.PathLike) -> None:
+    """Overwrite a loaded adapter's tensors with a file's (resuming training); the layers must match."""
+    parts = components(target)
+    info = _require_loaded(parts, name)
+    tensors, metadata = read_adapter(path)
+    mine = adapter_weights(target, name)
+    parsed = parse_state_dict(tensors, metadata, FAMILIES[info.family], list(mine))
+    if parsed.modules.keys() != mine.keys() or parsed.unmatched or parsed.unsupported:
+        raise AdapterFileError(f"{path}: its layers are not those of adapter {name!r} (different targets?)")
+    for key, weights in parsed.modules.items():
+        mine[key].down.copy_(weights.down.reshape(mine[key].down.shape))
+        mine[key].up.copy_(weights.up.reshape(mine[key].up.shape))
 
 
 def trainable_parameters(target, name: str) -> list[nn.Parameter]:

@@ -18,13 +18,14 @@ class LoRA(nn.Module):
     """
 
     def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | None = None, *,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"rank must be > 0, got {rank}")
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
-        factory = {"device": device or base.weight.device, "dtype": base.weight.dtype}
+        # Training keeps adapters in fp32 on a low-precision base: pass dtype=torch.float32.
+        factory = {"device": device or base.weight.device, "dtype": dtype or base.weight.dtype}
         if isinstance(base, nn.Linear):
             self.down = nn.Linear(base.in_features, rank, bias=False, **factory)
             self.up = nn.Linear(rank, base.out_features, bias=False, **factory)

@@ -48,3 +48,15 @@ def unet_block_counts(parts: dict[str, nn.Module]) -> dict[str, int]:
     if unet is None:
         return {"down": 0, "mid": 0, "up": 0}
     return {"down": len(unet.down_blocks), "mid": int(unet.mid_block is not None), "up": len(unet.up_blocks)}
+
+
+def load_pipeline(model: str, dtype=None):
+    """A StableDiffusionPipeline from a diffusers folder or a hub id, without the safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            model, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError) as error:
+        raise OSError(f"could not load the model {model!r}: {error}") from None

@@ -1,0 +1,105 @@
+"""Encoding images and captions for training, once (cached) or per step, with the same arithmetic.
+
+The VAE gives a distribution per image; we keep its mean and std and draw the latent sample from the
+step's own generator. So caching changes when the VAE runs, never which numbers the UNet sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .adapter import write_atomic
+from .data import ImageCaptionDataset
+
+
+@torch.no_grad()
+def encode_pixels(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE's latent distribution, fp32, for a batch of [-1, 1] pixels."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def sample_latents(vae_config, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw from the latent distribution, scaled as the UNet was trained to expect."""
+    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+    latents = mean + std * noise
+    shift = vae_config.get("shift_factor") or 0.0
+    return (latents - shift) * vae_config.scaling_factor
+
+
+def vae_fingerprint(vae) -> str:
+    """Identifies a VAE's weights cheaply enough to key a disk cache with."""
+    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(f"{tensor.double().sum().item():.10e}".encode())
+    return digest.hexdigest()[:16]
+
+
+class LatentCache:
+    """(item, flipped) -> (mean, std) for every image the run can see, encoded before training."""
+
+    def __init__(self, vae, dataset: ImageCaptionDataset, flips: bool, cache_dir: Path | None):
+        self.entries: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        fingerprint = vae_fingerprint(vae) if cache_dir else ""
+        wanted = [(item, flipped) for item in range(len(dataset.items)) for flipped in ((False, True) if flips else
+                                                                                       (False,))]
+        buckets = {item: bucket for item, bucket in zip(dataset.item_of, dataset.sample_buckets)}
+        reused = 0
+        for item, flipped in tqdm(wanted, desc="caching latents", unit="image", leave=False):
+            bucket = buckets[item]
+            disk_path = None
+            if cache_dir:
+                content = hashlib.sha256(dataset.items[item].path.read_bytes()).hexdigest()[:24]
+                disk_path = cache_dir / f"{content}-{bucket[0]}x{bucket[1]}-{int(flipped)}-{fingerprint}.safetensors"
+                if disk_path.is_file():
+                    cached = load_file(disk_path)
+                    self.entries[item, flipped] = (cached["mean"], cached["std"])
+                    reused += 1
+                    continue
+            pixels, _ = dataset.item_pixels(item, bucket, flipped)
+            mean, std = encode_pixels(vae, pixels[None])
+            self.entries[item, flipped] = (mean[0].cpu(), std[0].cpu())
+            if disk_path:
+                tensors = {"mean": mean[0].cpu().contiguous(), "std": std[0].cpu().contiguous()}
+                write_atomic(disk_path, lambda tmp, t=tensors: save_file(t, str(tmp)))
+        self.reused = reused
+
+    def batch(self, dataset: ImageCaptionDataset, indices: list[int], epoch: int, device) -> tuple[torch.Tensor, ...]:
+        pairs = [self.entries[dataset.item_of[i], dataset.flipped(i, epoch)] for i in indices]
+        mean = torch.stack([m for m, _ in pairs]).to(device)
+        std = torch.stack([s for _, s in pairs]).to(device)
+        return mean, std
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def encode_text(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
+    """The last hidden state SD conditions on: [batch, tokens, width]."""
+    ids = tokenize(tokenizer, captions).to(text_encoder.device)
+    return text_encoder(ids)[0]
+
+
+class TextCache:
+    """caption -> hidden states, for a frozen text encoder and captions that never change."""
+
+    def __init__(self, text_encoder, tokenizer, captions: list[str]):
+        unique = sorted(set(captions))
+        self.entries: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for start in range(0, len(unique), 64):
+                chunk = unique[start : start + 64]
+                hidden = encode_text(text_encoder, tokenizer, chunk)
+                self.entries.update({caption: h for caption, h in zip(chunk, hidden)})
+
+    def batch(self, captions: list[str]) -> torch.Tensor:
+        return torch.stack([self.entries[caption] for caption in captions])

@@ -1,0 +1,292 @@
+"""The training config: one dataclass, read from TOML and overridden by command-line flags.
+
+Precedence: defaults < `--config` file < flags. Unknown keys and wrong types are errors that name
+the key. The command-line flags and their help are generated from the fields below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import re
+import sys
+import tempfile
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CHOICES = {
+    "targets": ("attn", "attn-mlp", "full"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "optimizer": ("adamw", "adamw8bit", "prodigy"),
+    "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
+    "prediction_type": ("epsilon", "v_prediction"),
+    "save_dtype": ("fp16", "bf16", "fp32"),
+}
+
+
+REQUIRED = ("model", "data", "output_dir")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what to do."""
+
+
+def option(default, help: str, group: str):
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+@dataclass
+class TrainConfig:
+    # paths
+    model: str = option("", "base model: a diffusers folder or a hub id", "paths")
+    data: str = option("", "folder of images with captions (.txt beside each image, metadata.jsonl, "
+                       "captions.csv, or kohya-style N_concept folders)", "paths")
+    output_dir: str = option("", "where the adapter, checkpoints, samples and logs go", "paths")
+    name: str = option("lora", "adapter name: the final file is OUTPUT_DIR/NAME.safetensors", "paths")
+    resume: typing.Optional[str] = option(None, "continue from a checkpoint folder, or 'latest'", "paths")
+    # adapter
+    rank: int = option(16, "LoRA rank", "adapter")
+    alpha: typing.Optional[float] = option(None, "LoRA alpha; the update is scaled by alpha/rank "
+                                           "(default: alpha = rank, scale 1)", "adapter")
+    targets: str = option("attn", "layers to adapt: attn, attn-mlp (kohya's default set) or full (+ convs, "
+                          "LoCon)", "adapter")
+    train_text_encoder: bool = option(False, "also train a LoRA on the text encoder (needed to bind a new "
+                                      "trigger word)", "adapter")
+    # data
+    resolution: int = option(512, "training resolution; images go to aspect-ratio buckets of about this "
+                             "area", "data")
+    buckets: bool = option(True, "aspect-ratio buckets; off: every image is cropped to a square", "data")
+    allow_upscale: bool = option(False, "let buckets upscale images smaller than the bucket", "data")
+    caption_extension: str = option(".txt", "extension of the caption file beside each image", "data")
+    caption_prefix: str = option("", "text put before every caption (a trigger word, say)", "data")
+    caption_suffix: str = option("", "text put after every caption", "data")
+    shuffle_tags: bool = option(False, "shuffle comma-separated tags of each caption every epoch", "data")
+    keep_tokens: int = option(0, "leading tags kept in place by shuffling and tag dropout", "data")
+    caption_dropout: float = option(0.0, "probability of training on an empty caption (helps guidance)", "data")
+    tag_dropout: float = option(0.0, "probability of dropping each tag", "data")
+    flip: float = option(0.0, "probability of a horizontal flip", "data")
+    random_crop: bool = option(False, "crop at random instead of the centre (turns latent caching off)", "data")
+    validation_split: float = option(0.0, "fraction of images held out for a validation loss", "data")
+    num_workers: int = option(0, "DataLoader worker processes", "data")
+    # training
+    batch_size: int = option(1, "images per step (per process)", "training")
+    max_steps: typing.Optional[int] = option(None, "optimizer steps to train (or give --epochs)", "training")
+    epochs: typing.Optional[int] = option(None, "passes over the data (default 10 when --max-steps is not "
+                                          "given)", "training")
+    lr: float = option(1e-4, "learning rate (UNet LoRA)", "training")
+    text_encoder_lr: typing.Optional[float] = option(None, "text-encoder LoRA learning rate (default: --lr)",
+                                                     "training")
+    optimizer: str = option("adamw", "adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt)",
+                            "training")
+    weight_decay: float = option(1e-2, "AdamW weight decay", "training")
+    lr_scheduler: str = option("constant", "constant, constant_with_warmup, cosine or linear", "training")
+    warmup_steps: int = option(0, "steps of linear learning-rate warm-up", "training")
+    max_grad_norm: float = option(1.0, "clip gradients to this norm (0: no clipping)", "training")
+    gradient_accumulation: int = option(1, "micro-batches per optimizer step", "training")
+    mixed_precision: str = option("no", "no, fp16 or bf16: frozen weights in that dtype, LoRA weights and "
+                                  "optimizer state in fp32", "training")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, slower",
+                                          "training")
+    prediction_type: typing.Optional[str] = option(None, "epsilon or v_prediction (default: from the model's "
+                                                   "scheduler config)", "training")
+    min_snr_gamma: typing.Optional[float] = option(None, "min-SNR-gamma loss weighting (5 is usual; off by "
+                                                   "default)", "training")
+    noise_offset: float = option(0.0, "noise offset (0.05-0.1 helps very dark/bright images)", "training")
+    timestep_min: int = option(0, "lowest training timestep", "training")
+    timestep_max: int = option(1000, "one past the highest training timestep", "training")
+    cache_latents: bool = option(True, "encode every image with the VAE once, before training", "training")
+    cache_dir: typing.Optional[str] = option(None, "also keep the latent cache on disk here, keyed by image "
+                                             "content, size and VAE, so later runs reuse it", "training")
+    cache_text: bool = option(True, "encode captions once when the text encoder is frozen and captions do "
+                              "not change between epochs", "training")
+    seed: int = option(42, "random seed: the same seed and data give the same adapter", "training")
+    # output
+    save_every: typing.Optional[int] = option(None, "write a checkpoint (adapter + training state) every N "
+                                              "steps", "output")
+    keep_checkpoints: int = option(3, "keep only the newest N checkpoints", "output")
+    save_dtype: str = option("fp16", "dtype of the saved adapter: fp16, bf16 or fp32", "output")
+    sample_prompts: typing.Optional[str] = option(None, "text file with one prompt per line for sample "
+                                                  "images", "output")
+    sample_every: typing.Optional[int] = option(None, "make sample images every N steps (and at the end)",
+                                                "output")
+    sample_steps: int = option(20, "denoising steps for samples", "output")
+    sample_guidance: float = option(7.5, "guidance scale for samples", "output")
+    validation_every: typing.Optional[int] = option(None, "compute the validation loss every N steps",
+                                                    "output")
+    log_every: int = option(10, "write a metrics.jsonl record every N steps", "output")
+
+    def resolved_epochs(self) -> int | None:
+        return self.epochs if self.epochs is not None or self.max_steps is not None else 10
+
+
+def _types() -> dict[str, type]:
+    """Field name -> the plain type a value must have (Optional[X] -> X)."""
+    hints = typing.get_type_hints(TrainConfig)
+    plain = {}
+    for name, hint in hints.items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        plain[name] = args[0] if args else hint
+    return plain
+
+
+def _check_value(key: str, value, source: str):
+    types = _types()
+    if key not in types:
+        close = difflib.get_close_matches(key, list(types), n=1)
+        raise ConfigError(f"{source}: unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    expected = types[key]
+    if value is None and typing.get_type_hints(TrainConfig)[key] != expected:
+        return None
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: {key} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def read_toml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        values[name] = _check_value(name, value, str(path))
+    return values
+
+
+def build(cli_values: dict, config_file: str | None = None) -> TrainConfig:
+    """Defaults < TOML file < command-line values."""
+    values = read_toml(config_file) if config_file else {}
+    values.update(cli_values)
+    for key, value in values.items():
+        _check_value(key, value, "command line")
+    return TrainConfig(**values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field, help showing the default; unset flags stay absent so the file can set them."""
+    types = _types()
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(TrainConfig):
+        group_name = f.metadata["group"]
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        shown = "unset" if default is None else json.dumps(default) if isinstance(default, str) else default
+        help_text = f.metadata["help"]
+        if f.name in REQUIRED:
+            help_text += " (required)"
+        elif "default" not in help_text:
+            help_text += f" (default: {shown})"
+        kind = types[f.name]
+        if kind is bool:
+            groups[group_name].add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                            help=help_text)
+        else:
+            groups[group_name].add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text,
+                                            choices=CHOICES.get(f.name), metavar=f.name.upper())
+
+
+def to_toml(config: TrainConfig) -> str:
+    """The resolved config as TOML, so `--config OUT/config.toml` repeats the run."""
+    lines = ["# sdlora train config, resolved: defaults < file < command line"]
+    for key, value in asdict(config).items():
+        if value is None:
+            lines.append(f"# {key} = (unset)")
+        elif isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, str):
+            lines.append(f"{key} = {json.dumps(value)}")  # JSON string escapes are valid TOML
+        else:
+            lines.append(f"{key} = {value!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", model)) and not model.startswith((".", "/"))
+
+
+def validate(config: TrainConfig) -> None:
+    """Every check that needs no model: raise ConfigError with the key and what to do."""
+    for key in REQUIRED:
+        if not getattr(config, key):
+            raise ConfigError(f"--{key.replace('_', '-')} is required")
+    if not Path(config.model).exists() and not _looks_like_hub_id(config.model):
+        raise ConfigError(f"model {config.model!r} is neither an existing folder nor a hub id (org/name)")
+    if Path(config.model).exists() and Path(config.model).is_dir() and not (Path(config.model) / "unet").is_dir():
+        raise ConfigError(f"model folder {config.model} has no unet/ subfolder: is it a diffusers folder?")
+    if not Path(config.data).is_dir():
+        raise ConfigError(f"data folder {config.data} does not exist")
+    for key, choices in CHOICES.items():
+        value = getattr(config, key)
+        if value is not None and value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    positive = ("rank", "resolution", "batch_size", "gradient_accumulation", "log_every", "sample_steps")
+    for key in positive:
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {getattr(config, key)}")
+    for key in ("max_steps", "epochs", "save_every", "sample_every", "validation_every"):
+        value = getattr(config, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if config.lr <= 0 or (config.text_encoder_lr is not None and config.text_encoder_lr <= 0):
+        raise ConfigError("learning rates must be > 0")
+    if config.resolution % 8:
+        raise ConfigError(f"resolution must be a multiple of 8, got {config.resolution}")
+    if config.max_steps is not None and config.epochs is not None:
+        raise ConfigError("give --max-steps or --epochs, not both")
+    for key in ("caption_dropout", "tag_dropout", "flip"):
+        if not 0.0 <= getattr(config, key) <= 1.0:
+            raise ConfigError(f"{key} is a probability in [0, 1], got {getattr(config, key)}")
+    if not 0.0 <= config.validation_split < 1.0:
+        raise ConfigError(f"validation_split must be in [0, 1), got {config.validation_split}")
+    if not 0 <= config.timestep_min < config.timestep_max <= 1000:
+        raise ConfigError(f"need 0 <= timestep_min < timestep_max <= 1000, got {config.timestep_min}, "
+                          f"{config.timestep_max}")
+    if config.random_crop and config.cache_latents:
+        raise ConfigError("random crops change every epoch and cannot be cached: pass --no-cache-latents "
+                          "or drop --random-crop")
+    if config.sample_every is not None and not config.sample_prompts:
+        raise ConfigError("--sample-every needs --sample-prompts FILE")
+    if config.sample_prompts and not Path(config.sample_prompts).is_file():
+        raise ConfigError(f"sample prompts file {config.sample_prompts} does not exist")
+    if config.validation_every is not None and config.validation_split == 0:
+        raise ConfigError("--validation-every needs --validation-split > 0")
+    if config.text_encoder_lr is not None and not config.train_text_encoder:
+        raise ConfigError("--text-encoder-lr is set but the text encoder is not trained: add "
+                          "--train-text-encoder or drop --text-encoder-lr")
+    if config.optimizer == "adamw8bit":
+        _require("bitsandbytes", "adamw8bit", "pip install 'sdlora[8bit]'")
+    if config.optimizer == "prodigy":
+        _require("prodigyopt", "prodigy", "pip install 'sdlora[prodigy]'")
+    _check_writable(Path(config.output_dir))
+
+
+def _require(module: str, what: str, install: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"optimizer {what} needs the {module} package: {install}")
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ConfigError(f"output folder {folder} is not writable: {error.strerror}") from None

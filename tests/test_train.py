@@ -1,0 +1,187 @@
+"""The trainer on the tiny offline pipeline: it learns, its files load in diffusers, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+import sdlora
+from sdlora.config import TrainConfig
+from sdlora.train import Trainer, TrainingDiverged, lr_factor, train
+from conftest import te_out, unet_out
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> Path:
+    """Eight 16 px images of coloured discs with captions, as a user's folder would hold them."""
+    folder = tmp_path_factory.mktemp("images")
+    for i in range(8):
+        colour = ("red", "blue")[i % 2]
+        image = Image.new("RGB", (16, 16), "white")
+        offset = i % 5
+        ImageDraw.Draw(image).ellipse([offset, offset, offset + 10, offset + 10], fill=colour)
+        image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a {colour} circle")
+    return folder
+
+
+def config(tiny_dir, images, out, **overrides) -> TrainConfig:
+    values = dict(model=str(tiny_dir), data=str(images), output_dir=str(out), resolution=16, batch_size=4,
+                  max_steps=12, lr=2e-3, rank=4, seed=7, log_every=1, save_dtype="fp32")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in load_file(path).items()}
+
+
+def assert_adapters_close(a: Path, b: Path, atol: float) -> None:
+    first, second = adapter_tensors(a), adapter_tensors(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], atol=atol, rtol=0, msg=key)
+
+
+def test_short_run_lowers_the_loss_at_fixed_noise(tiny_dir, images, tmp_path):
+    trainer = Trainer(config(tiny_dir, images, tmp_path, max_steps=40, lr=1e-2, targets="attn-mlp"), quiet=True)
+    before = trainer.fixed_noise_loss()
+    trainer.run()
+    after = trainer.fixed_noise_loss()
+    assert after < 0.85 * before, (before, after)  # measured: 1.136 -> 0.807
+    records = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert all({"loss", "lr", "time"} <= r.keys() for r in records)
+    assert (tmp_path / "lora.safetensors").is_file()
+
+
+def test_trained_file_loads_in_diffusers_with_our_outputs(tiny_dir, images, tmp_path, pipe):
+    from diffusers import StableDiffusionPipeline
+
+    path = train(config(tiny_dir, images, tmp_path, train_text_encoder=True, max_steps=6, targets="attn-mlp"),
+                 quiet=True)
+    sdlora.load(pipe, path, strength=0.9)
+    reference = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    base = unet_out(reference)
+    reference.load_lora_weights(str(path), adapter_name="trained")
+    reference.set_adapters(["trained"], adapter_weights=[0.9])
+    assert (unet_out(pipe) - base).abs().max() > 1e-4  # training changed something
+    torch.testing.assert_close(unet_out(reference), unet_out(pipe), atol=1e-4, rtol=0)
+    torch.testing.assert_close(te_out(reference), te_out(pipe), atol=1e-4, rtol=0)
+    with __import__("safetensors").safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_steps"] == "6" and json.loads(metadata["sdlora"])["training"]["rank"] == 4
+
+
+def test_cached_and_uncached_runs_give_the_same_adapter(tiny_dir, images, tmp_path):
+    cached = train(config(tiny_dir, images, tmp_path / "cached", flip=0.5), quiet=True)
+    uncached = train(config(tiny_dir, images, tmp_path / "uncached", flip=0.5, cache_latents=False,
+                            cache_text=False), quiet=True)
+    assert_adapters_close(cached, uncached, atol=1e-5)
+
+
+def test_disk_cache_is_reused(tiny_dir, images, tmp_path):
+    first = Trainer(config(tiny_dir, images, tmp_path / "a", cache_dir=str(tmp_path / "cache")), quiet=True)
+    assert first.latents.reused == 0 and len(list((tmp_path / "cache").iterdir())) == 8
+    second = Trainer(config(tiny_dir, images, tmp_path / "b", cache_dir=str(tmp_path / "cache")), quiet=True)
+    assert second.latents.reused == 8
+    for key, (mean, std) in first.latents.entries.items():
+        assert torch.equal(second.latents.entries[key][0], mean) and torch.equal(second.latents.entries[key][1], std)
+
+
+def test_killed_run_resumes_to_the_same_adapter(tiny_dir, images, tmp_path):
+    steps = 60
+    settings = dict(max_steps=steps, save_every=5, keep_checkpoints=2, flip=0.5, shuffle_tags=True,
+                    lr_scheduler="cosine", warmup_steps=5)
+    reference = train(config(tiny_dir, images, tmp_path / "reference", **settings), quiet=True)
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "sdlora", "train", "--quiet", "--model", str(tiny_dir), "--data", str(images),
+               "--output-dir", str(out), "--resolution", "16", "--batch-size", "4", "--max-steps", str(steps),
+               "--lr", "2e-3", "--rank", "4", "--seed", "7", "--log-every", "1", "--save-every", "5",
+               "--keep-checkpoints", "2", "--flip", "0.5", "--shuffle-tags", "--lr-scheduler", "cosine",
+               "--warmup-steps", "5"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-000010").exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "lora.safetensors").exists()  # it really died before the end
+    folders = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert len(folders) <= 2  # keep_checkpoints
+
+    resumed = train(config(tiny_dir, images, out, resume="latest", **settings), quiet=True)
+    assert_adapters_close(resumed, reference, atol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_dir, images, tmp_path, monkeypatch):
+    trainer = Trainer(config(tiny_dir, images, tmp_path, max_steps=10, save_every=3), quiet=True)
+    real_loss = trainer.micro_batch_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(trainer, "micro_batch_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="at step 5"):
+        trainer.run()
+    checkpoint = tmp_path / "checkpoints" / "step-000003" / "adapter.safetensors"
+    assert all(torch.isfinite(t).all() for t in load_file(checkpoint).values())
+    assert not (tmp_path / "lora.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000003"]
+
+
+def test_samples_validation_and_resolved_config(tiny_dir, images, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue circle\n")
+    out = tmp_path / "run"
+    train(config(tiny_dir, images, out, max_steps=4, sample_prompts=str(prompts), sample_every=2, sample_steps=2,
+                 validation_split=0.25, validation_every=2), quiet=True)
+    grids = sorted(p.name for p in (out / "samples").iterdir())
+    assert grids == ["step-000002.png", "step-000004.png"]
+    assert Image.open(out / "samples" / grids[0]).size == (32, 16)  # two prompts side by side
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
+    from sdlora.config import build
+
+    again = build({}, out / "config.toml")
+    assert again == config(tiny_dir, images, out, max_steps=4, sample_prompts=str(prompts), sample_every=2,
+                           sample_steps=2, validation_split=0.25, validation_every=2)
+
+
+@pytest.mark.parametrize("options", [
+    {"gradient_accumulation": 2, "mixed_precision": "bf16", "gradient_checkpointing": True},
+    {"min_snr_gamma": 5.0, "noise_offset": 0.05, "prediction_type": "v_prediction", "targets": "full"},
+    {"train_text_encoder": True, "text_encoder_lr": 1e-3, "caption_dropout": 0.5, "cache_latents": False},
+])
+def test_option_combinations_train(tiny_dir, images, tmp_path, options):
+    trainer = Trainer(config(tiny_dir, images, tmp_path, max_steps=3, **options), quiet=True)
+    before = {k: v.detach().clone() for k, v in enumerate(trainer.parameters)}
+    path = trainer.run()
+    assert any(not torch.equal(before[i], p.detach()) for i, p in enumerate(trainer.parameters))
+    assert all(torch.isfinite(t).all() for t in load_file(path).values())
+
+
+def test_lr_schedules():
+    assert lr_factor(0, "constant", 10, 100) == 1.0
+    assert lr_factor(0, "constant_with_warmup", 10, 100) == pytest.approx(0.1)
+    assert lr_factor(50, "constant_with_warmup", 10, 100) == 1.0
+    assert lr_factor(10, "cosine", 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, "cosine", 10, 100) == pytest.approx(0.5)
+    assert lr_factor(100, "linear", 0, 100) == pytest.approx(0.0)
+    assert lr_factor(25, "linear", 0, 100) == pytest.approx(0.75)
