@@ -1,0 +1,115 @@
+"""The training config: TOML < command line precedence, named errors, and failing fast without a model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sdlora import cli
+from sdlora.config import ConfigError, TrainConfig, build, read_toml, to_toml, validate
+
+
+def test_defaults_file_flags_precedence(tmp_path):
+    toml = tmp_path / "train.toml"
+    toml.write_text('rank = 8\nlr = 3e-4\nmax-steps = 50\ntargets = "attn-mlp"\n')
+    config = build({"rank": 32}, toml)
+    assert config.rank == 32  # the flag beats the file
+    assert config.lr == 3e-4 and config.max_steps == 50 and config.targets == "attn-mlp"  # the file beats defaults
+    assert config.batch_size == TrainConfig().batch_size  # defaults fill the rest
+
+
+def test_cli_flags_reach_the_config(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("sdlora.train.train", lambda config, quiet: seen.update(config=config))
+    toml = tmp_path / "train.toml"
+    toml.write_text("rank = 8\nflip = 0.5\n")
+    code = cli.main(["train", "--config", str(toml), "--model", "m/x", "--data", "d", "--output-dir", "o",
+                     "--rank", "4", "--no-buckets", "--train-text-encoder", "--lr", "1e-3"])
+    assert code == 0
+    config = seen["config"]
+    assert (config.rank, config.flip, config.buckets, config.train_text_encoder, config.lr) == (4, 0.5, False, True,
+                                                                                                1e-3)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("rnak = 8", "unknown key 'rnak'; did you mean 'rank'"),
+    ('rank = "eight"', "rank must be int"),
+    ("lr = true", "lr must be float"),
+    ("train_text_encoder = 1", "train_text_encoder must be bool"),
+    ("rank = ", "not valid TOML"),
+])
+def test_toml_errors_name_the_key(tmp_path, content, message):
+    toml = tmp_path / "bad.toml"
+    toml.write_text(content + "\n")
+    with pytest.raises(ConfigError, match=message) as error:
+        read_toml(toml)
+    assert str(toml) in str(error.value)
+
+
+def test_int_is_accepted_for_float_and_toml_round_trips(tmp_path):
+    config = build({}, None)
+    config.lr, config.caption_prefix = 1, 'sks "quoted" \\ style'
+    path = tmp_path / "resolved.toml"
+    path.write_text(to_toml(config))
+    assert build({}, path) == TrainConfig(**{**config.__dict__, "lr": 1.0})
+
+
+def valid(tmp_path, **overrides) -> TrainConfig:
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True, exist_ok=True)
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    values = dict(model=str(model), data=str(data), output_dir=str(tmp_path / "out"))
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model": "/no/such/model"}, "neither an existing folder nor a hub id"),
+    ({"data": "/no/such/data"}, "data folder /no/such/data does not exist"),
+    ({"max_steps": 5, "epochs": 2}, "not both"),
+    ({"rank": 0}, "rank must be at least 1"),
+    ({"resolution": 500}, "multiple of 8"),
+    ({"random_crop": True}, "cannot be cached"),
+    ({"sample_every": 10}, "needs --sample-prompts"),
+    ({"text_encoder_lr": 1e-5}, "text encoder is not trained"),
+    ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
+    ({"caption_dropout": 1.5}, "probability"),
+    ({"timestep_min": 900, "timestep_max": 100}, "timestep_min < timestep_max"),
+    ({"output_dir": "/proc/sdlora-cannot-write-here"}, "not writable"),
+])
+def test_incompatible_or_missing_settings(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(valid(tmp_path, **overrides))
+
+
+def test_a_diffusers_folder_needs_a_unet(tmp_path):
+    config = valid(tmp_path)
+    (tmp_path / "model" / "unet").rmdir()
+    with pytest.raises(ConfigError, match="no unet/ subfolder"):
+        validate(config)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/model", "--data", "{data}", "--output-dir", "{out}"], "neither an existing folder"),
+    (["--model", "{model}", "--data", "{data}", "--output-dir", "{out}"], "no usable images"),
+    (["--data", "{data}", "--output-dir", "{out}"], "--model is required"),
+])
+def test_cli_fails_fast_with_a_message_and_no_traceback(tmp_path, capsys, args, message):
+    config = valid(tmp_path)
+    args = [a.format(model=config.model, data=config.data, out=config.output_dir) for a in args]
+    started = time.time()
+    assert cli.main(["train", *args]) == 2
+    assert time.time() - started < 5  # no model was loaded
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.startswith("sdlora: error:")
+
+
+def test_help_documents_every_field_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text
+    assert "LoRA rank (default: 16)" in text and "(required)" in text
