@@ -61,6 +61,15 @@ def _header(path: Path) -> dict:
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of an adapter file, checked: complete, safetensors, all values finite."""
     path = Path(path)
+    if path.is_dir():  # a folder written by diffusers' save_lora_weights, or holding one adapter
+        candidates = sorted(path.glob("*.safetensors"))
+        preferred = path / "pytorch_lora_weights.safetensors"
+        if preferred.is_file():
+            path = preferred
+        elif len(candidates) == 1:
+            path = candidates[0]
+        else:
+            raise AdapterFileError(f"{path}: a folder with {len(candidates)} .safetensors files; name the file")
     if not path.is_file():
         raise AdapterFileError(f"{path}: no such adapter file")
     header = _header(path)

@@ -302,7 +302,7 @@ class Trainer:
         return sample_latents(self.vae.config, mean, std, generator)
 
     def micro_batch_loss(self, epoch: int, indices: list[int], generator: torch.Generator,
-                         dataset: ImageCaptionDataset | None = None) -> torch.Tensor:
+                         dataset: ImageCaptionDataset | None = None, unet=None) -> torch.Tensor:
         config = self.config
         dataset = dataset or self.dataset
         if dataset is self.dataset:
@@ -312,7 +312,7 @@ class Trainer:
             latents = sample_latents(self.vae.config, *encode_pixels(self.vae, pixels), generator)
         text = self._text([dataset.caption(i, epoch) for i in indices])
         with self.accelerator.autocast():
-            return diffusion_loss(self.unet, self.scheduler, latents, text, generator,
+            return diffusion_loss(unet or self.unet, self.scheduler, latents, text, generator,
                                   prediction_type=self.prediction_type, noise_offset=config.noise_offset,
                                   min_snr_gamma=config.min_snr_gamma,
                                   timestep_range=(config.timestep_min, config.timestep_max))
@@ -322,7 +322,9 @@ class Trainer:
         """Mean loss over a dataset at fixed noise and timesteps: comparable across steps and runs."""
         dataset = dataset or self.dataset
         sampler = BucketBatchSampler(dataset.sample_buckets, self.config.batch_size, seed=0, shuffle=False)
-        losses = [self.micro_batch_loss(0, batch, step_generator(seed, i), dataset).item()
+        # The unwrapped UNet: under DDP a forward on the main process alone could wait on the others.
+        unet = self.pipe.unet
+        losses = [self.micro_batch_loss(0, batch, step_generator(seed, i), dataset, unet).item()
                   for i, batch in enumerate(sampler.batches(0))]
         return sum(losses) / len(losses)
 

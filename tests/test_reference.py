@@ -111,7 +111,7 @@ def test_diffusers_peft_file_matches_diffusers(pipe, tiny_dir, tmp_path):
     path = diffusers_written_file(tiny_dir, tmp_path)
     with __import__("safetensors").safe_open(path, "pt") as f:
         assert any(".lora_A." in key for key in f.keys()) and "lora_adapter_metadata" in f.metadata()
-    compare_with_diffusers(pipe, tiny_dir, path, strength=0.6)
+    compare_with_diffusers(pipe, tiny_dir, path.parent, strength=0.6)  # the folder diffusers wrote
     info = sdlora.list_adapters(pipe)[0]
     assert info.layout == "peft"
 
