@@ -8,7 +8,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from . import config
+from . import config, loader
 from .adapter import AdapterFileError, read_adapter
 from .formats import split_tensor_name
 from .keys import component_of_file_key, family_from_kohya_names, family_named_in_metadata
@@ -59,6 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a LoRA adapter on a folder of captioned images. Every option can also be set in a "
                     "TOML file given with --config (keys as below, with _ or -); flags override the file.",
         usage="sdlora train --model MODEL --data DIR --output-dir OUT [--config train.toml] [options]")
+    toy = commands.add_parser("toy", help="the toy world: measure adapters, run the CPU demo",
+                              description="The tiny bundled model and its procedural world of coloured shapes.")
+    toy_commands = toy.add_subparsers(dest="toy_command", required=True)
+    evaluate = toy_commands.add_parser(
+        "eval", help="score adapters at several strengths",
+        description="Generate images at each strength with the adapters loaded (stacked when several), score "
+                    "them (outline style, star, colour and shape kept) and print a table.")
+    evaluate.add_argument("--lora", action="append", required=True, type=Path, metavar="FILE",
+                          help="adapter file; repeat to stack several")
+    evaluate.add_argument("--model", default="models/toy-sd1", help="the toy base model (default: %(default)s)")
+    evaluate.add_argument("--trigger", help=f"also score prompts 'a COLOUR TRIGGER' (the star dataset uses "
+                                            f"{toy_trigger()!r})")
+    evaluate.add_argument("--strengths", default="0,0.25,0.5,0.75,1", help="comma-separated (default: %(default)s)")
+    evaluate.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
+    evaluate.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
+    evaluate.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default: %(default)s)")
+    evaluate.add_argument("--grid", type=Path, help="write a PNG grid: one row per prompt set and strength")
+    demo = toy_commands.add_parser(
+        "demo", help="train the style adapter on the bundled model and data, then score it",
+        description="Train an outline-style adapter on datasets/style-outline with the bundled toy model on the "
+                    "CPU, then write the adapter, a before/after grid and the score table.")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: %(default)s)")
+    demo.add_argument("--config", type=Path, default=Path("datasets/style-outline/train.toml"),
+                      help="training config (default: %(default)s)")
+
     train.add_argument("--config", type=Path, help="TOML file with any of the options below")
     train.add_argument("--quiet", action="store_true", help="no progress bar or summaries")
     config.add_arguments(train)
@@ -93,10 +118,42 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def toy_trigger() -> str:
+    from .toy import STAR_TRIGGER
+
+    return STAR_TRIGGER
+
+
+def run_toy(args: argparse.Namespace) -> int:
+    from . import toy_eval
+
+    quiet_libraries()
+    if args.toy_command == "demo":
+        return toy_eval.demo(args.out, args.config)
+    strengths = [float(value) for value in args.strengths.split(",")]
+    for path in [args.model, *args.lora]:
+        if not Path(path).exists():
+            print(f"sdlora: error: {path} does not exist", file=sys.stderr)
+            return 2
+    pipe = toy_eval.load_toy_pipeline(args.model)
+    names = [loader.load(pipe, path, name=f"adapter{i}") for i, path in enumerate(args.lora)]
+    prompt_sets = {"content": toy_eval.content_prompts()}
+    if args.trigger:
+        prompt_sets["trigger"] = toy_eval.trigger_prompts(args.trigger)
+    result = toy_eval.evaluate(pipe, names, strengths, args.n, prompt_sets, args.steps, args.guidance)
+    print(result.table())
+    if args.grid:
+        toy_eval.grid(result).save(args.grid)
+        print(f"grid: {args.grid}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return run_train(args)
+    if args.command == "toy":
+        return run_toy(args)
     try:
         if args.command == "inspect":
             print("\n\n".join(describe(path) for path in args.files))

@@ -148,27 +148,9 @@ def _recorded_targets(metadata: dict[str, str]) -> dict[str, list[str]]:
         return {}
 
 
-# ---------------------------------------------------------------- the public API
-
-
-def load(target, path: str | os.PathLike, strength: Strength = 1.0, name: str | None = None,
-         strict: bool = True) -> str:
-    """Apply an adapter file to a pipeline (or a bare UNet / text encoder); returns its name.
-
-    Reads sdlora and kohya/A1111 files and both layouts that diffusers writes. With strict=False,
-    tensors that name no layer of this model are skipped and reported instead of refused.
-    Nothing is modified unless the whole file checks out.
-    """
-    parts = components(target)
-    path = Path(path)
-    name = name or re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
-    _check_new_name(parts, name)
-    check_strength(strength, unet_block_counts(parts), list(parts))
-    family = detect_family(parts)
-
-    tensors, metadata = read_adapter(path)
-    layers = _model_layers(parts)
-    parsed = parse_state_dict(tensors, metadata, family, list(layers))
+def _check_parsed(path: Path, parsed, tensors: dict, metadata: dict, layers: dict, parts: dict, family,
+                  strict: bool) -> None:
+    """Refuse a file that cannot be applied whole; report what strict=False skips."""
     absent = [k for k in parsed.unmatched if component_of_file_key(k) not in (None, *parts)]
     unmatched = [k for k in parsed.unmatched if k not in absent]
     file_family = _file_family(tensors, metadata)
@@ -192,6 +174,30 @@ def load(target, path: str | os.PathLike, strength: Strength = 1.0, name: str | 
                        path, len(unmatched), ", ".join(unmatched[:10]))
     if absent:
         logger.info("%s: %d tensor(s) are for components this target does not have", path, len(absent))
+
+
+# ---------------------------------------------------------------- the public API
+
+
+def load(target, path: str | os.PathLike, strength: Strength = 1.0, name: str | None = None,
+         strict: bool = True) -> str:
+    """Apply an adapter file to a pipeline (or a bare UNet / text encoder); returns its name.
+
+    Reads sdlora and kohya/A1111 files and both layouts that diffusers writes. With strict=False,
+    tensors that name no layer of this model are skipped and reported instead of refused.
+    Nothing is modified unless the whole file checks out.
+    """
+    parts = components(target)
+    path = Path(path)
+    name = name or re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
+    _check_new_name(parts, name)
+    check_strength(strength, unet_block_counts(parts), list(parts))
+    family = detect_family(parts)
+
+    tensors, metadata = read_adapter(path)
+    layers = _model_layers(parts)
+    parsed = parse_state_dict(tensors, metadata, family, list(layers))
+    _check_parsed(path, parsed, tensors, metadata, layers, parts, family, strict)
 
     info = AdapterInfo(name=name, source=str(path), strength=strength, family=family.name, layout=parsed.layout,
                        targets=_recorded_targets(metadata))

@@ -1,0 +1,148 @@
+"""Measuring what an adapter learned, on the toy world: presence of a concept at several strengths.
+
+Images are generated from fixed seeds for each prompt set at each strength, scored by the toy
+scorer (colour, shape, style), and summed up as rates: how often the outline style or the star
+shows, and how often the colour and shape asked for are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import loader
+from .toy import COLOURS, SHAPES, STAR_TRIGGER, score
+
+DEFAULT_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+IMAGE_SIZE = 32
+
+
+def content_prompts() -> list[str]:
+    """`a COLOUR SHAPE` for every colour and pretraining shape."""
+    return [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
+
+
+def trigger_prompts(trigger: str = STAR_TRIGGER) -> list[str]:
+    """`a COLOUR TRIGGER` for every colour: the character's prompts."""
+    return [f"a {colour} {trigger}" for colour in COLOURS]
+
+
+@dataclass
+class Row:
+    """Rates over the images of one prompt set at one strength."""
+
+    prompts: str
+    strength: float
+    images: int
+    outline: float
+    star: float
+    colour_ok: float
+    shape_ok: float | None  # None for trigger prompts, which ask for no pretraining shape
+
+
+@dataclass
+class Evaluation:
+    per_prompt: int
+    rows: list[Row] = field(default_factory=list)
+    images: dict[tuple[str, float], list] = field(default_factory=dict)
+
+    def row(self, prompts: str, strength: float) -> Row:
+        return next(r for r in self.rows if r.prompts == prompts and r.strength == strength)
+
+    def table(self) -> str:
+        """A Markdown table of the rates, one line per prompt set and strength."""
+        lines = ["| prompts | strength | outline | star | colour kept | shape kept |", "|---|---|---|---|---|---|"]
+        for r in self.rows:
+            shape = "-" if r.shape_ok is None else f"{r.shape_ok:.0%}"
+            lines.append(f"| {r.prompts} | {r.strength:g} | {r.outline:.0%} | {r.star:.0%} | {r.colour_ok:.0%} | "
+                         f"{shape} |")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], per_prompt: int, steps: int = 25, guidance: float = 5.0, seed: int = 0):
+    """per_prompt images for each prompt, image j of every prompt from seed + j, in prompt order."""
+    images = []
+    for prompt in prompts:
+        generators = [torch.Generator().manual_seed(seed + j) for j in range(per_prompt)]
+        images += pipe([prompt] * per_prompt, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps,
+                       guidance_scale=guidance, generator=generators).images
+    return images
+
+
+def rates(prompt_set: str, strength: float, prompts: list[str], per_prompt: int, images: list) -> Row:
+    scores = [score(image) for image in images]
+    asked = [prompt for prompt in prompts for _ in range(per_prompt)]
+    colour_ok = sum(s.colour == prompt.split()[1] for s, prompt in zip(scores, asked)) / len(scores)
+    shape_ok = None
+    if prompt_set == "content":
+        shape_ok = sum(s.shape == prompt.split()[2] for s, prompt in zip(scores, asked)) / len(scores)
+    return Row(prompt_set, strength, len(scores), outline=sum(s.outline for s in scores) / len(scores),
+               star=sum(s.star for s in scores) / len(scores), colour_ok=colour_ok, shape_ok=shape_ok)
+
+
+def evaluate(pipe, adapters: list[str], strengths=DEFAULT_STRENGTHS, per_prompt: int = 4,
+             prompt_sets: dict[str, list[str]] | None = None, steps: int = 25, guidance: float = 5.0,
+             seed: int = 0) -> Evaluation:
+    """Generate and score every prompt set with all `adapters` (already loaded) at each strength."""
+    prompt_sets = prompt_sets or {"content": content_prompts()}
+    result = Evaluation(per_prompt)
+    for strength in strengths:
+        for name in adapters:
+            loader.set_strength(pipe, name, strength)
+        for prompt_set, prompts in prompt_sets.items():
+            images = generate(pipe, prompts, per_prompt, steps, guidance, seed)
+            result.images[prompt_set, strength] = images
+            result.rows.append(rates(prompt_set, strength, prompts, per_prompt, images))
+    return result
+
+
+def grid(evaluation: Evaluation, strengths=None, scale: int = 3):
+    """One row per (prompt set, strength): the first image of every prompt, enlarged."""
+    from PIL import Image
+
+    keys = [key for key in evaluation.images if strengths is None or key[1] in strengths]
+    rows = [evaluation.images[key][:: evaluation.per_prompt] for key in keys]
+    cell = IMAGE_SIZE * scale
+    canvas = Image.new("RGB", (max(len(r) for r in rows) * cell, len(rows) * cell), "white")
+    for y, images in enumerate(rows):
+        for x, image in enumerate(images):
+            canvas.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (x * cell, y * cell))
+    return canvas
+
+
+def load_toy_pipeline(model: str | Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def demo(out: Path, config_path: Path) -> int:
+    """Train the style adapter on the bundled model and data, score it, write the adapter, grid and table."""
+    import time
+
+    from .config import build
+    from .train import train
+
+    settings = build({"output_dir": str(out)}, config_path)
+    started = time.time()
+    adapter = train(settings)
+    trained = time.time() - started
+    pipe = load_toy_pipeline(settings.model)
+    loader.load(pipe, adapter, name="style")
+    result = evaluate(pipe, ["style"], DEFAULT_STRENGTHS, per_prompt=4)
+    scored = time.time() - started - trained
+    grid(result, strengths=(0.0, 1.0)).save(out / "before-after.png")
+    grid(result).save(out / "strengths.png")
+    report = (f"# Outline-style adapter on the toy model\n\nTrained in {trained:.0f} s with {config_path}; "
+              f"scored in {scored:.0f} s ({result.per_prompt} images per prompt, 12 prompts).\n\n{result.table()}\n")
+    (out / "scores.md").write_text(report)
+    print("\n" + result.table())
+    print(f"\nadapter: {adapter}\nbefore (top) / after (bottom): {out / 'before-after.png'}\n"
+          f"every strength: {out / 'strengths.png'}\ntable: {out / 'scores.md'}")
+    return 0
