@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -113,3 +114,14 @@ def test_help_documents_every_field_with_its_default(capsys):
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text
     assert "LoRA rank (default: 16)" in text and "(required)" in text
+
+
+@pytest.mark.parametrize("optimizer, package, extra", [("adamw8bit", "bitsandbytes", "sdlora[8bit]"),
+                                                        ("prodigy", "prodigyopt", "sdlora[prodigy]")])
+def test_optional_optimizer_names_the_extra_to_install(tmp_path, monkeypatch, optimizer, package, extra):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    with pytest.raises(ConfigError, match=rf"needs the {package} package: pip install '{re.escape(extra)}'"):
+        validate(valid(tmp_path, optimizer=optimizer))
