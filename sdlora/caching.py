@@ -45,14 +45,15 @@ def vae_fingerprint(vae) -> str:
 class LatentCache:
     """(item, flipped) -> (mean, std) for every image the run can see, encoded before training."""
 
-    def __init__(self, vae, dataset: ImageCaptionDataset, flips: bool, cache_dir: Path | None):
+    def __init__(self, vae, dataset: ImageCaptionDataset, flips: bool, cache_dir: Path | None,
+                 progress: bool = True):
         self.entries: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         fingerprint = vae_fingerprint(vae) if cache_dir else ""
         wanted = [(item, flipped) for item in range(len(dataset.items)) for flipped in ((False, True) if flips else
                                                                                        (False,))]
         buckets = {item: bucket for item, bucket in zip(dataset.item_of, dataset.sample_buckets)}
         reused = 0
-        for item, flipped in tqdm(wanted, desc="caching latents", unit="image", leave=False):
+        for item, flipped in tqdm(wanted, desc="caching latents", unit="image", leave=False, disable=not progress):
             bucket = buckets[item]
             disk_path = None
             if cache_dir:

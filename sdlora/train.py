@@ -176,7 +176,8 @@ class Trainer:
         # accelerate keeps its settings process-wide; a second run in one process (a notebook) may
         # ask for another precision. The distributed part (PartialState) is kept.
         AcceleratorState._reset_state()
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
+        # cpu=True without CUDA: only then does accelerate see several CPU processes (torchrun) as one run.
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
             config.mixed_precision]
@@ -247,7 +248,8 @@ class Trainer:
         self.latents = None
         if config.cache_latents:
             cache_dir = Path(config.cache_dir) if config.cache_dir else None
-            self.latents = LatentCache(self.vae, self.dataset, flips=config.flip > 0, cache_dir=cache_dir)
+            self.latents = LatentCache(self.vae, self.dataset, flips=config.flip > 0, cache_dir=cache_dir,
+                                       progress=not self.quiet and self.accelerator.is_main_process)
             if cache_dir:
                 self.say(f"latent cache: {self.latents.reused} of {len(self.latents.entries)} reused from {cache_dir}")
         self.text_cache = None
@@ -280,18 +282,20 @@ class Trainer:
             self.optimizer,
             lambda step: lr_factor(step, config.lr_scheduler, config.warmup_steps, self.total_steps))
         # accelerate wraps the models for multi-process training; the adapters stay the same tensors.
-        self.unet, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
-        if config.train_text_encoder:
-            self.text_encoder = self.accelerator.prepare(self.text_encoder)
+        # The wrapped ones serve the training steps; work on the main process alone (validation,
+        # samples) uses the plain ones, since a wrapped forward may wait on the other processes.
+        self.wrapped_unet, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
+        self.wrapped_text_encoder = (self.accelerator.prepare(self.text_encoder) if config.train_text_encoder
+                                     else self.text_encoder)
 
     # -- one step
 
-    def _text(self, captions: list[str]) -> torch.Tensor:
+    def _text(self, captions: list[str], training: bool) -> torch.Tensor:
         if self.text_cache is not None:
             return self.text_cache.batch(captions).to(self.device)
-        context = nullcontext() if self.config.train_text_encoder else torch.no_grad()
-        with context:
-            return encode_text(self.text_encoder, self.tokenizer, captions)
+        text_encoder = self.wrapped_text_encoder if training else self.text_encoder
+        with nullcontext() if self.config.train_text_encoder else torch.no_grad():
+            return encode_text(text_encoder, self.tokenizer, captions)
 
     def _latents(self, epoch: int, indices: list[int], generator: torch.Generator) -> torch.Tensor:
         if self.latents is not None:
@@ -302,7 +306,7 @@ class Trainer:
         return sample_latents(self.vae.config, mean, std, generator)
 
     def micro_batch_loss(self, epoch: int, indices: list[int], generator: torch.Generator,
-                         dataset: ImageCaptionDataset | None = None, unet=None) -> torch.Tensor:
+                         dataset: ImageCaptionDataset | None = None, training: bool = True) -> torch.Tensor:
         config = self.config
         dataset = dataset or self.dataset
         if dataset is self.dataset:
@@ -310,9 +314,10 @@ class Trainer:
         else:  # validation images are few and never cached
             pixels = collate([dataset[(epoch, i)] for i in indices])["pixel_values"]
             latents = sample_latents(self.vae.config, *encode_pixels(self.vae, pixels), generator)
-        text = self._text([dataset.caption(i, epoch) for i in indices])
+        text = self._text([dataset.caption(i, epoch) for i in indices], training)
         with self.accelerator.autocast():
-            return diffusion_loss(unet or self.unet, self.scheduler, latents, text, generator,
+            return diffusion_loss(self.wrapped_unet if training else self.unet, self.scheduler, latents, text,
+                                  generator,
                                   prediction_type=self.prediction_type, noise_offset=config.noise_offset,
                                   min_snr_gamma=config.min_snr_gamma,
                                   timestep_range=(config.timestep_min, config.timestep_max))
@@ -322,9 +327,7 @@ class Trainer:
         """Mean loss over a dataset at fixed noise and timesteps: comparable across steps and runs."""
         dataset = dataset or self.dataset
         sampler = BucketBatchSampler(dataset.sample_buckets, self.config.batch_size, seed=0, shuffle=False)
-        # The unwrapped UNet: under DDP a forward on the main process alone could wait on the others.
-        unet = self.pipe.unet
-        losses = [self.micro_batch_loss(0, batch, step_generator(seed, i), dataset, unet).item()
+        losses = [self.micro_batch_loss(0, batch, step_generator(seed, i), dataset, training=False).item()
                   for i, batch in enumerate(sampler.batches(0))]
         return sum(losses) / len(losses)
 
@@ -426,7 +429,7 @@ class Trainer:
                 epoch, position, indices = next(keys)
                 generator = step_generator(config.seed, step, micro, accelerator.process_index)
                 syncing = micro == config.gradient_accumulation - 1
-                with nullcontext() if syncing else accelerator.no_sync(self.unet):
+                with nullcontext() if syncing else accelerator.no_sync(self.wrapped_unet):
                     loss = self.micro_batch_loss(epoch, indices, generator) / config.gradient_accumulation
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(

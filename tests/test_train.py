@@ -185,3 +185,20 @@ def test_lr_schedules():
     assert lr_factor(55, "cosine", 10, 100) == pytest.approx(0.5)
     assert lr_factor(100, "linear", 0, 100) == pytest.approx(0.0)
     assert lr_factor(25, "linear", 0, 100) == pytest.approx(0.75)
+
+
+def test_two_processes_train_together(tiny_dir, images, tmp_path):
+    """torchrun with two CPU processes: gradients are all-reduced, only the main process writes."""
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "sdlora", "train",
+               "--quiet", "--model", str(tiny_dir), "--data", str(images), "--output-dir", str(out),
+               "--resolution", "16", "--batch-size", "2", "--max-steps", "4", "--save-every", "2",
+               "--train-text-encoder", "--validation-split", "0.25", "--validation-every", "2", "--log-every", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # one writer, not two
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert all(torch.isfinite(t).all() for t in load_file(out / "lora.safetensors").values())
