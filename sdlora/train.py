@@ -257,11 +257,12 @@ class Trainer:
             self.text_cache = TextCache(self.text_encoder, self.tokenizer,
                                         [self.dataset.caption(i, 0) for i in range(len(self.dataset))])
         self.val_dataset = self._dataset(self.val_scan, training=False) if self.val_scan else None
+        if self.latents is not None and self.val_dataset is None and not self.prompts:
+            self.vae.to("cpu")  # every latent is cached and nothing decodes: free the accelerator's memory
 
     def _build_optimizer(self) -> None:
         config = self.config
-        unet_params = [p for p in loader.trainable_parameters(self.unet, ADAPTER)]
-        groups = [{"params": unet_params, "lr": config.lr}]
+        groups = [{"params": loader.trainable_parameters(self.unet, ADAPTER), "lr": config.lr}]
         if config.train_text_encoder:
             te_params = loader.trainable_parameters(self.text_encoder, ADAPTER)
             groups.append({"params": te_params, "lr": config.text_encoder_lr or config.lr})
