@@ -17,13 +17,14 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from .targets import PRESETS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
 CHOICES = {
-    "targets": ("attn", "attn-mlp", "full"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "optimizer": ("adamw", "adamw8bit", "prodigy"),
     "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
@@ -56,8 +57,8 @@ class TrainConfig:
     rank: int = option(16, "LoRA rank", "adapter")
     alpha: typing.Optional[float] = option(None, "LoRA alpha; the update is scaled by alpha/rank "
                                            "(default: alpha = rank, scale 1)", "adapter")
-    targets: str = option("attn", "layers to adapt: attn, attn-mlp (kohya's default set) or full (+ convs, "
-                          "LoCon)", "adapter")
+    targets: str = option("attn", "layers to adapt: attn, attn-mlp (kohya's default set), full (+ convs, "
+                          "LoCon), or a regular expression searched in module paths", "adapter")
     train_text_encoder: bool = option(False, "also train a LoRA on the text encoder (needed to bind a new "
                                       "trigger word)", "adapter")
     # data
@@ -245,6 +246,12 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     if config.lr <= 0 or (config.text_encoder_lr is not None and config.text_encoder_lr <= 0):
         raise ConfigError("learning rates must be > 0")
+    if config.targets not in PRESETS:
+        try:
+            re.compile(config.targets)
+        except re.error as error:
+            raise ConfigError(f"targets must be {', '.join(PRESETS)} or a regular expression over module paths; "
+                              f"{config.targets!r} is neither ({error})") from None
     if config.resolution % 8:
         raise ConfigError(f"resolution must be a multiple of 8, got {config.resolution}")
     if config.max_steps is not None and config.epochs is not None:

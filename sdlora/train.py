@@ -28,6 +28,7 @@ from .config import TrainConfig, to_toml, validate
 from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, bucket_histogram,
                    collate, find_images)
 from .models import load_pipeline
+from .targets import PRESETS
 
 ADAPTER = "lora"  # the adapter's name inside the pipeline while training
 logger = logging.getLogger("sdlora")
@@ -210,7 +211,8 @@ class Trainer:
             module.requires_grad_(False)
         pipe.to(self.device)
         parts = ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
-        loader.add_adapter(pipe, ADAPTER, rank=config.rank, alpha=config.alpha, targets=config.targets,
+        targets = config.targets if config.targets in PRESETS else [config.targets]
+        loader.add_adapter(pipe, ADAPTER, rank=config.rank, alpha=config.alpha, targets=targets,
                            components_to_adapt=parts, dtype=torch.float32)
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()

@@ -79,6 +79,7 @@ def valid(tmp_path, **overrides) -> TrainConfig:
     ({"caption_dropout": 1.5}, "probability"),
     ({"timestep_min": 900, "timestep_max": 100}, "timestep_min < timestep_max"),
     ({"output_dir": "/proc/sdlora-cannot-write-here"}, "not writable"),
+    ({"targets": "attn1.(to_q"}, "or a regular expression over module paths"),
 ])
 def test_incompatible_or_missing_settings(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -168,6 +168,7 @@ def test_samples_validation_and_resolved_config(tiny_dir, images, tmp_path):
     {"gradient_accumulation": 2, "mixed_precision": "bf16", "gradient_checkpointing": True},
     {"min_snr_gamma": 5.0, "noise_offset": 0.05, "prediction_type": "v_prediction", "targets": "full"},
     {"train_text_encoder": True, "text_encoder_lr": 1e-3, "caption_dropout": 0.5, "cache_latents": False},
+    {"targets": r"attn1\.(to_q|to_v)$|resnets\.\d+\.conv2$", "rank": 2},
 ])
 def test_option_combinations_train(tiny_dir, images, tmp_path, options):
     trainer = Trainer(config(tiny_dir, images, tmp_path, max_steps=3, **options), quiet=True)
