@@ -62,7 +62,10 @@ class Scene:
 # --- Rendering ---------------------------------------------------------------------------------
 
 
-def _polygon(shape: str, cx: float, cy: float, size: float):
+Point = tuple[float, float]
+
+
+def _polygon(shape: str, cx: float, cy: float, size: float) -> tuple[list[Point], Point, float]:
     """Vertices of a square/triangle/star whose bounding box is about `size` wide, centred on (cx, cy),
     with the point an outline is inset about and that point's distance to every edge."""
     if shape == "square":
@@ -210,8 +213,9 @@ class Scores:
     colour: str | None
     shape: str | None
     style: str | None
+    # Diagnostics (the shape itself is decided by template matching):
     fill: float = 0.0  # silhouette area / bounding-box area: square ~1, circle ~0.79, triangle ~0.5
-    solidity: float = 0.0  # silhouette area / convex-hull area: convex shapes ~1, star ~0.6
+    solidity: float = 0.0  # silhouette area / convex-hull area: convex shapes ~0.9-1, star ~0.6
     hollow: float = 0.0  # share of the silhouette that is background: outline ~0.4-0.6, filled ~0
     area: float = 0.0  # silhouette area as a share of the image
 
@@ -226,9 +230,6 @@ class Scores:
 
 ANALYSIS_SIZE = 32  # every image is scored at this size, so the pixel thresholds mean the same thing
 HOLLOW_MIN = 0.12  # outline triangles (the least hollow) are ~0.35; filled shapes ~0-0.03
-STAR_SOLIDITY = 0.78  # stars ~0.6, convex shapes >= 0.85 even at small sizes
-SQUARE_FILL = 0.88  # squares 0.93-1.0, circles 0.76-0.82 (blur rounds corners: the gap stays wide)
-CIRCLE_FILL = 0.64  # triangles 0.47-0.58
 
 
 def score(image: Image.Image | np.ndarray) -> Scores:
@@ -237,9 +238,12 @@ def score(image: Image.Image | np.ndarray) -> Scores:
     border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
     background = np.median(border, axis=0)
     distance = np.linalg.norm(pixels - background, axis=-1)
-    strongest = np.percentile(distance, 99)
-    if strongest < 40:  # nothing stands out from the background
+    peak = np.percentile(distance, 99)
+    if peak < 40:  # nothing stands out from the background
         return Scores(None, None, None)
+    # The shape's own distance from the background: the median over clearly-shape pixels is not
+    # pulled up by noise the way a maximum is.
+    strongest = float(np.median(distance[distance > peak / 2]))
     # Half-way between background and shape colour is where the true edge is, however blurred.
     mask = _largest_component(distance > strongest / 2)
     silhouette = _fill_holes(mask)
@@ -250,23 +254,57 @@ def score(image: Image.Image | np.ndarray) -> Scores:
     style = "outline" if hollow > HOLLOW_MIN else "filled"
 
     # Colour: median of the shape's core pixels (edges are blends with the background).
-    core = mask & (distance > strongest * 0.6)
+    core = mask & (distance > strongest * 0.75)
     median = np.median(pixels[core if core.any() else mask], axis=0)
     colour = min(COLOURS, key=lambda name: float(np.sum((np.array(COLOURS[name]) - median) ** 2)))
 
+    # Shape: compare the soft silhouette (anti-aliased edges kept) with each shape drawn to fill the
+    # same box. Template matching stays right when blur rounds a square's corners, where a simple
+    # area/box ratio starts calling it a circle.
+    near = silhouette
+    for _ in range(2):
+        near = _shift_union(near)
+    floor = float(np.median(distance[~near])) if (~near).any() else 0.0
+    alpha = np.clip((distance - floor) / max(strongest - floor, 1e-6), 0, 1) * near
+    alpha[silhouette & ~mask] = 1.0  # the inside of an outline counts as shape
+    (cx, width), (cy, height) = _extent(alpha.max(axis=0)), _extent(alpha.max(axis=1))
+    errors = {shape: float(np.abs(alpha - _template(shape, cx, cy, width, height)).sum() / alpha.sum())
+              for shape in ALL_SHAPES}
+    shape = min(errors, key=errors.get)
+
     rows, cols = np.nonzero(silhouette)
-    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    fill = area / box
+    fill = area / ((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1))
     solidity = area / _hull_area(silhouette)
-    if solidity < STAR_SOLIDITY:
-        shape = STAR
-    elif fill > SQUARE_FILL:
-        shape = "square"
-    elif fill > CIRCLE_FILL:
-        shape = "circle"
-    else:
-        shape = "triangle"
     return Scores(colour, shape, style, float(fill), float(solidity), float(hollow), area / silhouette.size)
+
+
+def _extent(profile: np.ndarray) -> tuple[float, float]:
+    """Centre and width (pixels) of a shape from its max-alpha profile along one axis; the edges are the
+    sub-pixel 50% crossings, found from how much of the first and last covered pixel the shape fills."""
+    covered = np.nonzero(profile > 0.5)[0]
+    first, last = int(covered[0]), int(covered[-1])
+    left = first + 0.5 - (min(profile[first], 1.0) - 0.5)
+    right = last + 0.5 + (min(profile[last], 1.0) - 0.5)
+    return (left + right) / 2, right - left
+
+
+def _template(shape: str, cx: float, cy: float, width: float, height: float) -> np.ndarray:
+    """Anti-aliased alpha (0..1) of `shape` stretched to fill the box centred on (cx, cy)."""
+    big = ANALYSIS_SIZE * SUPERSAMPLE
+    image = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(image)
+    x0, y0 = (cx - width / 2) * SUPERSAMPLE, (cy - height / 2) * SUPERSAMPLE
+    x1, y1 = (cx + width / 2) * SUPERSAMPLE, (cy + height / 2) * SUPERSAMPLE
+    if shape == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=255)
+    elif shape == "square":
+        draw.rectangle([x0, y0, x1, y1], fill=255)
+    else:
+        points, _, _ = _polygon(shape, 0.0, 0.0, 1.0)
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        left, top, w, h = min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)
+        draw.polygon([(x0 + (x - left) / w * (x1 - x0), y0 + (y - top) / h * (y1 - y0)) for x, y in points], fill=255)
+    return np.asarray(image.resize((ANALYSIS_SIZE, ANALYSIS_SIZE), Image.Resampling.BOX), dtype=np.float64) / 255
 
 
 def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
