@@ -75,17 +75,19 @@ def tiny_unet(cross_attention_dim: int = 32, seed: int = 0):
     )
 
 
-def tiny_text_encoder(vocab_size: int, hidden_size: int = 32, seed: int = 0):
+def tiny_text_encoder(vocab_size: int, hidden_size: int = 32, seed: int = 0, intermediate_size: int | None = None,
+                      max_positions: int = 77):
+    """A 2-layer CLIPTextModel; build_clip_tokenizer puts <|startoftext|>, <|endoftext|> last."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=77,
+        max_position_embeddings=max_positions,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,

@@ -135,7 +135,7 @@ def demo(out: Path, config_path: Path) -> int:
     trained = time.time() - started
     pipe = load_toy_pipeline(settings.model)
     loader.load(pipe, adapter, name="style")
-    result = evaluate(pipe, ["style"], DEFAULT_STRENGTHS, per_prompt=4)
+    result = evaluate(pipe, ["style"], DEFAULT_STRENGTHS, per_prompt=2)
     scored = time.time() - started - trained
     grid(result, strengths=(0.0, 1.0)).save(out / "before-after.png")
     grid(result).save(out / "strengths.png")

@@ -2,14 +2,16 @@
 
 Two stages, both full training and seeded:
 
-  1. VAE      an AutoencoderKL (3 down-blocks: 32x32 RGB <-> 8x8x4 latents) on rendered scenes;
-              then its scaling_factor is set to 1/std of the latents, as SD does.
+  1. VAE      an AutoencoderKL (3 down-blocks: 32x32 RGB <-> 8x8x4 latents) on rendered scenes
+              and generic random shapes (see render_codec_pool); then its scaling_factor is set
+              to 1/std of the latents, as SD does.
   2. UNet+TE  a UNet2DConditionModel with SD 1.x cross-attention blocks and a 2-layer CLIP text
               encoder, trained together on `a {colour} {shape}` captions (10% empty, for CFG),
               epsilon prediction on SD's scaled_linear schedule, EMA weights saved.
 
-Only filled circles, squares and triangles are ever shown: the outline style and the star stay
-unknown to the model, so adapters trained on datasets/ have something new to learn.
+The UNet and text encoder only ever see filled circles, squares and triangles: the outline style
+and the star stay unknown to the model, so adapters trained on datasets/ have something new to learn.
+With the same arguments, threads and library versions a run is bit-for-bit repeatable.
 
     OMP_WAIT_POLICY=PASSIVE python -m sdlora.toy_pretrain --out models/toy-sd1
 
@@ -50,7 +52,14 @@ EMPTY_CAPTION_RATE = 0.1  # trained with no caption this often, so classifier-fr
 
 
 def build_tokenizer():
-    return build_clip_tokenizer(WORDS, max_length=MAX_LENGTH)
+    # Longest words first: BPE applies merges by rank, so a short word's early merge ("r"+"e" of "red")
+    # could otherwise split a longer word ("g", "re", "e", "n" for "green") into several tokens.
+    words = sorted(WORDS, key=lambda word: (-len(word), word))
+    tokenizer = build_clip_tokenizer(tuple(words), max_length=MAX_LENGTH)
+    split = [w for w in words if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
+    if split:
+        raise RuntimeError(f"toy tokenizer: {split} are not single tokens; reorder WORDS")
+    return tokenizer
 
 
 def build_vae(seed: int):
@@ -91,21 +100,10 @@ def build_unet(seed: int, cross_attention_dim: int = 64):
 
 
 def build_text_encoder(vocab_size: int, seed: int, hidden_size: int = 64):
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from .testing import tiny_text_encoder
 
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_LENGTH,
-        bos_token_id=vocab_size - 2,  # build_clip_tokenizer puts <|startoftext|>, <|endoftext|> last
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
-    return CLIPTextModel(config)
+    return tiny_text_encoder(vocab_size, hidden_size, seed, intermediate_size=4 * hidden_size,
+                             max_positions=MAX_LENGTH)
 
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -358,16 +356,13 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, captions, scaling_fac
 # --- Evaluation ----------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def generate(pipe, prompts: list[str], per_prompt: int, steps: int, guidance: float, seed: int = 0):
-    """per_prompt images for each prompt; image k of a prompt always uses seed + k."""
+    """toy_eval.generate, grouped per prompt: image k of a prompt always uses seed + k."""
+    from .toy_eval import generate as generate_flat
+
     pipe.set_progress_bar_config(disable=True)
-    images = []
-    for prompt in prompts:
-        generators = [torch.Generator().manual_seed(seed + k) for k in range(per_prompt)]
-        images.append(pipe([prompt] * per_prompt, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps,
-                           guidance_scale=guidance, generator=generators).images)
-    return images
+    flat = generate_flat(pipe, prompts, per_prompt, steps, guidance, seed)
+    return [flat[i * per_prompt : (i + 1) * per_prompt] for i in range(len(prompts))]
 
 
 def evaluate(pipe, per_prompt: int = 8, steps: int = 25, guidance: float = 5.0, seed: int = 0) -> dict:
@@ -416,19 +411,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m sdlora.toy_pretrain",
         description="Pretrain the tiny SD 1.x toy model (VAE, then UNet + text encoder) on CPU.",
         epilog="Run with OMP_WAIT_POLICY=PASSIVE on a shared machine (see the module docstring).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", required=True, help="diffusers folder to write, e.g. models/toy-sd1")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds data, initial weights and noise")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--pool", type=int, default=16384, help="rendered scenes to train on")
     parser.add_argument("--batch", type=int, default=64, help="UNet batch size")
-    parser.add_argument("--vae-batch", type=int, default=32)
-    parser.add_argument("--vae-steps", type=int, default=1000)
-    parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--vae-batch", type=int, default=32, help="VAE batch size")
+    parser.add_argument("--vae-steps", type=int, default=1000, help="VAE training steps")
+    parser.add_argument("--vae-lr", type=float, default=2e-3, help="VAE peak learning rate")
     parser.add_argument("--vae-minutes", type=float, default=None,
                         help="also stop the VAE stage after this long (the run is then not reproducible)")
-    parser.add_argument("--unet-steps", type=int, default=3500)
-    parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument("--unet-steps", type=int, default=3500, help="UNet + text encoder training steps")
+    parser.add_argument("--unet-lr", type=float, default=1e-3, help="UNet + text encoder peak learning rate")
     parser.add_argument("--unet-minutes", type=float, default=None,
                         help="also stop the UNet stage after this long (the run is then not reproducible)")
     parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved UNet/text-encoder weights")
