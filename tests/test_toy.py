@@ -207,7 +207,8 @@ def test_shipped_model_is_small_and_configured_like_sd1(toy_pipe):
     tokenizer = toy_pipe.tokenizer
     assert tokenizer.model_max_length == toy_pipe.text_encoder.config.max_position_embeddings
     # The spare words must be single tokens, so an adapter can bind a concept to one embedding.
-    for word in ("star", "outline", "outlined", *toy.TRIGGERS, *toy.COLOURS, *toy.SHAPES):
+    # (Not every world word is: BPE merge order splits "green" into pieces; the model learned it so.)
+    for word in ("star", "outline", "outlined", *toy.TRIGGERS):
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
 
 
