@@ -51,14 +51,18 @@ EMPTY_CAPTION_RATE = 0.1  # trained with no caption this often, so classifier-fr
 # --- The model -----------------------------------------------------------------------------------
 
 
+SPARE = ("star", "outline", "outlined", *toy.TRIGGERS)  # never in pretraining captions
+
+
 def build_tokenizer():
-    # Longest words first: BPE applies merges by rank, so a short word's early merge ("r"+"e" of "red")
-    # could otherwise split a longer word ("g", "re", "e", "n" for "green") into several tokens.
-    words = sorted(WORDS, key=lambda word: (-len(word), word))
-    tokenizer = build_clip_tokenizer(tuple(words), max_length=MAX_LENGTH)
-    split = [w for w in words if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
-    if split:
-        raise RuntimeError(f"toy tokenizer: {split} are not single tokens; reorder WORDS")
+    # A known wart, kept because models/toy-sd1 was trained with it: build_clip_tokenizer adds each
+    # word's merges in list order, and BPE applies merges by rank, so "red"'s early r+e merge splits
+    # "green" into g/re/e/n. The model learned "green" as those 4 tokens (it draws green 100%).
+    # Reordering WORDS would fix it but changes the token ids, so it needs a new pretraining run.
+    tokenizer = build_clip_tokenizer(WORDS, max_length=MAX_LENGTH)
+    split = [w for w in SPARE if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
+    if split:  # adapters bind a concept to one token's embedding: these must stay whole
+        raise RuntimeError(f"toy tokenizer: spare words {split} are not single tokens")
     return tokenizer
 
 
