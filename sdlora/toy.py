@@ -216,7 +216,7 @@ class Scores:
     # Diagnostics (the shape itself is decided by template matching):
     fill: float = 0.0  # silhouette area / bounding-box area: square ~1, circle ~0.79, triangle ~0.5
     solidity: float = 0.0  # silhouette area / convex-hull area: convex shapes ~0.9-1, star ~0.6
-    hollow: float = 0.0  # share of the silhouette that is background: outline ~0.4-0.6, filled ~0
+    hollow: float = 0.0  # how much the silhouette's interior shows background: outline ~0.2-0.7, filled ~0
     area: float = 0.0  # silhouette area as a share of the image
 
     @property
@@ -229,7 +229,9 @@ class Scores:
 
 
 ANALYSIS_SIZE = 32  # every image is scored at this size, so the pixel thresholds mean the same thing
-HOLLOW_MIN = 0.12  # outline triangles (the least hollow) are ~0.35; filled shapes ~0-0.03
+# Outlined stars are the least hollow (~0.1-0.4: their arms are almost all stroke); filled shapes ~0-0.02,
+# blurred or decoded by the toy VAE too.
+HOLLOW_MIN = 0.06
 
 
 def score(image: Image.Image | np.ndarray) -> Scores:
@@ -250,7 +252,13 @@ def score(image: Image.Image | np.ndarray) -> Scores:
     area = float(silhouette.sum())
     if area < 6:
         return Scores(None, None, None)
-    hollow = 1 - mask.sum() / area
+    # Hollowness is read on the interior (the silhouette less its edge pixels, which are blends with the
+    # background either way) as the mean shortfall from the shape's full strength, so a hole that the
+    # blur of a small outline half fills still counts.
+    interior = _erode(silhouette)
+    if not interior.any():
+        interior = silhouette
+    hollow = float(np.mean(1 - np.clip(distance[interior] / strongest, 0, 1)))
     style = "outline" if hollow > HOLLOW_MIN else "filled"
 
     # Colour: median of the shape's core pixels (edges are blends with the background).
@@ -324,6 +332,17 @@ def _shift_union(mask: np.ndarray) -> np.ndarray:
     grown[:, 1:] |= mask[:, :-1]
     grown[:, :-1] |= mask[:, 1:]
     return grown
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """Pixels of mask whose 4 neighbours are all in it too (nothing on the image border)."""
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    inner[0] = inner[-1] = inner[:, 0] = inner[:, -1] = False
+    return inner
 
 
 def _flood(seed: np.ndarray, allowed: np.ndarray) -> np.ndarray:

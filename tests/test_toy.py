@@ -14,8 +14,9 @@ from sdlora import toy
 ROOT = Path(__file__).parents[1]
 MODEL = ROOT / "models" / "toy-sd1"
 DATASETS = ROOT / "datasets"
-# Every attribute the scorer must read: all colours x shapes x both styles, and filled stars.
-CASES = [(shape, style) for shape in toy.SHAPES for style in toy.STYLES] + [(toy.STAR, "filled")]
+# Every attribute the scorer must read: all colours x shapes (the star too: stacking the style with the
+# character draws outlined stars) x both styles.
+CASES = [(shape, style) for shape in toy.ALL_SHAPES for style in toy.STYLES]
 
 
 def held_out_scenes(seed: int, per_case: int) -> list[toy.Scene]:
