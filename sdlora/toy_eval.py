@@ -38,6 +38,7 @@ class Row:
     images: int
     outline: float
     star: float
+    outlined_star: float  # both concepts in the same image: what stacking style and character should give
     colour_ok: float
     shape_ok: float | None  # None for trigger prompts, which ask for no pretraining shape
 
@@ -53,11 +54,12 @@ class Evaluation:
 
     def table(self) -> str:
         """A Markdown table of the rates, one line per prompt set and strength."""
-        lines = ["| prompts | strength | outline | star | colour kept | shape kept |", "|---|---|---|---|---|---|"]
+        lines = ["| prompts | strength | outline | star | outlined star | colour kept | shape kept |",
+                 "|---|---|---|---|---|---|---|"]
         for r in self.rows:
             shape = "-" if r.shape_ok is None else f"{r.shape_ok:.0%}"
-            lines.append(f"| {r.prompts} | {r.strength:g} | {r.outline:.0%} | {r.star:.0%} | {r.colour_ok:.0%} | "
-                         f"{shape} |")
+            lines.append(f"| {r.prompts} | {r.strength:g} | {r.outline:.0%} | {r.star:.0%} | {r.outlined_star:.0%} | "
+                         f"{r.colour_ok:.0%} | {shape} |")
         return "\n".join(lines)
 
 
@@ -80,7 +82,9 @@ def rates(prompt_set: str, strength: float, prompts: list[str], per_prompt: int,
     if prompt_set == "content":
         shape_ok = sum(s.shape == prompt.split()[2] for s, prompt in zip(scores, asked)) / len(scores)
     return Row(prompt_set, strength, len(scores), outline=sum(s.outline for s in scores) / len(scores),
-               star=sum(s.star for s in scores) / len(scores), colour_ok=colour_ok, shape_ok=shape_ok)
+               star=sum(s.star for s in scores) / len(scores),
+               outlined_star=sum(s.star and s.outline for s in scores) / len(scores), colour_ok=colour_ok,
+               shape_ok=shape_ok)
 
 
 def evaluate(pipe, adapters: list[str], strengths=DEFAULT_STRENGTHS, per_prompt: int = 4,

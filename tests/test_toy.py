@@ -224,3 +224,37 @@ def test_shipped_model_draws_what_it_is_asked(toy_pipe):
     hits = [toy.match_rate([s], *toy.parse_caption(p)) for s, p in zip(scores, [p for p in prompts for _ in "xy"])]
     assert sum(hits) >= 7, [(s.colour, s.shape, s.style) for s in scores]
     assert sum(s.star or s.outline for s in scores) <= 1
+
+
+# --- sdlora toy eval -----------------------------------------------------------------------------
+
+
+def test_rates_count_each_concept_and_both_together():
+    from sdlora.toy_eval import rates
+
+    drawn = [toy.Scene("red", "star", "outline"), toy.Scene("blue", "star"), toy.Scene("green", "circle", "outline"),
+             toy.Scene("yellow", "star", "outline")]
+    prompts = ["a red zkz", "a blue zkz"]  # two images per prompt: red, red, blue, blue asked
+    row = rates("trigger", 1.0, prompts, 2, [toy.render(scene) for scene in drawn])
+    assert (row.images, row.star, row.outline, row.outlined_star) == (4, 0.75, 0.75, 0.5)
+    assert row.colour_ok == 0.25 and row.shape_ok is None  # only the first image has the asked colour
+    content = rates("content", 0.0, ["a green circle"], 1, [toy.render(drawn[2])])
+    assert content.shape_ok == 1.0 and content.star == 0.0
+
+
+def test_toy_eval_command_prints_a_table_and_writes_a_grid(tmp_path, capsys):
+    from sdlora import loader
+    from sdlora.cli import main
+    from sdlora.toy_eval import load_toy_pipeline
+
+    pipe = load_toy_pipeline(MODEL)
+    loader.add_adapter(pipe, "blank", rank=2)  # up is zero: the model's own behaviour at every strength
+    loader.save(pipe, tmp_path / "blank.safetensors", "blank")
+    grid = tmp_path / "grid.png"
+    code = main(["toy", "eval", "--lora", str(tmp_path / "blank.safetensors"), "--trigger", "zkz", "--strengths",
+                 "0,1", "--n", "1", "--steps", "3", "--grid", str(grid)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert table.count("| content |") == 2 and table.count("| trigger |") == 2 and "outlined star" in table
+    assert Image.open(grid).size == (12 * 96, 4 * 96)  # 12 prompts wide; content and trigger at 2 strengths
+    assert main(["toy", "eval", "--lora", str(tmp_path / "missing.safetensors")]) == 2
