@@ -15,11 +15,14 @@ _MLP_TE = r"mlp\.(fc1|fc2)$"
 _CONV_UNET = r"(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|(down|up)samplers\.0\.conv)$"
 
 # Regular expressions searched in module paths, per component. `attn-mlp` is kohya's default set;
-# `full` adds the ResNet and resampling convs (LoCon).
+# `full` adds the ResNet and resampling convs (LoCon). `convs` adapts the UNet's convs alone (with the
+# text encoder's attention and MLP): a shape adapter that leaves the UNet's transformers to a stacked
+# style adapter.
 PRESETS: dict[str, dict[str, list[str]]] = {
     "attn": {"unet": [_ATTN_UNET], "text_encoder": [_ATTN_TE]},
     "attn-mlp": {"unet": [_ATTN_UNET, _MLP_UNET], "text_encoder": [_ATTN_TE, _MLP_TE]},
     "full": {"unet": [_ATTN_UNET, _MLP_UNET, _CONV_UNET], "text_encoder": [_ATTN_TE, _MLP_TE]},
+    "convs": {"unet": [_CONV_UNET], "text_encoder": [_ATTN_TE, _MLP_TE]},
 }
 
 

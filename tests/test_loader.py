@@ -215,6 +215,11 @@ def test_add_adapter_targets(pipe):
                for k in attn)
     full = sdlora.add_adapter(pipe, "full", rank=2, targets="full", components_to_adapt=("unet",))
     assert any(k.endswith("resnets.0.conv1") for k in full) and any(k.endswith("proj_in") for k in full)
+    convs = sdlora.add_adapter(pipe, "convs", rank=2, targets="convs")
+    unet_convs = [k for k in convs if k.startswith("unet.")]
+    assert unet_convs and all(".resnets." in k or "samplers.0.conv" in k for k in unet_convs)
+    text_keys = [k for k in convs if k.startswith("text_encoder.")]
+    assert len(text_keys) == 2 * 6 and all(k.endswith(("_proj", "fc1", "fc2")) for k in text_keys)
     custom = sdlora.add_adapter(pipe, "custom", rank=2, targets=[r"mid_block.*to_q$"], components_to_adapt=("unet",))
     assert custom == ["unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
                       "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_q"]
