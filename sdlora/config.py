@@ -58,7 +58,8 @@ class TrainConfig:
     alpha: typing.Optional[float] = option(None, "LoRA alpha; the update is scaled by alpha/rank "
                                            "(default: alpha = rank, scale 1)", "adapter")
     targets: str = option("attn", "layers to adapt: attn, attn-mlp (kohya's default set), full (+ convs, "
-                          "LoCon), convs (UNet convs only), or a regular expression searched in module paths", "adapter")
+                          "LoCon), convs (UNet convs only), or a regular expression searched in module paths",
+                          "adapter")
     train_text_encoder: bool = option(False, "also train a LoRA on the text encoder (needed to bind a new "
                                       "trigger word)", "adapter")
     # data

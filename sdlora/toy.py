@@ -336,11 +336,7 @@ def _shift_union(mask: np.ndarray) -> np.ndarray:
 
 def _erode(mask: np.ndarray) -> np.ndarray:
     """Pixels of mask whose 4 neighbours are all in it too (nothing on the image border)."""
-    inner = mask.copy()
-    inner[1:] &= mask[:-1]
-    inner[:-1] &= mask[1:]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
+    inner = ~_shift_union(~mask)
     inner[0] = inner[-1] = inner[:, 0] = inner[:, -1] = False
     return inner
 
