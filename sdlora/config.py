@@ -104,6 +104,10 @@ class TrainConfig:
     noise_offset: float = option(0.0, "noise offset (0.05-0.1 helps very dark/bright images)", "training")
     timestep_min: int = option(0, "lowest training timestep", "training")
     timestep_max: int = option(1000, "one past the highest training timestep", "training")
+    preserve_outside_window: bool = option(
+        False, "with a timestep window: also train on the timesteps outside it, towards the base model's own "
+        "prediction, so the adapter acts only inside the window (a style kept to timestep_max 400 leaves the "
+        "layout to the base model and to adapters stacked with it)", "training")
     cache_latents: bool = option(True, "encode every image with the VAE once, before training", "training")
     cache_dir: typing.Optional[str] = option(None, "also keep the latent cache on disk here, keyed by image "
                                              "content, size and VAE, so later runs reuse it", "training")
@@ -265,6 +269,9 @@ def validate(config: TrainConfig) -> None:
     if not 0 <= config.timestep_min < config.timestep_max <= 1000:
         raise ConfigError(f"need 0 <= timestep_min < timestep_max <= 1000, got {config.timestep_min}, "
                           f"{config.timestep_max}")
+    if config.preserve_outside_window and (config.timestep_min, config.timestep_max) == (0, 1000):
+        raise ConfigError("preserve_outside_window needs a timestep window: set timestep_min above 0 or "
+                          "timestep_max below 1000")
     if config.random_crop and config.cache_latents:
         raise ConfigError("random crops change every epoch and cannot be cached: pass --no-cache-latents "
                           "or drop --random-crop")

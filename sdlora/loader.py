@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,6 +263,24 @@ def set_strength(target, name: str, strength: Strength) -> None:
         if name in wrapper.adapters:
             wrapper.strengths[name] = resolve_strength(strength, component, path)
     info.strength = strength
+
+
+@contextmanager
+def disabled(target, name: str):
+    """Switch one adapter off for the duration of a `with` block, then restore its strengths: the base
+    model's output, with any other adapters still on (the trainer's preservation target uses this)."""
+    parts = components(target)
+    info = _require_loaded(parts, name)
+    if info.fused:
+        raise RuntimeError(f"adapter {name!r} is fused into the weights: call sdlora.unfuse first")
+    saved = [(wrapper, wrapper.strengths[name]) for _, _, wrapper in _layers(parts) if name in wrapper.adapters]
+    try:
+        for wrapper, _ in saved:
+            wrapper.strengths[name] = 0.0
+        yield
+    finally:
+        for wrapper, strength in saved:
+            wrapper.strengths[name] = strength
 
 
 def list_adapters(target) -> list[AdapterInfo]:

@@ -115,16 +115,30 @@ def batch_keys(sampler: BucketBatchSampler, epoch: int, position: int, processes
 
 
 def diffusion_loss(unet, scheduler, latents, text, generator, *, prediction_type, noise_offset=0.0,
-                   min_snr_gamma=None, timestep_range=(0, 1000)) -> torch.Tensor:
-    """The noise-prediction loss of one batch; all randomness from `generator`."""
+                   min_snr_gamma=None, timestep_range=(0, 1000), base_prediction=None) -> torch.Tensor:
+    """The noise-prediction loss of one batch; all randomness from `generator`.
+
+    Timesteps are drawn from `timestep_range`. With `base_prediction` (a function of the noisy latents,
+    their timesteps and their rows in the batch, returning the model's output with the adapter off),
+    timesteps are drawn from the whole schedule instead, and those outside the range are trained
+    towards that output: the adapter learns to leave them alone.
+    """
     batch = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator)
     if noise_offset:
         noise = noise + noise_offset * torch.randn(batch, latents.shape[1], 1, 1, generator=generator)
-    timesteps = torch.randint(*timestep_range, (batch,), generator=generator)
+    low, high = timestep_range
+    if base_prediction is not None:
+        low, high = 0, scheduler.config.num_train_timesteps
+    timesteps = torch.randint(low, high, (batch,), generator=generator)
     noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    if base_prediction is not None:
+        outside = ((timesteps < timestep_range[0]) | (timesteps >= timestep_range[1])).nonzero().flatten()
+        if len(outside):
+            target = target.clone()
+            target[outside] = base_prediction(noisy[outside], timesteps[outside], outside).to(target.dtype)
     prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample  # autocast picks the dtype
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
@@ -317,13 +331,30 @@ class Trainer:
         else:  # validation images are few and never cached
             pixels = collate([dataset[(epoch, i)] for i in indices])["pixel_values"]
             latents = sample_latents(self.vae.config, *encode_pixels(self.vae, pixels), generator)
-        text = self._text([dataset.caption(i, epoch) for i in indices], training)
+        captions = [dataset.caption(i, epoch) for i in indices]
+        text = self._text(captions, training)
+        preserve = self._base_prediction(captions, text) if config.preserve_outside_window else None
         with self.accelerator.autocast():
             return diffusion_loss(self.wrapped_unet if training else self.unet, self.scheduler, latents, text,
                                   generator,
                                   prediction_type=self.prediction_type, noise_offset=config.noise_offset,
                                   min_snr_gamma=config.min_snr_gamma,
-                                  timestep_range=(config.timestep_min, config.timestep_max))
+                                  timestep_range=(config.timestep_min, config.timestep_max),
+                                  base_prediction=preserve)
+
+    def _base_prediction(self, captions: list[str], text: torch.Tensor):
+        """The target outside the timestep window: the frozen model's output, adapter off (text included)."""
+
+        @torch.no_grad()
+        def predict(noisy: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            with loader.disabled(self.pipe, ADAPTER):
+                if self.config.train_text_encoder:
+                    base_text = encode_text(self.text_encoder, self.tokenizer, [captions[i] for i in rows.tolist()])
+                else:
+                    base_text = text[rows]
+                return self.unet(noisy, timesteps, encoder_hidden_states=base_text).sample
+
+        return predict
 
     @torch.no_grad()
     def fixed_noise_loss(self, dataset: ImageCaptionDataset | None = None, seed: int = 1234) -> float:
