@@ -78,6 +78,7 @@ def valid(tmp_path, **overrides) -> TrainConfig:
     ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
     ({"caption_dropout": 1.5}, "probability"),
     ({"timestep_min": 900, "timestep_max": 100}, "timestep_min < timestep_max"),
+    ({"preserve_outside_window": True}, "preserve_outside_window needs a timestep window"),
     ({"output_dir": "/proc/sdlora-cannot-write-here"}, "not writable"),
     ({"targets": "attn1.(to_q"}, "or a regular expression over module paths"),
 ])

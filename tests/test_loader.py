@@ -129,6 +129,29 @@ def test_two_adapters_stack_as_sum_of_deltas(pipe, tmp_path):
     assert_same_state(base, state(pipe.unet))
 
 
+def test_disabled_switches_one_adapter_off_and_restores_it(pipe, tmp_path):
+    a = make_adapter_file(pipe, tmp_path / "a.safetensors", name="a", seed=1)
+    b = make_adapter_file(pipe, tmp_path / "b.safetensors", name="b", seed=2)
+    sdlora.load(pipe, a, strength={"unet": 0.7, "text_encoder": 0.3})
+    sdlora.load(pipe, b, strength=0.5)
+    stacked = unet_out(pipe)
+    sdlora.set_strength(pipe, "a", 0.0)
+    only_b = unet_out(pipe)
+    sdlora.set_strength(pipe, "a", {"unet": 0.7, "text_encoder": 0.3})
+    with sdlora.disabled(pipe, "a"):
+        assert torch.equal(unet_out(pipe), only_b)
+    assert torch.equal(unet_out(pipe), stacked)
+    assert (stacked - only_b).abs().max() > 1e-3
+    assert {layer.strengths["a"] for layer in wrappers(pipe.unet, "a").values()} == {0.7}
+    assert {layer.strengths["a"] for layer in wrappers(pipe.text_encoder, "a").values()} == {0.3}
+    sdlora.fuse(pipe)
+    with pytest.raises(RuntimeError, match="fused"):
+        with sdlora.disabled(pipe, "a"):
+            pass
+    sdlora.unfuse(pipe)
+    sdlora.unload(pipe)
+
+
 def test_fused_equals_unfused_and_unfuse_is_exact(pipe, tmp_path):
     base_unet_state, base_te_state = state(pipe.unet), state(pipe.text_encoder)
     sdlora.load(pipe, make_adapter_file(pipe, tmp_path / "a.safetensors"), strength=0.9)

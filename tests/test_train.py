@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import sdlora
 from sdlora.config import TrainConfig
-from sdlora.train import Trainer, TrainingDiverged, lr_factor, train
+from sdlora.train import Trainer, TrainingDiverged, diffusion_loss, lr_factor, train
 from conftest import te_out, unet_out
 
 
@@ -169,6 +169,7 @@ def test_samples_validation_and_resolved_config(tiny_dir, images, tmp_path):
     {"min_snr_gamma": 5.0, "noise_offset": 0.05, "prediction_type": "v_prediction", "targets": "full"},
     {"train_text_encoder": True, "text_encoder_lr": 1e-3, "caption_dropout": 0.5, "cache_latents": False},
     {"targets": r"attn1\.(to_q|to_v)$|resnets\.\d+\.conv2$", "rank": 2},
+    {"train_text_encoder": True, "timestep_max": 500, "preserve_outside_window": True, "cache_text": False},
 ])
 def test_option_combinations_train(tiny_dir, images, tmp_path, options):
     trainer = Trainer(config(tiny_dir, images, tmp_path, max_steps=3, **options), quiet=True)
@@ -176,6 +177,41 @@ def test_option_combinations_train(tiny_dir, images, tmp_path, options):
     path = trainer.run()
     assert any(not torch.equal(before[i], p.detach()) for i, p in enumerate(trainer.parameters))
     assert all(torch.isfinite(t).all() for t in load_file(path).values())
+
+
+def test_preserved_timesteps_are_trained_towards_the_base_prediction():
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents = torch.zeros(64, 4, 2, 2)
+    seen, calls = {}, []
+
+    def unet(noisy, timesteps, encoder_hidden_states):
+        seen["noisy"], seen["timesteps"] = noisy, timesteps
+        return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    def base_prediction(noisy, timesteps, rows):
+        calls.append((timesteps, rows))
+        return torch.zeros_like(noisy)
+
+    loss = diffusion_loss(unet, scheduler, latents, None, torch.Generator().manual_seed(0),
+                          prediction_type="epsilon", timestep_range=(0, 400), base_prediction=base_prediction)
+    timesteps = seen["timesteps"]
+    inside = timesteps < 400
+    assert inside.any() and (~inside).any()  # drawn from the whole schedule, not the window alone
+    (base_timesteps, rows), = calls
+    assert torch.equal(rows, (~inside).nonzero().flatten()) and torch.equal(base_timesteps, timesteps[~inside])
+    # The model predicts 0: the loss is the mean square of the target, the noise inside the window and
+    # the base prediction (0) outside. From zero latents, noisy = sqrt(1 - alpha_bar) * noise.
+    noise = seen["noisy"] / (1 - scheduler.alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
+    expected = (noise.pow(2).mean(dim=(1, 2, 3)) * inside).mean()
+    torch.testing.assert_close(loss, expected)
+
+    diffusion_loss(unet, scheduler, latents, None, torch.Generator().manual_seed(0), prediction_type="epsilon",
+                   timestep_range=(0, 400))
+    assert (seen["timesteps"] < 400).all()  # without preservation the window is all that is drawn
 
 
 def test_lr_schedules():
