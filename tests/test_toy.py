@@ -258,3 +258,43 @@ def test_toy_eval_command_prints_a_table_and_writes_a_grid(tmp_path, capsys):
     assert table.count("| content |") == 2 and table.count("| trigger |") == 2 and "outlined star" in table
     assert Image.open(grid).size == (12 * 96, 4 * 96)  # 12 prompts wide; content and trigger at 2 strengths
     assert main(["toy", "eval", "--lora", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def _relative_effect(pipe, name: str, timesteps: tuple[int, ...]) -> dict[int, float]:
+    """|UNet output with the adapter - without| / |without|, on fixed latents and toy prompts."""
+    import sdlora
+    from sdlora.caching import encode_text
+
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    context = encode_text(pipe.text_encoder, pipe.tokenizer, prompts)
+    latents = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    effect = {}
+    for t in timesteps:
+        step = torch.full((len(prompts),), t)
+        with torch.no_grad():
+            on = pipe.unet(latents, step, encoder_hidden_states=context).sample
+            with sdlora.disabled(pipe, name):
+                off = pipe.unet(latents, step, encoder_hidden_states=context).sample
+        effect[t] = float((on - off).norm() / off.norm())
+    return effect
+
+
+def test_preserving_outside_the_window_keeps_the_style_off_the_noisy_timesteps(tmp_path):
+    """The style config's preservation: trained below t=600, the adapter is taught to leave t >= 600 to
+    the base model. Against the same run without preservation it changes the UNet's output at t=900
+    much less, and at t=100, where the style is learned, about as much."""
+    import sdlora
+    from sdlora.config import build
+    from sdlora.toy_eval import load_toy_pipeline
+    from sdlora.train import train
+
+    effects = {}
+    for preserve in (False, True):
+        settings = build({"output_dir": str(tmp_path / str(preserve)), "max_steps": 120,
+                          "preserve_outside_window": preserve}, DATASETS / "style-outline" / "train.toml")
+        assert settings.timestep_max == 600
+        pipe = load_toy_pipeline(MODEL)
+        sdlora.load(pipe, train(settings), name="style")
+        effects[preserve] = _relative_effect(pipe, "style", (100, 900))
+    assert effects[True][900] < 0.7 * effects[False][900], effects
+    assert effects[True][100] > 0.7 * effects[False][100], effects
