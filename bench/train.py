@@ -2,7 +2,8 @@
 
 The floor is the bare UNet's forward + backward for the same batch (gradients through every
 activation, no optimizer, no data, no text encoder). sdlora is measured with latent and text caching
-on and off. Each measurement runs in its own process so that its peak memory is its own; all of
+on and off, and with `preserve_outside_window` (a timestep window of [0, 500): about half of each
+batch also needs the frozen model's prediction, a forward pass without gradients). Each measurement runs in its own process so that its peak memory is its own; all of
 them run in one invocation and are printed as ratios.
 
     python bench/train.py                     # a couple of minutes on 2 CPU cores
@@ -86,13 +87,14 @@ def floor_worker(args) -> dict:
     return {"seconds_per_step": (time.perf_counter() - started) / args.steps, "peak_mb": peak_mb(args.device)}
 
 
-def train_worker(args, cache: bool) -> dict:
+def train_worker(args, cache: bool, preserve: bool = False) -> dict:
     from sdlora.config import TrainConfig
     from sdlora.train import Trainer
 
     config = TrainConfig(model=args.model, data=args.data, output_dir=tempfile.mkdtemp(), resolution=args.resolution,
                          batch_size=args.batch, max_steps=args.warmup + args.steps, rank=16, log_every=1,
-                         cache_latents=cache, cache_text=cache, targets="attn")
+                         cache_latents=cache, cache_text=cache, targets="attn",
+                         **({"timestep_max": 500, "preserve_outside_window": True} if preserve else {}))
     Trainer(config, quiet=True).run()
     records = [json.loads(line) for line in (Path(config.output_dir) / "logs" / "metrics.jsonl").open()]
     times = {r["step"]: r["time"] for r in records}
@@ -108,7 +110,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps, after --warmup")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--worker", choices=["floor", "cached", "uncached"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["floor", "cached", "uncached", "preserved"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -117,7 +119,10 @@ def main() -> None:
         import logging
 
         logging.disable(logging.WARNING)
-        result = floor_worker(args) if args.worker == "floor" else train_worker(args, args.worker == "cached")
+        if args.worker == "floor":
+            result = floor_worker(args)
+        else:
+            result = train_worker(args, cache=args.worker != "uncached", preserve=args.worker == "preserved")
         print("RESULT " + json.dumps(result))
         return
 
@@ -125,7 +130,7 @@ def main() -> None:
     build_model(workdir / "model", args.width)
     build_data(workdir / "data", args.resolution, count=4 * args.batch)
     results = {}
-    for worker in ("floor", "cached", "uncached"):
+    for worker in ("floor", "cached", "uncached", "preserved"):
         command = [sys.executable, __file__, "--worker", worker, "--model", str(workdir / "model"), "--data",
                    str(workdir / "data"), "--width", str(args.width), "--resolution", str(args.resolution),
                    "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -138,7 +143,7 @@ def main() -> None:
           f"mean over {args.steps} steps after {args.warmup} warm-up")
     print(f"{'':28}{'s/step':>10}{'vs floor':>10}{'peak MB':>10}")
     labels = {"floor": "UNet forward+backward floor", "cached": "sdlora train, cached",
-              "uncached": "sdlora train, no caching"}
+              "uncached": "sdlora train, no caching", "preserved": "cached, preserve outside"}
     for worker, label in labels.items():
         r = results[worker]
         print(f"{label:28}{r['seconds_per_step']:10.3f}{r['seconds_per_step'] / floor['seconds_per_step']:9.2f}x"
