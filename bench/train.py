@@ -3,8 +3,9 @@
 The floor is the bare UNet's forward + backward for the same batch (gradients through every
 activation, no optimizer, no data, no text encoder). sdlora is measured with latent and text caching
 on and off, and with `preserve_outside_window` (a timestep window of [0, 500): about half of each
-batch also needs the frozen model's prediction, a forward pass without gradients). Each measurement runs in its own process so that its peak memory is its own; all of
-them run in one invocation and are printed as ratios.
+batch also needs the frozen model's prediction, a forward pass without gradients). Each measurement
+runs in its own process so that its peak memory is its own; all of them run in one invocation and
+are printed as ratios.
 
     python bench/train.py                     # a couple of minutes on 2 CPU cores
     python bench/train.py --width 320 --resolution 512 --batch 4    # SD 1.5-sized UNet, on a GPU

@@ -106,7 +106,7 @@ class TrainConfig:
     timestep_max: int = option(1000, "one past the highest training timestep", "training")
     preserve_outside_window: bool = option(
         False, "with a timestep window: also train on the timesteps outside it, towards the base model's own "
-        "prediction, so the adapter acts only inside the window (a style kept to timestep_max 400 leaves the "
+        "prediction, so the adapter acts only inside the window (a style kept to timestep_max 600 leaves the "
         "layout to the base model and to adapters stacked with it)", "training")
     cache_latents: bool = option(True, "encode every image with the VAE once, before training", "training")
     cache_dir: typing.Optional[str] = option(None, "also keep the latent cache on disk here, keyed by image "
