@@ -1,14 +1,20 @@
 # The two commands a new user needs: `make demo` (set up, then train and score the demo adapter on
 # the CPU) and `make test` (set up a fresh environment and run the test suite, as CI does).
+# Both install the versions CI tests, pinned in requirements-lock.txt; `make lock` refreshes that
+# file and `make test-latest` runs the suite on the newest versions pyproject.toml allows.
 
 VENV := .venv
+# The CPU build of torch: on this project's machines it lies in /opt/wheels; elsewhere PyTorch's index.
+TORCH := torch==2.13.0
+TORCH_CPU_WHEELS ?= $(if $(wildcard /opt/wheels/torch-*),/opt/wheels,https://download.pytorch.org/whl/cpu/torch/)
+UV := .venv-tools/bin/uv
 
-.PHONY: demo test
+.PHONY: demo test test-latest lock
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements-lock.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e ".[dev]"
+	$(VENV)/bin/pip install -q $(TORCH)
+	$(VENV)/bin/pip install -q -c requirements-lock.txt -e ".[dev]"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -16,3 +22,26 @@ demo: $(VENV)/.installed
 
 test:
 	bash .ci/run
+
+# Not in CI: find a drift on purpose. A fresh venv with the newest releases pyproject.toml allows.
+test-latest:
+	rm -rf .venv-latest
+	python3 -m venv .venv-latest
+	.venv-latest/bin/pip install -q $(TORCH)
+	.venv-latest/bin/pip install -q -e ".[dev]"
+	.venv-latest/bin/python .ci/versions.py requirements-lock.txt
+	.venv-latest/bin/python -m pytest -q
+
+$(UV):
+	python3 -m venv .venv-tools
+	.venv-tools/bin/pip install -q uv==0.13.9
+
+# Resolve the newest versions pyproject.toml allows, for CI's platform (Python 3.11, Linux x86-64,
+# CPU torch). torch itself is left out of the file so that users keep the build that fits their GPU.
+lock: $(UV)
+	echo "$(TORCH)+cpu" > .venv-tools/torch-cpu.txt
+	$(UV) pip compile pyproject.toml --extra dev --upgrade --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --find-links $(TORCH_CPU_WHEELS) \
+		-c .venv-tools/torch-cpu.txt --no-emit-package torch --custom-compile-command "make lock" \
+		-o requirements-lock.txt
+	@echo "requirements-lock.txt refreshed: run make test before committing it"

@@ -141,3 +141,32 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     tiny_pipeline(seed).save_pretrained(path)
     return path
+
+
+def reference_client_problem() -> str | None:
+    """Why diffusers' own LoRA loader (our reference client) cannot run here, or None if it can.
+
+    diffusers loads LoRA through peft, and transformers refuses a peft older than its own minimum
+    with a ValueError deep inside `add_adapter`. Say it up front, with the versions and the fix.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    fix = "install the versions CI tests: pip install -c requirements-lock.txt -e '.[dev]'"
+    try:
+        installed = version("peft")
+    except PackageNotFoundError:
+        return f"peft is not installed; diffusers needs it to load LoRA files: {fix}"
+    try:
+        from transformers.integrations.peft import MIN_PEFT_VERSION as needed
+    except ImportError:  # older transformers keep no minimum there
+        needed = None
+    return peft_mismatch(installed, version("transformers"), needed, fix)
+
+
+def peft_mismatch(peft_version: str, transformers_version: str, needed: str | None, fix: str) -> str | None:
+    from packaging.version import Version
+
+    if needed is None or Version(peft_version) >= Version(needed):
+        return None
+    return (f"peft {peft_version} is installed, but transformers {transformers_version} refuses peft below "
+            f"{needed}: {fix}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sdlora
-from sdlora.testing import save_tiny_pipeline
+from sdlora.testing import reference_client_problem, save_tiny_pipeline
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -17,6 +17,14 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def reference_client():
+    """diffusers' own load_lora_weights can run here; if not, fail with the versions and the fix."""
+    problem = reference_client_problem()
+    if problem:
+        pytest.fail(problem, pytrace=False)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -9,6 +10,7 @@ import sdlora
 from conftest import make_adapter_file, te_out, unet_out
 
 ATOL = 1e-4
+pytestmark = pytest.mark.usefixtures("reference_client")
 
 
 def peft_layers(model) -> int:

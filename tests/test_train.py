@@ -65,7 +65,7 @@ def test_short_run_lowers_the_loss_at_fixed_noise(tiny_dir, images, tmp_path):
     assert (tmp_path / "lora.safetensors").is_file()
 
 
-def test_trained_file_loads_in_diffusers_with_our_outputs(tiny_dir, images, tmp_path, pipe):
+def test_trained_file_loads_in_diffusers_with_our_outputs(tiny_dir, images, tmp_path, pipe, reference_client):
     from diffusers import StableDiffusionPipeline
 
     path = train(config(tiny_dir, images, tmp_path, train_text_encoder=True, max_steps=6, targets="attn-mlp"),

@@ -1,0 +1,52 @@
+"""The test environment itself: the lock matches pyproject.toml, and a bad peft is named plainly."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+from sdlora.testing import peft_mismatch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # a dependency of sdlora on 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def locked_versions() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements-lock.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, _, version = line.partition("==")
+            pins[name.strip().lower().replace("_", "-")] = version.split(";")[0].strip()
+    return pins
+
+
+def test_lock_pins_every_dependency_within_its_range():
+    """A pyproject.toml edited without `make lock` fails here, not in a user's install."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = locked_versions()
+    for spec in project["dependencies"] + project["optional-dependencies"]["dev"]:
+        requirement = Requirement(spec)
+        if requirement.marker and not requirement.marker.evaluate({"python_version": "3.11"}):
+            continue  # the lock is resolved for Python 3.11
+        name = requirement.name.lower().replace("_", "-")
+        if name == "torch":  # left out on purpose: users keep the build that fits their GPU
+            assert name not in pins
+            continue
+        assert name in pins, f"{name} is not in requirements-lock.txt: run make lock"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"requirements-lock.txt pins {name}=={pins[name]}, outside pyproject's {spec!r}: run make lock")
+
+
+def test_a_peft_too_old_for_transformers_is_named_with_the_fix():
+    message = peft_mismatch("0.21.2", "5.24.0", "0.22.0", "install the lock")
+    assert message == ("peft 0.21.2 is installed, but transformers 5.24.0 refuses peft below 0.22.0: "
+                       "install the lock")
+    assert peft_mismatch("0.22.0", "5.24.0", "0.22.0", "fix") is None
+    assert peft_mismatch("0.13.0", "4.40.0", None, "fix") is None
