@@ -6,12 +6,12 @@ import datetime
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from .durable import write_file
 from .formats import ModuleWeights
 from .keys import Family
 
@@ -86,25 +86,11 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, dict(header.get("__metadata__") or {})
 
 
-def write_atomic(path: Path, write) -> None:
-    """Call write(temporary_path), then rename over `path`: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_adapter(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: adapter files are written as .safetensors; name the file *.safetensors")
-    write_atomic(path, lambda temporary: save_file(state_dict, str(temporary), metadata=metadata))
-    return path
+    return write_file(path, save(state_dict, metadata=metadata))
 
 
 def _uniform(values: list[float]) -> str:

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from .adapter import write_atomic
+from .durable import write_file
 from .data import ImageCaptionDataset
 
 
@@ -69,7 +69,7 @@ class LatentCache:
             self.entries[item, flipped] = (mean[0].cpu(), std[0].cpu())
             if disk_path:
                 tensors = {"mean": mean[0].cpu().contiguous(), "std": std[0].cpu().contiguous()}
-                write_atomic(disk_path, lambda tmp, t=tensors: save_file(t, str(tmp)))
+                write_file(disk_path, save(tensors))
         self.reused = reused
 
     def batch(self, dataset: ImageCaptionDataset, indices: list[int], epoch: int, device) -> tuple[torch.Tensor, ...]:

@@ -1,18 +1,20 @@
 """Training checkpoints: a folder per step with the adapter (fp32) and the full training state.
 
-A checkpoint is written into a temporary folder and renamed into place, so a kill leaves either the
-whole checkpoint or none. State is read back with `torch.load(weights_only=True)`: tensors, numbers,
-strings and containers only, never arbitrary pickled objects.
+A checkpoint is written into a hidden folder, each file fsynced, and renamed into place, so a kill
+or a power cut leaves either the whole checkpoint or none; rewriting a step replaces the old folder
+only once the new one is complete. State is read back with `torch.load(weights_only=True)`: tensors,
+numbers, strings and containers only, never arbitrary pickled objects.
 """
 
 from __future__ import annotations
 
-import os
+import io
 import re
-import shutil
 from pathlib import Path
 
 import torch
+
+from .durable import TEMPORARY_SUFFIX, publish_folder, recover_folder, remove_tree, write_file
 
 STEP_FOLDER = re.compile(r"^step-(\d+)$")
 ADAPTER_FILE = "adapter.safetensors"
@@ -23,6 +25,8 @@ def checkpoint_folders(checkpoints: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not checkpoints.is_dir():
         return []
+    for aside in checkpoints.glob(".step-*.previous"):  # a replacement that a kill interrupted
+        recover_folder(checkpoints / aside.name[1:].removesuffix(".previous"))
     found = [p for p in checkpoints.iterdir() if p.is_dir() and STEP_FOLDER.match(p.name)
              and (p / STATE_FILE).is_file() and (p / ADAPTER_FILE).is_file()]
     return sorted(found, key=lambda p: int(STEP_FOLDER.match(p.name).group(1)))
@@ -43,18 +47,23 @@ def resolve_resume(resume: str, checkpoints: Path) -> Path:
 
 
 def save_checkpoint(checkpoints: Path, step: int, write_adapter, state: dict, keep: int) -> Path:
-    """Write step-NNNNNN/ atomically: write_adapter(path) writes the adapter, `state` is torch-saved."""
+    """Write step-NNNNNN/: write_adapter(path) writes the adapter, `state` is torch-saved. On a failure
+    nothing of the new checkpoint is left and the older ones are untouched."""
     final = checkpoints / f"step-{step:06d}"
-    partial = checkpoints / f".step-{step:06d}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    write_adapter(partial / ADAPTER_FILE)
-    torch.save(state, partial / STATE_FILE)
-    if final.exists():  # a rerun of the same step (resumed from an earlier checkpoint)
-        shutil.rmtree(final)
-    os.replace(partial, final)
+    partial = checkpoints / f".{final.name}{TEMPORARY_SUFFIX}"
+    try:
+        remove_tree(partial)
+        write_adapter(partial / ADAPTER_FILE)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_file(partial / STATE_FILE, buffer.getvalue())
+        publish_folder(partial, final)
+    except BaseException:
+        remove_tree(partial)
+        recover_folder(final)
+        raise
     for old in checkpoint_folders(checkpoints)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+        remove_tree(old)
     return final
 
 

@@ -97,11 +97,15 @@ def quiet_libraries() -> None:
     for name in ("diffusers", "transformers", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # transformers 5 shows one per model it loads
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from .durable import WriteFailed
+    from .runlock import OutputFolderBusy
     from .train import TrainingDiverged, train
 
     quiet_libraries()
@@ -109,10 +113,10 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         settings = config.build(values, args.config)
         train(settings, quiet=args.quiet)
-    except TrainingDiverged as error:
+    except (TrainingDiverged, WriteFailed) as error:
         print(f"sdlora: training stopped: {error}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, OSError) as error:  # config, data and model problems
+    except (ValueError, FileNotFoundError, OSError, OutputFolderBusy) as error:  # config, data, model, folder
         print(f"sdlora: error: {error}", file=sys.stderr)
         return 2
     return 0

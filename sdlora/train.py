@@ -8,10 +8,13 @@ repeats exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -21,13 +24,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import loader
+from . import faults, loader
 from .caching import LatentCache, TextCache, encode_pixels, encode_text, sample_latents
-from .checkpoint import load_state, resolve_resume, rng_states, save_checkpoint, set_rng_states
+from .checkpoint import (checkpoint_folders, load_state, resolve_resume, rng_states, save_checkpoint,
+                         set_rng_states)
 from .config import TrainConfig, to_toml, validate
+from .durable import WriteFailed, failure, remove_temporaries, write_file, write_text
 from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, bucket_histogram,
                    collate, find_images)
 from .models import load_pipeline
+from .runlock import RunLock
 from .targets import PRESETS
 
 ADAPTER = "lora"  # the adapter's name inside the pipeline while training
@@ -35,7 +41,15 @@ logger = logging.getLogger("sdlora")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss or the adapter's weights became NaN or infinite."""
+
+
+def diverged_message(what: str, step: int, mixed_precision: str) -> str:
+    fixes = ["a lower --lr", "--max-grad-norm 1", "check the images and captions"]
+    if mixed_precision == "fp16":  # fp16 overflows at 65504; bf16 has fp32's range
+        fixes.insert(0, "--mixed-precision bf16 (fp16 overflows easily; bf16 has fp32's range)")
+    return (f"{what} at step {step}; nothing after the last checkpoint was saved. Usual fixes: "
+            + ", ".join(fixes))
 
 
 @dataclass
@@ -58,6 +72,15 @@ class RunPaths:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def metrics(self) -> Path:
+        return self.logs / "metrics.jsonl"
+
+    def remove_temporaries(self) -> list[Path]:
+        """What a killed run left half-written; only safe while holding the folder's lock."""
+        return [path for folder in (self.root, self.checkpoints, self.samples, self.logs)
+                for path in remove_temporaries(folder)]
 
 
 # ---------------------------------------------------------------- small pure helpers
@@ -181,6 +204,7 @@ class Trainer:
         validate(config)
         self.config, self.quiet = config, quiet
         self.paths = RunPaths(Path(config.output_dir), config.name)
+        self.metrics = self.tensorboard = None  # opened by run(), on the main process
         scan = find_images(config.data, config.caption_extension)
         self.train_scan, self.val_scan = split_validation(scan, config.validation_split, config.seed)
         self.resume_folder = resolve_resume(config.resume, self.paths.checkpoints) if config.resume else None
@@ -414,8 +438,9 @@ class Trainer:
                                     guidance_scale=self.config.sample_guidance, generator=generator).images
         self.unet.train()
         path = self.paths.samples / f"step-{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        make_grid(images, columns=min(4, len(images))).save(path)
+        png = io.BytesIO()
+        make_grid(images, columns=min(4, len(images))).save(png, format="PNG")
+        write_file(path, png.getvalue())
         if self.tensorboard:
             import numpy as np
 
@@ -423,9 +448,10 @@ class Trainer:
                                        dataformats="HWC")
         return path
 
-    def _open_logs(self):
+    def _open_logs(self, resumed_step: int | None):
         self.paths.logs.mkdir(parents=True, exist_ok=True)
-        self.metrics = (self.paths.logs / "metrics.jsonl").open("a")
+        trim_metrics(self.paths.metrics, resumed_step)
+        self.metrics = self.paths.metrics.open("a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -433,9 +459,26 @@ class Trainer:
         except ImportError:  # tensorboard is optional
             self.tensorboard = None
 
+    def sync_logs(self) -> None:
+        try:
+            self.metrics.flush()
+            os.fsync(self.metrics.fileno())
+        except OSError as error:
+            raise failure(self.paths.metrics, error) from error
+
+    def _close_logs(self) -> None:
+        if self.metrics:
+            self.metrics.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+        self.metrics = self.tensorboard = None
+
     def log(self, record: dict) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+        try:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        except OSError as error:
+            raise failure(self.paths.metrics, error) from error
         if self.tensorboard:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)):
@@ -444,11 +487,39 @@ class Trainer:
     # -- the loop
 
     def run(self) -> Path:
-        config, accelerator = self.config, self.accelerator
-        self.paths.root.mkdir(parents=True, exist_ok=True)
-        (self.paths.root / "config.toml").write_text(to_toml(config))
-        self._open_logs()
         step, epoch, position = self.restore(self.resume_folder) if self.resume_folder else (0, 0, 0)
+        if self.accelerator.is_main_process:
+            self._prepare_output(resumed_step=step if self.resume_folder else None)
+        try:
+            return self._train(step, epoch, position)
+        except WriteFailed as error:
+            raise WriteFailed(error.errno, f"{error}. {self.resume_hint()}") from error
+        finally:
+            self._close_logs()
+
+    def _prepare_output(self, resumed_step: int | None) -> None:
+        left = self.paths.remove_temporaries()
+        if left:
+            self.say(f"removed {len(left)} half-written file(s) an interrupted run left: "
+                     + ", ".join(str(path.relative_to(self.paths.root)) for path in left))
+        write_text(self.paths.root / "config.toml", to_toml(self.config))
+        self._open_logs(resumed_step)
+
+    def resume_hint(self) -> str:
+        folders = checkpoint_folders(self.paths.checkpoints)
+        if not folders:
+            return "Files written before are intact; no checkpoint was written yet"
+        return (f"Files written before are intact, and the last checkpoint is {folders[-1]}: fix the cause, then "
+                "run again with --resume latest")
+
+    def check_finite(self, step: int) -> None:
+        """Before a save: a NaN in the weights (an fp16 overflow in the update, say) is never written."""
+        if not all(torch.isfinite(parameter).all() for parameter in self.parameters):
+            raise TrainingDiverged(diverged_message("the adapter's weights became NaN or infinite", step,
+                                                    self.config.mixed_precision))
+
+    def _train(self, step: int, epoch: int, position: int) -> Path:
+        config, accelerator = self.config, self.accelerator
         trainable = sum(p.numel() for p in self.parameters)
         self.say(f"training {trainable / 1e6:.2f} M parameters ({config.targets}, rank {config.rank}) on "
                  f"{self.device}, weights {self.weight_dtype}; {self.total_steps} steps, "
@@ -465,11 +536,11 @@ class Trainer:
                 syncing = micro == config.gradient_accumulation - 1
                 with nullcontext() if syncing else accelerator.no_sync(self.wrapped_unet):
                     loss = self.micro_batch_loss(epoch, indices, generator) / config.gradient_accumulation
+                    if faults.nan_at(step + 1):
+                        loss = loss * float("nan")
                     if not torch.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"the loss became {loss.item()} at step {step + 1}; nothing after the last checkpoint "
-                            "was saved. Usual fixes: a lower --lr, --mixed-precision bf16 instead of fp16, "
-                            "--max-grad-norm 1, or check the images and captions")
+                        raise TrainingDiverged(diverged_message(f"the loss became {loss.item()}", step + 1,
+                                                                config.mixed_precision))
                     accelerator.backward(loss)
                 total += loss.item()
             if config.max_grad_norm > 0:
@@ -478,6 +549,7 @@ class Trainer:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
+            faults.kill_point("step")
 
             smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
             lr = self.lr_scheduler.get_last_lr()[0]
@@ -493,6 +565,8 @@ class Trainer:
                 if config.sample_every and step % config.sample_every == 0:
                     self.sample(step)
                 if config.save_every and step % config.save_every == 0:
+                    self.check_finite(step)
+                    self.sync_logs()  # the log on disk reaches at least as far as the checkpoint
                     save_checkpoint(self.paths.checkpoints, step,
                                     lambda path: self.save_adapter(path, "fp32", step),
                                     self.state(step, epoch, position), config.keep_checkpoints)
@@ -502,16 +576,37 @@ class Trainer:
             return self.paths.adapter
         if config.sample_prompts and (not config.sample_every or step % config.sample_every):
             self.sample(step)
+        self.check_finite(step)
         output = self.save_adapter(self.paths.adapter, config.save_dtype, step)
-        self.metrics.close()
-        if self.tensorboard:
-            self.tensorboard.close()
         elapsed = time.time() - started
         self.say(f"done: {step} steps in {elapsed:.1f} s ({elapsed / max(1, step):.3f} s/step), peak memory "
                  f"{peak_memory_mb(self.device):.0f} MB\nadapter: {output} ({output.stat().st_size / 1024:.1f} KiB)")
         return output
 
 
+def trim_metrics(path: Path, resumed_step: int | None) -> None:
+    """Make the log continue cleanly: drop a line a kill cut in half and, on resume, the records of
+    the steps after the checkpoint, which the resumed run logs again."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line) if line.endswith("\n") else None
+        except json.JSONDecodeError:
+            record = None
+        if record is not None and (resumed_step is None or record.get("step", 0) <= resumed_step):
+            kept.append(line)
+    if len(kept) != len(lines):
+        write_text(path, "".join(kept))
+
+
 def train(config: TrainConfig, quiet: bool = False) -> Path:
-    """Run a training and return the adapter file's path."""
-    return Trainer(config, quiet=quiet).run()
+    """Run a training and return the adapter file's path. The output folder is locked meanwhile."""
+    validate(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate/torchrun, the main process alone writes
+        return Trainer(config, quiet=quiet).run()
+    with RunLock(config.output_dir, say=lambda message: print(f"sdlora: {message}", file=sys.stderr)):
+        return Trainer(config, quiet=quiet).run()

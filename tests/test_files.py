@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -178,12 +179,11 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     write_adapter(path, {"x": torch.ones(3)}, {"v": "1"})
     original = path.read_bytes()
 
-    def crash(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"half a file")
+    def crash(descriptor, data, name):
+        os.write(descriptor, b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("sdlora.adapter.save_file", crash)
+    monkeypatch.setattr("sdlora.durable._write_all", crash)
     with pytest.raises(KeyboardInterrupt):
         write_adapter(path, {"x": torch.zeros(3)}, {})
     assert path.read_bytes() == original
