@@ -27,9 +27,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CONCEPT_DIR = re.compile(r"^(\d+)_(.+)$")  # kohya's "N_concept words" folders
 _EXIF_ORIENTATION = 0x0112
-# Pillow's own guard warns above 89 MP and refuses 179 MP, which is near the 100-150 MP that
-# medium-format cameras take. 200 MP (600 MB decoded) admits every camera photo and still skips
-# decompression bombs and gigapixel panoramas, which would be shrunk to 1 MP anyway.
+# Pillow's own guard warns above 89 MP and refuses 179 MP, close to the 100-150 MP of medium-format
+# cameras. 200 MP (600 MB decoded) admits any single-shot photo and still skips decompression bombs
+# and gigapixel panoramas, which training would shrink to about 1 MP anyway.
 MAX_IMAGE_PIXELS = 200_000_000
 
 
@@ -51,8 +51,8 @@ class ImageItem:
 
 @dataclass
 class DatasetScan:
-    """What `find_images` found: usable items, skipped files and used-with-a-warning files with reasons,
-    and missing-caption count."""
+    """What `find_images` found: usable items, skipped files and files used with a warning (each with
+    its reason), and the missing-caption count."""
 
     items: list[ImageItem]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
@@ -69,7 +69,7 @@ class DatasetScan:
             lines.append(f"Skipped {len(self.skipped)} files:")
             lines += [f"  {shown_path(path, self.root)}: {reason}" for path, reason in self.skipped]
         if self.notes:
-            lines.append(f"Used with a warning, {len(self.notes)} files:")
+            lines.append(f"Used, but check these {len(self.notes)} files:")
             lines += [f"  {shown_path(path, self.root)}: {note}" for path, note in self.notes]
         lines.append(f"Captions missing: {self.missing_captions} (these train with an empty caption).")
         return "\n".join(lines)
@@ -89,7 +89,7 @@ def _norm(path: Path) -> str:
 
 
 def _read_text(path: Path, notes: list[tuple[Path, str]]) -> str:
-    """A caption file's text: UTF-8 (BOM or not), UTF-16 with a BOM, else cp1252 or latin-1, noted."""
+    """A caption file's text: UTF-8 (BOM or not), else UTF-16 with a BOM, cp1252 or latin-1, noted in `notes`."""
     raw = path.read_bytes()
     encodings = ["utf-16"] if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else []
     # cp1252 is what Windows editors write; it leaves five bytes undefined, which latin-1 then takes.
@@ -183,7 +183,8 @@ def find_images(root: Path | str, caption_extension: str = ".txt") -> DatasetSca
     notes: list[tuple[Path, str]] = []
     # Linked folders are followed (datasets are often assembled from links); each real folder is
     # scanned once, keyed by (device, inode), so a link to an ancestor cannot loop.
-    scanned = {(root.stat().st_dev, root.stat().st_ino): root}
+    top = root.stat()
+    scanned = {(top.st_dev, top.st_ino): root}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         folder = Path(dirpath)
         # Hidden folders/files (.git, .ipynb_checkpoints, macOS "._x.png") are never training data.
