@@ -6,12 +6,15 @@ Every random choice (flip, crop, caption shuffling/dropout, batch order) is a pu
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import math
 import os
 import random
 import re
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +22,15 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CONCEPT_DIR = re.compile(r"^(\d+)_(.+)$")  # kohya's "N_concept words" folders
 _EXIF_ORIENTATION = 0x0112
+# Pillow's own guard warns above 89 MP and refuses 179 MP, close to the 100-150 MP of medium-format
+# cameras. 200 MP (600 MB decoded) admits any single-shot photo and still skips decompression bombs
+# and gigapixel panoramas, which training would shrink to about 1 MP anyway.
+MAX_IMAGE_PIXELS = 200_000_000
 
 
 class DataError(ValueError):
@@ -44,12 +51,14 @@ class ImageItem:
 
 @dataclass
 class DatasetScan:
-    """What `find_images` found: usable items, skipped files with reasons, and missing-caption count."""
+    """What `find_images` found: usable items, skipped files and files used with a warning (each with
+    its reason), and the missing-caption count."""
 
     items: list[ImageItem]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     missing_captions: int = 0
     root: Path | None = None
+    notes: list[tuple[Path, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         """A few printable lines describing the scan."""
@@ -58,58 +67,102 @@ class DatasetScan:
         lines = [f"Found {len(self.items)} images{where} ({samples} samples per epoch with repeats)."]
         if self.skipped:
             lines.append(f"Skipped {len(self.skipped)} files:")
-            for path, reason in self.skipped:
-                shown = path.relative_to(self.root) if self.root and path.is_relative_to(self.root) else path
-                lines.append(f"  {shown}: {reason}")
+            lines += [f"  {shown_path(path, self.root)}: {reason}" for path, reason in self.skipped]
+        if self.notes:
+            lines.append(f"Used, but check these {len(self.notes)} files:")
+            lines += [f"  {shown_path(path, self.root)}: {note}" for path, note in self.notes]
         lines.append(f"Captions missing: {self.missing_captions} (these train with an empty caption).")
         return "\n".join(lines)
+
+
+def shown_path(path: Path, root: Path | None) -> Path:
+    """`path` relative to the data folder when it is inside it, for messages."""
+    return path.relative_to(root) if root and path.is_relative_to(root) else path
 
 
 # --- Discovery ---------------------------------------------------------------------------------
 
 
 def _norm(path: Path) -> str:
-    return os.path.normcase(os.path.normpath(path))
+    # NFC: macOS stores "café" decomposed, while a caption file typed elsewhere holds it composed.
+    return unicodedata.normalize("NFC", os.path.normcase(os.path.normpath(path)))
 
 
-def _read_metadata_jsonl(path: Path) -> dict[str, str]:
+def _read_text(path: Path, notes: list[tuple[Path, str]]) -> str:
+    """A caption file's text: UTF-8 (BOM or not), else UTF-16 with a BOM, cp1252 or latin-1, noted in `notes`."""
+    raw = path.read_bytes()
+    encodings = ["utf-16"] if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else []
+    # cp1252 is what Windows editors write; it leaves five bytes undefined, which latin-1 then takes.
+    for encoding in encodings + ["utf-8-sig", "cp1252"]:
+        try:
+            text = raw.decode(encoding)
+            break
+        except UnicodeDecodeError:
+            pass
+    else:
+        encoding, text = "latin-1", raw.decode("latin-1")  # every byte is a latin-1 character
+    if encoding != "utf-8-sig":
+        notes.append((path, f"caption not UTF-8, read as {encoding}"))
+    return text
+
+
+def _read_metadata_jsonl(path: Path, notes: list[tuple[Path, str]]) -> dict[str, str]:
     captions = {}
-    with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                captions[_norm(path.parent / row["file_name"])] = str(row["text"]).strip()
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(
-                    f"{path}, line {number}: expected a JSON object with 'file_name' and 'text' ({e!r}); "
-                    "fix or remove the line"
-                ) from None
+    for number, line in enumerate(_read_text(path, notes).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[_norm(path.parent / row["file_name"])] = str(row["text"]).strip()
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(
+                f"{path}, line {number}: expected a JSON object with 'file_name' and 'text' ({e!r}); "
+                "fix or remove the line"
+            ) from None
     return captions
 
 
-def _read_captions_csv(path: Path) -> dict[str, str]:
-    # utf-8-sig: spreadsheets often write a byte-order mark that would otherwise corrupt the first header.
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"file_name", "text"} <= set(reader.fieldnames):
-            raise DataError(f"{path}: needs a header row with columns file_name,text; found {reader.fieldnames}")
-        return {_norm(path.parent / r["file_name"]): (r["text"] or "").strip() for r in reader if r["file_name"]}
+def _read_captions_csv(path: Path, notes: list[tuple[Path, str]]) -> dict[str, str]:
+    # newline="": a quoted caption may span lines, and csv wants to see those line ends itself.
+    reader = csv.DictReader(io.StringIO(_read_text(path, notes), newline=""))
+    if not reader.fieldnames or not {"file_name", "text"} <= set(reader.fieldnames):
+        raise DataError(f"{path}: needs a header row with columns file_name,text; found {reader.fieldnames}")
+    return {_norm(path.parent / r["file_name"]): (r["text"] or "").strip() for r in reader if r["file_name"]}
+
+
+def _open_image(path: Path | str) -> Image.Image:
+    """Image.open (which reads only the header) with MAX_IMAGE_PIXELS as the limit, not Pillow's."""
+    # Pillow checks its process-wide limit inside open(); lift it for this call only, then check ours.
+    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        img = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        img.close()
+        raise DataError(f"{img.width * img.height / 1e6:.3g} megapixels, over the limit of "
+                        f"{MAX_IMAGE_PIXELS / 1e6:g} (set sdlora.data.MAX_IMAGE_PIXELS to raise it)")
+    return img
 
 
 def _probe_image(path: Path) -> tuple[int, int] | str:
     """(width, height) after EXIF orientation, or the reason the file cannot be used."""
     try:
+        if not path.exists():  # exists() follows links, and os.walk listed the file, so it is a link
+            return f"broken symlink or symlink loop (points to {os.readlink(path)})"
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"
-        with Image.open(path) as img:
+        with _open_image(path) as img:
             # verify() misses truncated files; a full load() decodes every byte and catches them.
             img.load()
             width, height = img.size
             # Orientations 5-8 swap the axes; reading the tag is cheaper than exif_transpose on a copy.
             if img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
                 width, height = height, width
+    except DataError as e:
+        return str(e)
+    except UnidentifiedImageError:  # Pillow goes by the content, so a misnamed image still opens
+        return "not an image: its content is no format Pillow reads, whatever the extension says"
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad data
         return f"unreadable image ({type(e).__name__}: {e})"
     return width, height
@@ -126,21 +179,33 @@ def find_images(root: Path | str, caption_extension: str = ".txt") -> DatasetSca
     image_paths: list[Path] = []
     jsonl: dict[str, str] = {}  # normalised image path -> caption, from metadata.jsonl files
     table: dict[str, str] = {}  # the same from captions.csv files
-    for dirpath, dirnames, filenames in os.walk(root):
+    skipped: list[tuple[Path, str]] = []
+    notes: list[tuple[Path, str]] = []
+    # Linked folders are followed (datasets are often assembled from links); each real folder is
+    # scanned once, keyed by (device, inode), so a link to an ancestor cannot loop.
+    top = root.stat()
+    scanned = {(top.st_dev, top.st_ino): root}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        folder = Path(dirpath)
         # Hidden folders/files (.git, .ipynb_checkpoints, macOS "._x.png") are never training data.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        folder = Path(dirpath)
+        for name in list(dirnames):
+            stat = (folder / name).stat()
+            if first := scanned.get((stat.st_dev, stat.st_ino)):
+                skipped.append((folder / name, f"same folder as {first}, already scanned (a symlink loop or link)"))
+                dirnames.remove(name)
+            else:
+                scanned[stat.st_dev, stat.st_ino] = folder / name
         # os.walk is top-down, so a deeper folder's file overrides a shallower one for the same image.
         if "metadata.jsonl" in filenames:
-            jsonl.update(_read_metadata_jsonl(folder / "metadata.jsonl"))
+            jsonl.update(_read_metadata_jsonl(folder / "metadata.jsonl", notes))
         if "captions.csv" in filenames:
-            table.update(_read_captions_csv(folder / "captions.csv"))
+            table.update(_read_captions_csv(folder / "captions.csv", notes))
         image_paths += [
             folder / n for n in sorted(filenames) if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)
         ]
 
     items: list[ImageItem] = []
-    skipped: list[tuple[Path, str]] = []
     missing = 0
     for path in image_paths:
         size = _probe_image(path)
@@ -156,11 +221,8 @@ def find_images(root: Path | str, caption_extension: str = ".txt") -> DatasetSca
         caption = ""
         sidecar = path.with_suffix(caption_extension)
         if sidecar.is_file():
-            try:
-                # Whitespace (newlines included) is folded so a caption over several lines stays one prompt.
-                caption = " ".join(sidecar.read_text(encoding="utf-8-sig").split())
-            except UnicodeDecodeError:
-                raise DataError(f"caption file {sidecar} is not UTF-8 text; re-save it as UTF-8") from None
+            # Whitespace (newlines included) is folded so a caption over several lines stays one prompt.
+            caption = " ".join(_read_text(sidecar, notes).split())
         if not caption:  # an empty sidecar falls through to the other sources
             caption = jsonl.get(_norm(path)) or table.get(_norm(path), "")
         if not caption:
@@ -171,7 +233,7 @@ def find_images(root: Path | str, caption_extension: str = ".txt") -> DatasetSca
     if not items:
         bad = f"; unreadable: {', '.join(p.name for p, _ in skipped[:10])}" if skipped else ""
         raise DataError(f"no usable images in {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)}){bad}")
-    return DatasetScan(items, skipped, missing, root)
+    return DatasetScan(items, skipped, missing, root, notes)
 
 
 # --- Loading -----------------------------------------------------------------------------------
@@ -197,7 +259,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(path: Path | str) -> Image.Image:
     """Open an image as RGB with its EXIF orientation applied."""
-    with Image.open(path) as img:
+    with _open_image(path) as img:
         img.load()
         img = ImageOps.exif_transpose(img)  # returns a new image, safe to use after close
     return to_rgb(img)
@@ -437,6 +499,29 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             "crop_top_left": cropped.crop_top_left,
             "flipped": flipped,
         }
+
+
+def truncated_captions(dataset: ImageCaptionDataset, tokenizer, root: Path | None = None, most: int = 10) -> str:
+    """One message naming the images whose caption the text encoder will cut, or "" if none.
+
+    Each image's caption is the one its first sample gets in epoch 0, as the dataset builds it
+    (prefix, suffix, shuffling); the tokenizer's `model_max_length` counts the start and end tokens.
+    """
+    first_sample: dict[int, int] = {}
+    for index, item in enumerate(dataset.item_of):
+        first_sample.setdefault(item, index)
+    captions = [dataset.caption(index, 0) for index in first_sample.values()]
+    # verbose=False: the tokenizer would otherwise log a warning of its own that names no file.
+    lengths = [len(ids) for ids in tokenizer(captions, verbose=False).input_ids]
+    window = tokenizer.model_max_length
+    cut = [(dataset.items[item].path, n - window) for item, n in zip(first_sample, lengths) if n > window]
+    if not cut:
+        return ""
+    names = ", ".join(f"{shown_path(path, root)} ({extra} tokens)" for path, extra in cut[:most])
+    more = f" and {len(cut) - most} more" if len(cut) > most else ""
+    return (f"{len(cut)} of {len(captions)} captions are longer than the text encoder's {window} tokens and will "
+            f"be cut at the end, by up to {max(extra for _, extra in cut)} tokens: {names}{more}. Shorten them "
+            "to train on every word.")
 
 
 class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):

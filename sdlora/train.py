@@ -31,7 +31,7 @@ from .checkpoint import (checkpoint_folders, load_state, resolve_resume, rng_sta
 from .config import TrainConfig, to_toml, validate
 from .durable import WriteFailed, failure, remove_temporaries, write_file, write_text
 from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, bucket_histogram,
-                   collate, find_images)
+                   collate, find_images, truncated_captions)
 from .models import load_pipeline
 from .runlock import RunLock
 from .targets import PRESETS
@@ -277,6 +277,8 @@ class Trainer:
         self.dataset = self._dataset(self.train_scan, training=True)
         self.sampler = BucketBatchSampler(self.dataset.sample_buckets, config.batch_size, seed=config.seed)
         self.say("buckets:\n" + bucket_histogram(self.dataset.sample_buckets))
+        if message := truncated_captions(self.dataset, self.tokenizer, self.train_scan.root):
+            self.say(message)
         processes = self.accelerator.num_processes
         per_epoch = len(epoch_batches(self.sampler, 0, processes)) // processes // config.gradient_accumulation
         self.steps_per_epoch = max(1, per_epoch)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import math
 import random
+import struct
+import unicodedata
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +22,9 @@ from sdlora.data import (
     BucketBatchSampler,
     CaptionOptions,
     DataError,
+    DatasetScan,
     ImageCaptionDataset,
+    ImageItem,
     assign_bucket,
     bucket_histogram,
     collate,
@@ -27,6 +33,7 @@ from sdlora.data import (
     make_buckets,
     process_caption,
     resize_and_crop,
+    truncated_captions,
 )
 
 
@@ -113,7 +120,8 @@ def test_broken_files_are_skipped_and_named(tmp_path: Path):
     summary = scan.summary()
     for name in broken:
         assert name in summary
-    assert "0 bytes" in dict((p.name, r) for p, r in scan.skipped)["empty.jpg"]
+    assert dict((p.name, r) for p, r in scan.skipped)["empty.jpg"] == "empty file (0 bytes)"
+    assert dict((p.name, r) for p, r in scan.skipped)["random.png"] == NOT_AN_IMAGE
 
 
 def test_no_usable_images_raise_data_error_naming_the_folder(tmp_path: Path):
@@ -139,6 +147,182 @@ def test_malformed_metadata_names_file_and_line(tmp_path: Path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n{broken\n')
     with pytest.raises(DataError, match=r"metadata.jsonl, line 2"):
         find_images(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad files: each is skipped or used as stated and named once, and nothing stops the scan
+# ---------------------------------------------------------------------------------------------
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but holds no pixels: a decompression bomb's header, in 45 bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def reasons(scan) -> dict[str, str]:
+    return {p.relative_to(scan.root).as_posix(): reason for p, reason in scan.skipped + scan.notes}
+
+
+OVER_LIMIT = "400 megapixels, over the limit of 200 (set sdlora.data.MAX_IMAGE_PIXELS to raise it)"
+NOT_AN_IMAGE = "not an image: its content is no format Pillow reads, whatever the extension says"
+
+
+def test_images_over_the_pixel_limit_are_skipped_before_decoding(tmp_path: Path, monkeypatch):
+    save(tmp_path / "good.png")
+    (tmp_path / "bomb.png").write_bytes(png_header(20_000, 20_000))  # 2.2x Pillow's own refusal limit
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    scan = find_images(tmp_path)
+    assert [item.path.name for item in scan.items] == ["good.png"]
+    assert reasons(scan) == {"bomb.png": OVER_LIMIT}
+    assert Image.MAX_IMAGE_PIXELS == pillow_limit  # lifted for our check only, never left changed
+    with pytest.raises(DataError, match="400 megapixels"):
+        load_image(tmp_path / "bomb.png")
+    # Our constant decides, not Pillow's limit: raised, the header passes and the missing pixels show.
+    monkeypatch.setattr("sdlora.data.MAX_IMAGE_PIXELS", 500_000_000)
+    assert reasons(find_images(tmp_path))["bomb.png"].startswith("unreadable image (OSError")
+
+
+def test_the_content_decides_not_the_extension(tmp_path: Path):
+    (tmp_path / "jpeg_named.png").write_bytes(noisy_image_bytes("JPEG", (40, 24)))
+    (tmp_path / "png_named.jpg").write_bytes(noisy_image_bytes("PNG", (24, 40)))
+    (tmp_path / "text_named.png").write_text("these are notes, not pixels\n")
+    scan = find_images(tmp_path)
+    assert {item.path.name: (item.width, item.height) for item in scan.items} == {
+        "jpeg_named.png": (40, 24), "png_named.jpg": (24, 40)}
+    assert reasons(scan) == {"text_named.png": NOT_AN_IMAGE}
+    assert load_image(tmp_path / "jpeg_named.png").size == (40, 24)
+
+
+def test_symlink_loops_and_broken_links_end_the_scan_and_are_named_once(tmp_path: Path):
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    save(root / "good.png")
+    save(root / "sub" / "deep.png")
+    save(outside / "linked.png")
+    (root / "sub" / "up").symlink_to(root, target_is_directory=True)  # a loop to an ancestor
+    (root / "2_linked").symlink_to(outside, target_is_directory=True)  # a linked-in folder is followed
+    (root / "self.png").symlink_to("self.png")
+    (root / "gone.png").symlink_to("missing.png")
+    scan = find_images(root)
+    assert sorted(item.path.relative_to(root).as_posix() for item in scan.items) == [
+        "2_linked/linked.png", "good.png", "sub/deep.png"]
+    assert reasons(scan) == {
+        "sub/up": f"same folder as {root}, already scanned (a symlink loop or link)",
+        "self.png": "broken symlink or symlink loop (points to self.png)",
+        "gone.png": "broken symlink or symlink loop (points to missing.png)",
+    }
+
+
+def test_unicode_file_names_keep_their_captions(tmp_path: Path):
+    name = "café_ñ_日本"
+    save(tmp_path / f"{name}.png")
+    (tmp_path / f"{name}.txt").write_text("ein Café in Tōkyō", encoding="utf-8")
+    save(tmp_path / "ü_json.png")
+    # macOS stores names decomposed (e + combining accent); a caption file typed elsewhere is composed.
+    save(tmp_path / unicodedata.normalize("NFD", "é_decomposed.png"))
+    save(tmp_path / "sub" / "日本_csv.png")
+    rows = [{"file_name": "ü_json.png", "text": "über"}, {"file_name": "é_decomposed.png", "text": "accent"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows),
+                                             encoding="utf-8")
+    (tmp_path / "sub" / "captions.csv").write_text("file_name,text\n日本_csv.png,東京\n", encoding="utf-8")
+    scan = find_images(tmp_path)
+    captions = {unicodedata.normalize("NFC", item.path.name): item.caption for item in scan.items}
+    assert captions == {f"{name}.png": "ein Café in Tōkyō", "ü_json.png": "über", "é_decomposed.png": "accent",
+                        "日本_csv.png": "東京"}
+    assert scan.skipped == [] and scan.notes == [] and scan.missing_captions == 0
+
+
+def write_odd_captions(folder: Path) -> dict[str, tuple[str, str | None]]:
+    """Captions in encodings other than UTF-8, beside their images: name -> (caption read, note)."""
+    odd = {
+        "latin1": ("Café crème".encode("latin-1"), "Café crème", "cp1252"),
+        "cp1252": ("“quoted” – dash".encode("cp1252"), "“quoted” – dash", "cp1252"),
+        "undefined": (b"bytes \x81\x8d", "bytes \x81\x8d", "latin-1"),  # no cp1252 character for these
+        "utf16": ("naïve 日本".encode("utf-16"), "naïve 日本", "utf-16"),  # with its BOM
+        "utf8bom": (codecs.BOM_UTF8 + "déjà vu".encode(), "déjà vu", None),  # UTF-8 all the same
+    }
+    for name, (raw, _, _) in odd.items():
+        save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_bytes(raw)
+    return {name: (text, encoding and f"caption not UTF-8, read as {encoding}") for name, (_, text, encoding) in
+            odd.items()}
+
+
+def test_captions_not_in_utf8_are_read_and_named_once(tmp_path: Path):
+    expected = write_odd_captions(tmp_path)
+    save(tmp_path / "excel.png")
+    (tmp_path / "captions.csv").write_bytes("file_name,text\nexcel.png,façade\n".encode("cp1252"))
+    scan = find_images(tmp_path)
+    assert {item.path.stem: item.caption for item in scan.items} == {
+        **{name: text for name, (text, _) in expected.items()}, "excel": "façade"}
+    assert reasons(scan) == {"captions.csv": "caption not UTF-8, read as cp1252",
+                             **{f"{name}.txt": note for name, (_, note) in expected.items() if note}}
+
+
+def test_captions_longer_than_the_text_encoder_window_are_named_in_one_message(tiny_dir):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_dir / "tokenizer")
+    root = Path("/data")  # the message needs sizes and captions only, no pixels
+    captions = {f"long{i:02}.png": "a, red, cat, " * (10 + i) for i in range(12)}
+    captions["short.png"] = "a cat"
+    items = [ImageItem(root / name, caption, 3, 32, 32) for name, caption in captions.items()]
+    options = CaptionOptions(prefix="trigger", shuffle_tags=True, keep_tokens=1)
+    dataset = ImageCaptionDataset(DatasetScan(items, root=root), 32, caption_options=options, seed=1)
+    # Each image counts once (3 repeats), with the caption its first sample gets in epoch 0.
+    over = {name: len(tokenizer(dataset.caption(3 * i, 0)).input_ids) - 77 for i, name in enumerate(captions)}
+    assert over["short.png"] < 0 and all(over[f"long{i:02}.png"] > 0 for i in range(12))
+    named = ", ".join(f"long{i:02}.png ({over[f'long{i:02}.png']} tokens)" for i in range(10))
+    assert truncated_captions(dataset, tokenizer, root) == (
+        f"12 of 13 captions are longer than the text encoder's 77 tokens and will be cut at the end, by up to "
+        f"{over['long11.png']} tokens: {named} and 2 more. Shorten them to train on every word.")
+    items = [ImageItem(root / "short.png", "a cat", 1, 32, 32)]
+    assert truncated_captions(ImageCaptionDataset(DatasetScan(items), 32), tokenizer) == ""
+
+
+def test_a_folder_of_every_kind_of_bad_file_still_trains(tiny_dir, tmp_path: Path, capsys):
+    from sdlora.config import TrainConfig
+    from sdlora.train import train
+
+    root = tmp_path / "data"
+    for i in range(3):
+        save(root / f"good{i}.png", color=(60 * i, 90, 200))
+        (root / f"good{i}.txt").write_text("a, blue, square, " * (30 if i == 0 else 1))
+    expected = write_odd_captions(root)
+    (root / "jpeg_named.png").write_bytes(noisy_image_bytes("JPEG", (40, 24)))
+    (root / "png_named.jpg").write_bytes(noisy_image_bytes("PNG", (24, 40)))
+    save(root / "日本_café.png")
+    (root / "日本_café.txt").write_text("東京", encoding="utf-8")
+    (root / "bomb.png").write_bytes(png_header(20_000, 20_000))
+    (root / "empty.png").write_bytes(b"")
+    (root / "text_named.png").write_text("notes")
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (root / "self.png").symlink_to("self.png")
+    (root / "gone.jpg").symlink_to("missing.jpg")
+
+    scan = find_images(root)
+    good = {"good0", "good1", "good2", *expected, "jpeg_named", "png_named", "日本_café"}
+    assert {item.path.stem for item in scan.items} == good
+    bad = {"bomb.png": OVER_LIMIT, "empty.png": "empty file (0 bytes)", "text_named.png": NOT_AN_IMAGE,
+           "loop": f"same folder as {root}, already scanned (a symlink loop or link)",
+           "self.png": "broken symlink or symlink loop (points to self.png)",
+           "gone.jpg": "broken symlink or symlink loop (points to missing.jpg)",
+           **{f"{name}.txt": note for name, (_, note) in expected.items() if note}}
+    assert reasons(scan) == bad
+    summary = scan.summary()
+    assert all(summary.count(f"  {name}: ") == 1 for name in bad), summary
+
+    out = tmp_path / "out"
+    config = TrainConfig(model=str(tiny_dir), data=str(root), output_dir=str(out), resolution=16, batch_size=2,
+                         max_steps=2, rank=4, seed=0, save_dtype="fp32", cache_latents=False)
+    assert train(config).is_file()
+    printed = capsys.readouterr().out
+    assert printed.count("captions are longer than the text encoder's 77 tokens") == 1
+    assert "good0.png" in printed and summary in printed
 
 
 # ---------------------------------------------------------------------------------------------
