@@ -20,7 +20,7 @@ import sdlora
 from sdlora import cli, durable
 from sdlora.durable import TEMPORARY_SUFFIX
 from sdlora.runlock import LOCK_FILE
-from sdlora.train import diverged_message, train
+from sdlora.train import Trainer, TrainingDiverged, diverged_message, train
 from test_train import assert_adapters_close, config, images  # noqa: F401 (images is a fixture)
 
 if sys.version_info >= (3, 11):
@@ -199,3 +199,23 @@ def test_the_nan_message_suggests_bf16_only_for_fp16():
     assert "--mixed-precision bf16" in diverged_message("the loss became nan", 7, "fp16")
     assert "--mixed-precision bf16" not in diverged_message("the loss became nan", 7, "bf16")
     assert diverged_message("the loss became inf", 7, "no").startswith("the loss became inf at step 7;")
+
+
+def test_nan_weights_are_never_saved(tiny_dir, images, tmp_path):
+    """An update that breaks the weights but not yet the loss (an fp16 overflow, say) stops the run
+    before the checkpoint of that step is written."""
+    trainer = Trainer(config(tiny_dir, images, tmp_path, max_steps=9, save_every=3), quiet=True)
+    real_step, steps = trainer.optimizer.step, []
+
+    def breaking_step(*args, **kwargs):
+        real_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 6:  # after the update of step 6, before its checkpoint
+            with torch.no_grad():
+                trainer.parameters[0].view(-1)[0] = float("inf")
+
+    trainer.optimizer.step = breaking_step
+    with pytest.raises(TrainingDiverged, match="the adapter's weights became NaN or infinite at step 6;"):
+        trainer.run()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000003"]
+    assert check_every_file(tmp_path) == []
