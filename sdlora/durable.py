@@ -103,13 +103,18 @@ def publish_folder(partial: Path, final: Path) -> None:
     two folders. Between them the old one is complete under its aside name, and `recover_folder`
     puts it back, so at every moment a whole folder, old or new, can be found.
     """
-    fsync_folder(partial)
+    recover_folder(final)  # an earlier replacement that a kill cut short
     aside = final.with_name(f".{final.name}.previous")
-    if final.exists():
-        os.replace(final, aside)
-        kill_point("publish", final.name)
-    os.replace(partial, final)
-    fsync_folder(final.parent)
+    try:
+        fsync_folder(partial)
+        if final.exists():
+            os.replace(final, aside)
+            kill_point("publish", final.name)
+        os.replace(partial, final)
+        fsync_folder(final.parent)
+    except OSError as error:
+        recover_folder(final)
+        raise failure(final, error) from error
     remove_tree(aside)
 
 
