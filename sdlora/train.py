@@ -28,7 +28,7 @@ from . import faults, loader
 from .caching import LatentCache, TextCache, encode_pixels, encode_text, sample_latents
 from .checkpoint import (checkpoint_folders, load_state, resolve_resume, rng_states, save_checkpoint,
                          set_rng_states)
-from .config import TrainConfig, to_toml, validate
+from .config import ConfigError, TrainConfig, to_toml, validate
 from .durable import WriteFailed, failure, remove_temporaries, write_file, write_text
 from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, bucket_histogram,
                    collate, find_images, truncated_captions)
@@ -208,6 +208,10 @@ class Trainer:
         scan = find_images(config.data, config.caption_extension)
         self.train_scan, self.val_scan = split_validation(scan, config.validation_split, config.seed)
         self.resume_folder = resolve_resume(config.resume, self.paths.checkpoints) if config.resume else None
+        earlier = checkpoint_folders(self.paths.checkpoints)
+        if earlier and not config.resume:  # a fresh run would mix its checkpoints with these and prune them
+            raise ConfigError(f"{self.paths.checkpoints} holds checkpoints of an earlier run (newest {earlier[-1].name}): "
+                              "continue it with --resume latest, or choose another --output-dir")
         self.prompts = ([line.strip() for line in Path(config.sample_prompts).read_text().splitlines()
                          if line.strip()] if config.sample_prompts else [])
         self.say(scan.summary())

@@ -219,3 +219,15 @@ def test_nan_weights_are_never_saved(tiny_dir, images, tmp_path):
         trainer.run()
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000003"]
     assert check_every_file(tmp_path) == []
+
+
+def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tiny_dir, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    train(config(tiny_dir, images, out, max_steps=6, save_every=3), quiet=True)
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    assert cli.main(cli_args(tiny_dir, images, out, max_steps=6, save_every=3)) == 2  # no --resume
+    error = capsys.readouterr().err
+    assert error == (f"sdlora: error: {out / 'checkpoints'} holds checkpoints of an earlier run (newest step-000006): "
+                     "continue it with --resume latest, or choose another --output-dir\n")
+    assert all(path.read_bytes() == content for path, content in before.items())
