@@ -1,7 +1,8 @@
 # The two commands a new user needs: `make demo` (set up, then train and score the demo adapter on
 # the CPU) and `make test` (set up a fresh environment and run the test suite, as CI does).
 # Both install the versions CI tests, pinned in requirements-lock.txt; `make lock` refreshes that
-# file and `make test-latest` runs the suite on the newest versions pyproject.toml allows.
+# file, and `make test-latest` / `make test-oldest` run the suite on the newest / oldest versions
+# pyproject.toml allows.
 
 VENV := .venv
 # The CPU build of torch: on this project's machines it lies in /opt/wheels; elsewhere PyTorch's index.
@@ -9,7 +10,7 @@ TORCH := torch==2.13.0
 TORCH_CPU_WHEELS ?= $(if $(wildcard /opt/wheels/torch-*),/opt/wheels,https://download.pytorch.org/whl/cpu/torch/)
 UV := .venv-tools/bin/uv
 
-.PHONY: demo test test-latest lock
+.PHONY: demo test test-latest test-oldest lock
 
 $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	python3 -m venv $(VENV)
@@ -31,6 +32,19 @@ test-latest:
 	.venv-latest/bin/pip install -q -e ".[dev]"
 	.venv-latest/bin/python .ci/versions.py requirements-lock.txt
 	.venv-latest/bin/python -m pytest -q
+
+# Not in CI: the oldest releases pyproject.toml allows (its lower bounds), to check they still hold.
+test-oldest: $(UV)
+	echo "$(TORCH)+cpu" > .venv-tools/torch-cpu.txt
+	$(UV) pip compile pyproject.toml --extra dev --resolution lowest-direct --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --find-links $(TORCH_CPU_WHEELS) \
+		-c .venv-tools/torch-cpu.txt --no-emit-package torch -q -o .venv-tools/oldest.txt
+	rm -rf .venv-oldest
+	python3 -m venv .venv-oldest
+	.venv-oldest/bin/pip install -q $(TORCH)
+	.venv-oldest/bin/pip install -q -c .venv-tools/oldest.txt -e ".[dev]"
+	.venv-oldest/bin/python .ci/versions.py requirements-lock.txt
+	.venv-oldest/bin/python -m pytest -q
 
 $(UV):
 	python3 -m venv .venv-tools
