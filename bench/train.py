@@ -21,6 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from sdlora.threads import use_cpu_policy
+
+use_cpu_policy()  # before torch loads OpenMP, as the sdlora command does
+
 import torch
 
 

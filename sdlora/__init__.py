@@ -1,21 +1,24 @@
 """sdlora: train and use LoRA adapters for Stable Diffusion."""
 
-from .adapter import AdapterFileError, read_adapter
-from .loader import (
-    AdapterInfo,
-    add_adapter,
-    adapter_weights,
-    copy_weights_from,
-    disabled,
-    fuse,
-    list_adapters,
-    load,
-    save,
-    set_strength,
-    trainable_parameters,
-    unfuse,
-    unload,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ below imports them
+    from .adapter import AdapterFileError, read_adapter
+    from .loader import (
+        AdapterInfo,
+        add_adapter,
+        adapter_weights,
+        copy_weights_from,
+        disabled,
+        fuse,
+        list_adapters,
+        load,
+        save,
+        set_strength,
+        trainable_parameters,
+        unfuse,
+        unload,
+    )
 
 __version__ = "0.1.0"
 
@@ -36,3 +39,18 @@ __all__ = [
     "unfuse",
     "unload",
 ]
+
+
+def __getattr__(name: str):
+    # The public names load on first use (PEP 562), so that `import sdlora` does not import torch:
+    # the command line (sdlora/__main__.py) is inside this package and must set the OpenMP thread
+    # policy before torch loads (sdlora/threads.py). Library users get the same names as before.
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import loader  # defines or imports every public name
+
+    return getattr(loader, name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -5,6 +5,11 @@ from __future__ import annotations
 import logging
 
 import pytest
+
+from sdlora.threads import use_cpu_policy
+
+use_cpu_policy()  # before torch loads OpenMP: tests and their subprocesses share the cores
+
 import torch
 
 import sdlora

@@ -1,0 +1,72 @@
+"""The command line sets torch's OpenMP thread policy before torch loads (sdlora/threads.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdlora.threads import cpu_cores, use_cpu_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")
+
+# Runs the real entry point (`sdlora inspect` of a missing file: quick, and it loads torch), then
+# reports what torch ended up with.
+PROBE = """
+import json, os, sys
+import sdlora.__main__
+torch_before_main = "torch" in sys.modules
+sys.argv = ["sdlora", "inspect", "missing.safetensors"]
+sdlora.__main__.main()
+import torch
+env = {key: os.environ.get(key) for key in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
+print(json.dumps({"torch_before_main": torch_before_main, "env": env, "threads": torch.get_num_threads()}))
+"""
+
+
+def run_probe(env: dict[str, str], one_cpu: bool = False) -> tuple[dict, str]:
+    clean = {key: value for key, value in os.environ.items() if key not in OURS}
+    # libgomp (torch's Linux CPU wheel) prints the settings it read when it loaded: what really applied.
+    clean["OMP_DISPLAY_ENV"] = "VERBOSE"
+    first_cpu = min(os.sched_getaffinity(0)) if one_cpu else None
+    result = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env={**clean, **env}, capture_output=True,
+                            text=True, preexec_fn=(lambda: os.sched_setaffinity(0, {first_cpu})) if one_cpu else None)
+    assert result.stdout, result.stderr
+    return json.loads(result.stdout.splitlines()[-1]), result.stderr
+
+
+@pytest.mark.parametrize("one_cpu", [False, True])
+def test_the_command_sets_passive_waiting_and_one_thread_per_core(one_cpu):
+    if one_cpu and not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    report, stderr = run_probe({}, one_cpu)
+    cores = 1 if one_cpu else cpu_cores()
+    assert not report["torch_before_main"]  # `import sdlora` must stay torch-free for this to work
+    assert report["env"] == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(cores), "GOMP_SPINCOUNT": None}
+    assert report["threads"] == cores
+    if "GOMP_SPINCOUNT = " in stderr:  # libgomp: it saw the policy, so it was set before torch loaded
+        assert "GOMP_SPINCOUNT = '0'" in stderr
+
+
+def test_the_command_keeps_the_users_settings():
+    user = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"}
+    report, stderr = run_probe(user)
+    assert report["env"] == {**user, "GOMP_SPINCOUNT": None}
+    assert report["threads"] == 1
+    if "GOMP_SPINCOUNT = " in stderr:
+        assert "OMP_WAIT_POLICY = 'ACTIVE'" in stderr
+
+
+def test_a_users_spin_count_is_a_wait_policy(monkeypatch):
+    for key in OURS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    with pytest.warns(UserWarning, match="after torch was imported"):  # this test process has torch
+        use_cpu_policy()
+    assert "OMP_WAIT_POLICY" not in os.environ
+    assert os.environ["OMP_NUM_THREADS"] == str(cpu_cores())
