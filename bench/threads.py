@@ -7,16 +7,18 @@ already keeps every core busy, so two at once should take about 2x per step: a r
 means the runs fight for the cores instead of sharing them. The last column compares each policy's
 run alone with sdlora's, the price of the policy when nothing else runs.
 
-The policies (the environment each run gets; everything else is left to the command):
-  sdlora        nothing set: the command picks OMP_WAIT_POLICY=PASSIVE, one thread per core
-  old default   GOMP_SPINCOUNT=300000: libgomp's own default, a ~3 ms spin (sdlora before this bench)
+The policies (the environment each run gets; the command fills in what is not set, see
+sdlora/threads.py):
+  sdlora        nothing set: the command's choice, a 1000-pause spin then sleep, one thread per core
+  old default   GOMP_SPINCOUNT=300000: libgomp's own default (what sdlora ran with before)
   ACTIVE        OMP_WAIT_POLICY=ACTIVE: waiting threads spin for minutes
+  PASSIVE       OMP_WAIT_POLICY=PASSIVE: waiting threads sleep at once
   1 thread      OMP_NUM_THREADS=1: no OpenMP team to wait for, but one core per run
 
 A run still going after --budget seconds is stopped and timed on the steps it finished ('-': fewer
 than two). Measure side by side in one invocation: on a shared machine absolute times are noise.
 
-    python bench/threads.py                  # about 4 minutes on 2 CPU cores
+    python bench/threads.py                  # about 5 minutes on 2 CPU cores
     python bench/threads.py --repeats 3      # median of 3, policies interleaved
 """
 
@@ -38,6 +40,7 @@ POLICIES = {
     "sdlora": {},
     "old default": {"GOMP_SPINCOUNT": "300000"},
     "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
     "1 thread": {"OMP_NUM_THREADS": "1"},
 }
 WARMUP_STEPS = 3  # not timed: the first steps allocate and warm caches

@@ -2,12 +2,16 @@
 
 torch's CPU wheel (Linux) runs its parallel ops on GNU OpenMP (its bundled libgomp), which reads its
 settings from the environment once, when `import torch` loads it. By default a libgomp thread that
-waits (at the barrier that ends each parallel op, or for the next one) spins for GOMP_SPINCOUNT
-iterations, about 3 ms, before it sleeps; OMP_WAIT_POLICY=ACTIVE spins for minutes. Alone on its
-cores that is fast. When a second busy process shares the cores, a thread often waits for a partner
-that is descheduled, and spins away the time slice that partner needs: on 2 cores two `sdlora train`
-runs took each step 10-100x longer instead of about 2x (bench/threads.py). PASSIVE waiting sleeps at
-once and gives the core back.
+waits (at the barrier that ends each parallel op, or for the next op) spins 300,000 times, about
+7 ms here, before it sleeps; OMP_WAIT_POLICY=ACTIVE spins for minutes. When a second busy process
+shares the cores, a thread often waits for a partner that is descheduled and spins away the time
+slice that partner needs: two toy trainings on 2 cores took 4-50x longer per step instead of 2x.
+
+Sleeping at once (OMP_WAIT_POLICY=PASSIVE) fixes that, but every op then wakes its threads, which on
+a virtual machine costs tens of microseconds: the toy training alone took 2.2x longer per step. A
+spin of 1000 (25 us here) rides over the gap between most ops and still gives the core back soon:
+alone about 1.3x, two at once about 2x of that (bench/threads.py). On bigger ops all three cost
+the same. Other OpenMP runtimes (libomp on macOS) ignore GOMP_SPINCOUNT and wait passively.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import os
 import sys
 import warnings
 from pathlib import Path
+
+SPIN_COUNT = "1000"  # libgomp's busy-wait before a thread sleeps, in pause instructions (25 ns each here)
 
 
 def cpu_cores() -> int:
@@ -38,15 +44,17 @@ def cpu_cores() -> int:
 
 
 def use_cpu_policy() -> None:
-    """Passive OpenMP waiting, one thread per available core; whatever the user already set is kept.
+    """A short OpenMP spin, then sleep; one thread per available core. What the user set is kept.
 
     Call it before anything imports torch: later the OpenMP runtime has read its settings and this
     only reaches child processes.
     """
     if "torch" in sys.modules:
         warnings.warn("sdlora.threads.use_cpu_policy() was called after torch was imported: "
-                      "OMP_WAIT_POLICY and OMP_NUM_THREADS only reach child processes", stacklevel=2)
-    # GOMP_SPINCOUNT overrides the spinning that OMP_WAIT_POLICY implies; a user who set it chose.
+                      "the OpenMP settings only reach child processes", stacklevel=2)
+    # Either one is the user's choice of wait policy: in libgomp GOMP_SPINCOUNT overrides the spin that
+    # OMP_WAIT_POLICY implies, and ours would override their OMP_WAIT_POLICY=ACTIVE.
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
     os.environ.setdefault("OMP_NUM_THREADS", str(cpu_cores()))
