@@ -2,16 +2,18 @@
 
 torch's CPU wheel (Linux) runs its parallel ops on GNU OpenMP (its bundled libgomp), which reads its
 settings from the environment once, when `import torch` loads it. By default a libgomp thread that
-waits (at the barrier that ends each parallel op, or for the next op) spins 300,000 times, about
-7 ms here, before it sleeps; OMP_WAIT_POLICY=ACTIVE spins for minutes. When a second busy process
-shares the cores, a thread often waits for a partner that is descheduled and spins away the time
-slice that partner needs: two toy trainings on 2 cores took 4-50x longer per step instead of 2x.
+waits (at the barrier that ends each parallel op, or for the next op) spins 300,000 pause
+instructions, ~7 ms here, before it sleeps; OMP_WAIT_POLICY=ACTIVE spins for minutes. When another
+busy process shares the cores, a thread often waits for a partner that is descheduled and spins away
+the time slice that partner needs: two toy trainings at once on 2 cores took from 4x to 170x longer
+per step than one alone, where 2x is fair.
 
-Sleeping at once (OMP_WAIT_POLICY=PASSIVE) fixes that, but every op then wakes its threads, which on
-a virtual machine costs tens of microseconds: the toy training alone took 2.2x longer per step. A
-spin of 1000 (25 us here) rides over the gap between most ops and still gives the core back soon:
-alone about 1.3x, two at once about 2x of that (bench/threads.py). On bigger ops all three cost
-the same. Other OpenMP runtimes (libomp on macOS) ignore GOMP_SPINCOUNT and wait passively.
+OMP_WAIT_POLICY=PASSIVE (sleep at once) shares fairly, but then every op has to wake its threads,
+which costs tens of microseconds on a virtual machine: the toy training alone took ~2.5x longer per
+step. A spin of 1000 pauses (25 us here) rides over most gaps between ops and still hands the core
+back soon: alone ~1.4x, two at once ~2x that (bench/threads.py). On ops of a real model's size
+the three cost about the same. Other OpenMP runtimes (libomp on macOS) ignore GOMP_SPINCOUNT and
+sleep at once.
 """
 
 from __future__ import annotations
