@@ -13,7 +13,7 @@ def pins(lock_file: str) -> dict[str, str]:
         line = line.split("#")[0].strip()
         if "==" in line:
             name, _, pinned = line.partition("==")
-            found[name.strip()] = pinned.split(";")[0].strip()
+            found[name.strip().lower().replace("_", "-")] = pinned.split(";")[0].strip()
     return found
 
 

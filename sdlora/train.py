@@ -29,9 +29,9 @@ from .caching import LatentCache, TextCache, encode_pixels, encode_text, sample_
 from .checkpoint import (checkpoint_folders, load_state, resolve_resume, rng_states, save_checkpoint,
                          set_rng_states)
 from .config import ConfigError, TrainConfig, to_toml, validate
-from .durable import WriteFailed, failure, remove_temporaries, write_file, write_text
 from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, bucket_histogram,
                    collate, find_images, truncated_captions)
+from .durable import WriteFailed, failure, remove_temporaries, write_file, write_text
 from .models import load_pipeline
 from .runlock import RunLock
 from .targets import PRESETS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -18,13 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def locked_versions() -> dict[str, str]:
-    pins = {}
-    for line in (ROOT / "requirements-lock.txt").read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if "==" in line:
-            name, _, version = line.partition("==")
-            pins[name.strip().lower().replace("_", "-")] = version.split(";")[0].strip()
-    return pins
+    """The lock's pins, read by the same code `make test-latest` uses (.ci/versions.py)."""
+    spec = importlib.util.spec_from_file_location("ci_versions", ROOT / ".ci" / "versions.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.pins(str(ROOT / "requirements-lock.txt"))
 
 
 def test_lock_pins_every_dependency_within_its_range():
