@@ -75,6 +75,36 @@ def tiny_unet(cross_attention_dim: int = 32, seed: int = 0):
     )
 
 
+
+def tiny_sdxl_unet(seed: int = 0, cross_attention_dim: int = 64, pooled_dim: int = 32, time_ids_dim: int = 8):
+    """A UNet2DConditionModel with the SDXL block layout at toy size.
+
+    Like SDXL: no attention in the first level, deeper transformers further down (1, 1, 2 here for
+    SDXL's 1, 2, 10), linear projections, and size/crop conditioning (`text_time`). Pair it with two
+    text encoders whose hidden sizes add up to `cross_attention_dim`, the second projecting its
+    pooled output to `pooled_dim`; diffusers embeds each of the six time ids in `time_ids_dim`.
+    """
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 8),  # diffusers' name for the number of heads: 8 channels each
+        use_linear_projection=True,
+        cross_attention_dim=cross_attention_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_ids_dim,
+        projection_class_embeddings_input_dim=pooled_dim + 6 * time_ids_dim,
+        norm_num_groups=8,
+    )
+
 def tiny_text_encoder(vocab_size: int, hidden_size: int = 32, seed: int = 0, intermediate_size: int | None = None,
                       max_positions: int = 77):
     """A 2-layer CLIPTextModel; build_clip_tokenizer puts <|startoftext|>, <|endoftext|> last."""
