@@ -1,10 +1,13 @@
-"""Write a diffusers SD 1.x pipeline as one checkpoint in the original (LDM) layout.
+"""Write a diffusers SD pipeline as one checkpoint in the original (LDM/SGM) layout.
 
 Single-file checkpoints (`v1-5-pruned-emaonly.safetensors` and the like) hold the UNet under
-`model.diffusion_model.`, the VAE under `first_stage_model.` and the CLIP text encoder under
-`cond_stage_model.transformer.`, named as the original code (and transformers 4) named them. We only
-read such files in the product; this writer exists so tests can make one from a toy model. It is
-checked against diffusers' own readers (`convert_ldm_*_checkpoint`) in tests/test_sources.py.
+`model.diffusion_model.` and the VAE under `first_stage_model.`. The text encoders sit where the
+original code kept them: SD 1.x's CLIP under `cond_stage_model.transformer.` (named as transformers 4
+named it), SD 2.x's OpenCLIP under `cond_stage_model.model.` (OpenCLIP's own names, q/k/v fused),
+SDXL's pair under `conditioner.embedders.0.transformer.` and `conditioner.embedders.1.model.`.
+We only read such files in the product; this writer exists so tests can make one from a toy model.
+It is checked against diffusers' own readers (`convert_ldm_*`, `convert_open_clip_checkpoint`) in
+tests/test_sources.py.
 """
 
 from __future__ import annotations
@@ -13,11 +16,16 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from .sgm import unet_state_dict_to_original
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # diffusers' VAE attention part -> the original AttnBlock's (1x1 convolutions there, linear here).
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -56,15 +64,58 @@ def vae_to_original(state_dict: Mapping[str, Any], vae_config: Mapping[str, Any]
     return out
 
 
-def clip_to_original(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def clip_to_original(state_dict: Mapping[str, Any], prefix: str = CLIP_PREFIX) -> dict[str, Any]:
     """transformers 5 flattened CLIPTextModel (no `text_model.`); the original layout keeps it."""
-    return {CLIP_PREFIX + name.removeprefix("text_model."): value for name, value in state_dict.items()}
+    return {prefix + name.removeprefix("text_model."): value for name, value in state_dict.items()}
 
 
-def pipeline_to_original(pipe) -> dict[str, Any]:
-    """One original-layout state dict of an SD 1.x-style pipeline's UNet, VAE and text encoder."""
-    return {
-        **unet_to_original(pipe.unet.state_dict(), pipe.unet.config),
-        **vae_to_original(pipe.vae.state_dict(), pipe.vae.config),
-        **clip_to_original(pipe.text_encoder.state_dict()),
-    }
+# transformers' CLIP encoder-layer part -> OpenCLIP's residual-block part.
+_OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                  "embeddings.position_embedding.weight": "positional_embedding",
+                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+
+
+def open_clip_to_original(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """A CLIPTextModel(WithProjection) state dict in OpenCLIP's names under `prefix`.
+
+    OpenCLIP keeps q, k and v as one in_proj (stacked in that order) and multiplies by
+    text_projection on the right, so it stores the transpose of transformers' Linear weight.
+    """
+    state = {name.removeprefix("text_model."): value for name, value in state_dict.items()}
+    out = {}
+    for name, value in state.items():
+        layer = re.match(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", name)
+        if name in _OPEN_CLIP_TOP:
+            out[prefix + _OPEN_CLIP_TOP[name]] = value
+        elif name == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif layer and layer[2] in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            if layer[2] == "self_attn.q_proj":  # write the fused tensor once, when meeting q
+                parts = [state[f"encoder.layers.{layer[1]}.self_attn.{p}_proj.{layer[3]}"] for p in "qkv"]
+                suffix = "weight" if layer[3] == "weight" else "bias"
+                out[f"{prefix}transformer.resblocks.{layer[1]}.attn.in_proj_{suffix}"] = torch.cat(parts)
+        elif layer:
+            out[f"{prefix}transformer.resblocks.{layer[1]}.{_OPEN_CLIP_LAYER[layer[2]]}.{layer[3]}"] = value
+        else:
+            raise KeyError(f"{name!r} has no place in the OpenCLIP layout")
+    return out
+
+
+def pipeline_to_original(pipe, open_clip: bool = False) -> dict[str, Any]:
+    """One original-layout state dict of a pipeline's UNet, VAE and text encoder(s).
+
+    An SDXL pipeline (with text_encoder_2) gets SGM's conditioner layout; otherwise the text encoder
+    is written as SD 1.x's CLIP, or as SD 2.x's OpenCLIP when `open_clip`.
+    """
+    out = {**unet_to_original(pipe.unet.state_dict(), pipe.unet.config),
+           **vae_to_original(pipe.vae.state_dict(), pipe.vae.config)}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        out |= clip_to_original(pipe.text_encoder.state_dict(), SDXL_CLIP_PREFIX)
+        out |= open_clip_to_original(pipe.text_encoder_2.state_dict(), SDXL_OPEN_CLIP_PREFIX)
+    elif open_clip:
+        out |= open_clip_to_original(pipe.text_encoder.state_dict(), OPEN_CLIP_PREFIX)
+    else:
+        out |= clip_to_original(pipe.text_encoder.state_dict())
+    return out
