@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from . import architectures
 from .clip_tokenizer import clip_tokenizer
-from .sources import ModelSourceError
+from .sources import ModelSourceError, is_xl, read_model_index
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
@@ -27,6 +28,12 @@ def _unwrap(checkpoint: Mapping) -> Mapping:
     while isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
         checkpoint = checkpoint["state_dict"]
     return checkpoint
+
+
+def _unpickler_complaint(error: Exception) -> str:
+    """The one useful line of torch's weights_only refusal (the rest is advice to turn it off)."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n|$)", str(error))
+    return found[1].strip() if found else (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def read_ckpt(path: Path) -> dict[str, torch.Tensor]:
@@ -39,10 +46,12 @@ def read_ckpt(path: Path) -> dict[str, torch.Tensor]:
         # mmap keeps a multi-GB file on disk until its tensors are used; it needs the zip format.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        complaint = _unpickler_complaint(error)
+        if "Unsupported global" not in complaint:
+            raise ModelSourceError(f"{path}: not a readable PyTorch checkpoint ({complaint})") from None
         raise ModelSourceError(
             f"{path}: refused to load this .ckpt: it holds pickled Python objects other than tensors "
-            f"({first_line}), and unpickling those could run code hidden in the file. Use a .safetensors "
+            f"({complaint}), and unpickling those could run code hidden in the file. Use a .safetensors "
             "release of the model, or convert this file with a tool you trust."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
@@ -66,16 +75,6 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise ModelSourceError(f"{path}: not a readable .safetensors file ({error})") from None
 
 
-def _model_index(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "model_index.json").read_text())
-    except FileNotFoundError:
-        raise ModelSourceError(
-            f"{folder}: no model_index.json; --model-config must be a diffusers-format folder "
-            "(model_index.json and one subfolder per component)"
-        ) from None
-
-
 def load_tokenizer(folder: Path, name: str):
     """The folder's own tokenizer when it has vocabulary files, else CLIP's with its settings."""
     from transformers import CLIPTokenizer
@@ -85,14 +84,20 @@ def load_tokenizer(folder: Path, name: str):
         return CLIPTokenizer.from_pretrained(str(subfolder), local_files_only=True)
     settings_file = subfolder / "tokenizer_config.json"
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-    return clip_tokenizer(pad_token=settings.get("pad_token", "<|endoftext|>"),
-                          model_max_length=settings.get("model_max_length", 77))
+    pad = settings.get("pad_token") or "<|endoftext|>"
+    pad = pad["content"] if isinstance(pad, dict) else pad  # older files store tokens as AddedToken dicts
+    try:
+        return clip_tokenizer(pad_token=pad, model_max_length=settings.get("model_max_length", 77))
+    except ValueError as error:
+        raise ModelSourceError(f"{settings_file}: {error}") from None
 
 
 def load_scheduler(folder: Path, class_name: str, prediction_type: str | None):
     import diffusers
 
-    scheduler_class = getattr(diffusers, class_name)
+    scheduler_class = getattr(diffusers, str(class_name), None)
+    if not isinstance(scheduler_class, type) or not issubclass(scheduler_class, diffusers.SchedulerMixin):
+        raise ModelSourceError(f"{folder / 'model_index.json'}: {class_name!r} is not a diffusers scheduler")
     scheduler = scheduler_class.from_pretrained(str(folder), subfolder="scheduler", local_files_only=True)
     if prediction_type and scheduler.config.get("prediction_type") != prediction_type:
         scheduler = scheduler_class.from_config(scheduler.config, prediction_type=prediction_type)
@@ -121,6 +126,14 @@ def _choose_config(path: Path, shapes: Mapping, model_config: str | None, predic
     return architectures.config_folder(name)
 
 
+def _conversion_complaint(error: Exception) -> str:
+    # A weight the checkpoint lacks is left on the meta device and fails later with a torch message
+    # about meta tensors; diffusers' own messages go on with advice for its API, so keep line one.
+    if "meta tensor" in str(error):
+        return "it lacks some of the weights this architecture has"
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
 def _check_loaded(pipe, path: Path, folder: Path) -> None:
     """Weights the checkpoint lacked stay on the meta device; say so now, not at the first forward."""
     for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -142,12 +155,13 @@ def load_single_file(path: Path, dtype: torch.dtype | None = None, model_config:
 
     shapes = read_shapes(path)  # for a .ckpt this is also the weights_only safety check
     folder = _choose_config(path, shapes, model_config, prediction_type)
-    index = _model_index(folder)
-    is_xl = index.get("_class_name", "").startswith("StableDiffusionXL")
-    pipeline_class = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    index = read_model_index(folder, "--model-config must be a diffusers-format folder (model_index.json and one "
+                                     "subfolder per component)")
+    xl = is_xl(index)
+    pipeline_class = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
     parts = {name: load_tokenizer(folder, name) for name in ("tokenizer", "tokenizer_2") if name in index}
-    parts["scheduler"] = load_scheduler(folder, index["scheduler"][1], prediction_type)
-    if is_xl:
+    parts["scheduler"] = load_scheduler(folder, (index.get("scheduler") or [None, None])[1], prediction_type)
+    if xl:
         parts["add_watermarker"] = False  # training previews should show what the model makes
     else:
         parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
@@ -159,7 +173,7 @@ def load_single_file(path: Path, dtype: torch.dtype | None = None, model_config:
         raise
     except Exception as error:  # diffusers' conversion raises many kinds; all mean the same to the user
         raise ModelSourceError(
-            f"{path}: could not be loaded with the configs in {folder} ({type(error).__name__}: {error}); "
+            f"{path}: could not be loaded with the configs in {folder} ({_conversion_complaint(error)}); "
             "if it is another architecture, pass --model-config with its diffusers-format config folder"
         ) from error
     _check_loaded(pipe, path, folder)

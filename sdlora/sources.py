@@ -43,21 +43,26 @@ def _looks_like_path(model: str) -> bool:
             or model.lower().endswith((*SINGLE_FILE_SUFFIXES, ".pt", ".pth", ".bin")))
 
 
-def _is_xl(folder: Path) -> bool:
+def read_model_index(folder: Path, advice: str) -> dict:
     try:
-        index = json.loads((folder / "model_index.json").read_text())
+        return json.loads((folder / "model_index.json").read_text())
     except FileNotFoundError:
-        raise ModelSourceError(
-            f"{folder} is a folder but not a diffusers model (no model_index.json): point --model at the folder "
-            "that holds model_index.json, or at a single .safetensors/.ckpt file"
-        ) from None
-    return index.get("_class_name", "").startswith("StableDiffusionXL") or "text_encoder_2" in index
+        raise ModelSourceError(f"{folder}: no model_index.json, so not a diffusers-format folder; {advice}") from None
+    except json.JSONDecodeError as error:
+        raise ModelSourceError(f"{folder / 'model_index.json'}: not valid JSON ({error})") from None
+
+
+def is_xl(index: dict) -> bool:
+    """SDXL from a model_index.json: its pipeline class, or a second text encoder."""
+    return str(index.get("_class_name", "")).startswith("StableDiffusionXL") or "text_encoder_2" in index
 
 
 def _from_folder(folder: Path, dtype):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if _is_xl(folder):
+    index = read_model_index(folder, "point --model at the folder that holds model_index.json, or at a single "
+                                     ".safetensors/.ckpt file")
+    if is_xl(index):
         pipeline_class, extra = StableDiffusionXLPipeline, {"add_watermarker": False}
     else:
         pipeline_class = StableDiffusionPipeline

@@ -352,12 +352,28 @@ def test_ckpt_with_python_objects_is_refused(toy, tmp_path):
     state = pipeline_to_original(toy)
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": state, "callback": Payload(marker)}, path)
-    with pytest.raises(ModelSourceError, match=r"evil\.ckpt: refused to load this \.ckpt: it holds pickled Python"):
+    with pytest.raises(ModelSourceError, match=r"evil\.ckpt: refused to load this \.ckpt: it holds pickled Python"
+                                                r".*Unsupported global: GLOBAL"):
         load_pipeline(str(path), model_config=str(TOY))
     assert not marker.exists()
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint" * 8)
+    with pytest.raises(ModelSourceError, match=r"garbage\.ckpt: not a readable PyTorch checkpoint \(Unsupported"):
+        load_pipeline(str(garbage))
     # The same weights without the object load, from the nested "state_dict" training checkpoints use.
     torch.save({"state_dict": state, "global_step": 1000}, path)
     assert set(read_ckpt(path)) == set(state)
+
+
+def test_single_file_missing_weights(toy, tmp_path):
+    state = pipeline_to_original(toy)
+    without_conv_out = {k: v for k, v in state.items() if k != "model.diffusion_model.out.2.weight"}
+    path = _save(without_conv_out, tmp_path / "a.safetensors")
+    with pytest.raises(ModelSourceError, match=r"a\.safetensors: could not be loaded .*lacks some of the weights"):
+        load_pipeline(str(path), model_config=str(TOY))
+    path = _save({k: v for k, v in state.items() if not k.startswith("first_stage_model.")}, tmp_path / "b.safetensors")
+    with pytest.raises(ModelSourceError, match=r"b\.safetensors: could not be loaded .*AutoencoderKL.*missing"):
+        load_pipeline(str(path), model_config=str(TOY))
 
 
 def test_single_file_of_an_unknown_model_says_what_to_pass(toy, tmp_path):
