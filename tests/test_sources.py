@@ -108,18 +108,36 @@ def test_architecture_is_detected_from_full_size_shapes(meta_models, name):
     assert architectures.missing_components(shapes, name) == []
 
 
-@pytest.mark.parametrize("name", ["sd15", "sdxl-base"])
+def _without_text_model(state: dict) -> dict:
+    return {key.removeprefix("text_model."): value for key, value in state.items()}
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21-v", "sdxl-base"])
 def test_full_size_original_layout_is_what_diffusers_reads(meta_models, name):
-    """Our writer and diffusers' reader agree on real UNet and VAE layouts, not only on toy ones."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    """Our writer and diffusers' readers agree on the real layouts, not only on toy ones."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
 
     models = meta_models[name]
-    state = pipeline_to_original(SimpleNamespace(**models))
-    for part, convert in (("unet", convert_ldm_unet_checkpoint), ("vae", convert_ldm_vae_checkpoint)):
-        back = convert(dict(state), models[part].config)
-        reference = models[part].state_dict()
-        assert set(back) == set(reference)
-        assert all(back[key].shape == reference[key].shape for key in reference)
+    state = pipeline_to_original(SimpleNamespace(**models), open_clip=name.startswith("sd21"))
+    readers = {
+        "unet": lambda: convert_ldm_unet_checkpoint(dict(state), models["unet"].config),
+        "vae": lambda: convert_ldm_vae_checkpoint(dict(state), models["vae"].config),
+        "text_encoder": (lambda: convert_open_clip_checkpoint(models["text_encoder"], state)) if name.startswith("sd21")
+        else (lambda: convert_ldm_clip_checkpoint(state)),
+    }
+    if name == "sdxl-base":
+        readers["text_encoder_2"] = lambda: convert_open_clip_checkpoint(models["text_encoder_2"], state,
+                                                                         prefix="conditioner.embedders.1.model.")
+    for part, read in readers.items():
+        back = _without_text_model(read())
+        reference = _without_text_model(models[part].state_dict())
+        assert set(back) == set(reference), part
+        assert all(back[key].shape == reference[key].shape for key in reference), part
 
 
 def test_detection_refuses_what_it_cannot_place():
