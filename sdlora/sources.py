@@ -73,6 +73,19 @@ def _from_folder(folder: Path, dtype):
         raise ModelSourceError(f"{folder}: could not load this diffusers folder ({error})") from None
 
 
+def _causes(error: BaseException) -> list[BaseException]:
+    chain = [error]
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    return chain
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether a failed download failed for want of a network (httpx/requests name these errors so)."""
+    markers = ("Connect", "NetworkError", "Timeout", "Offline", "gaierror")
+    return any(marker in type(cause).__name__ for cause in _causes(error) for marker in markers)
+
+
 def _hub_snapshot(repo_id: str) -> Path:
     """The local folder of a hub model: downloaded when online, from the cache when offline."""
     from diffusers import DiffusionPipeline
@@ -83,8 +96,13 @@ def _hub_snapshot(repo_id: str) -> Path:
         # Online, diffusers itself falls back to the cache when the hub cannot be reached.
         return Path(DiffusionPipeline.download(repo_id, cache_dir=str(cache), local_files_only=offline))
     except (OSError, ValueError) as error:
-        why = ("this machine is offline (HF_HUB_OFFLINE=1)" if offline
-               else f"it could not be downloaded ({str(error).splitlines()[0] if str(error) else error!r})")
+        if offline:
+            why = "this machine is offline (HF_HUB_OFFLINE=1), so it cannot be downloaded"
+        elif _unreachable(error):
+            why = "the hub cannot be reached from this machine (offline), so it cannot be downloaded"
+        else:
+            root = _causes(error)[-1]
+            why = f"the hub did not provide it ({type(root).__name__}: {(str(root).splitlines() or [''])[0]})"
         raise ModelSourceError(
             f"{repo_id!r} is not a local folder or file, and as a hub model id it is not in the local Hugging Face "
             f"cache ({cache}); {why}. To use it, {HOW_TO_POINT}"
@@ -109,6 +127,7 @@ def load_pipeline(model: str, dtype=None, model_config: str | None = None, predi
     512-base over 768-v for a single file when "epsilon").
     """
     _check_prediction_type(prediction_type)
+    model = str(model)  # a Path is welcome too
     path = Path(model).expanduser()
     if model_config is not None and not path.is_file():
         raise ModelSourceError(f"--model-config applies to single-file checkpoints only, and {model} is not a file")

@@ -325,6 +325,29 @@ def test_hub_id_not_cached_while_offline(tmp_path, monkeypatch):
     assert "--model /path/to/folder" in message and ".safetensors" in message
 
 
+def test_hub_unreachable_without_offline_setting(tmp_path, monkeypatch):
+    """Online mode tries the hub; when it cannot be reached, the same advice (no network used here)."""
+    from diffusers import DiffusionPipeline
+
+    calls = []
+
+    def no_network(repo_id, **kwargs):
+        calls.append(kwargs)
+        try:
+            raise ConnectionError("[Errno -2] Name or service not known")
+        except ConnectionError as error:
+            raise OSError(f"Cannot load model {repo_id}: the model is not fully cached locally") from error
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(DiffusionPipeline, "download", no_network)
+    with pytest.raises(ModelSourceError, match=r"not in the local Hugging Face cache .* cannot be reached .*offline"
+                                               r".*--model /path/to/folder"):
+        load_pipeline("someone/some-model")
+    assert calls == [{"cache_dir": str(tmp_path / "hf" / "hub"), "local_files_only": False}]
+
+
 def test_hub_id_in_the_cache_loads_offline(tmp_path, monkeypatch):
     """A model in the hub cache layout (refs/main -> snapshots/<commit>) loads with no network."""
     commit = "0" * 40
