@@ -16,8 +16,9 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import sdlora
-from sdlora.config import TrainConfig
-from sdlora.train import Trainer, TrainingDiverged, diffusion_loss, lr_factor, train
+from sdlora.training.config import TrainConfig
+from sdlora.training.loop import Trainer, TrainingDiverged, lr_factor, train
+from sdlora.training.loss import diffusion_loss
 from conftest import te_out, unet_out
 
 
@@ -157,7 +158,7 @@ def test_samples_validation_and_resolved_config(tiny_dir, images, tmp_path):
     assert Image.open(out / "samples" / grids[0]).size == (32, 16)  # two prompts side by side
     records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
-    from sdlora.config import build
+    from sdlora.training.config import build
 
     again = build({}, out / "config.toml")
     assert again == config(tiny_dir, images, out, max_steps=4, sample_prompts=str(prompts), sample_every=2,
@@ -196,7 +197,7 @@ def test_preserved_timesteps_are_trained_towards_the_base_prediction():
         calls.append((timesteps, rows))
         return torch.zeros_like(noisy)
 
-    loss = diffusion_loss(unet, scheduler, latents, None, torch.Generator().manual_seed(0),
+    loss = diffusion_loss(unet, scheduler, latents, {"encoder_hidden_states": None}, torch.Generator().manual_seed(0),
                           prediction_type="epsilon", timestep_range=(0, 400), base_prediction=base_prediction)
     timesteps = seen["timesteps"]
     inside = timesteps < 400
@@ -209,7 +210,7 @@ def test_preserved_timesteps_are_trained_towards_the_base_prediction():
     expected = (noise.pow(2).mean(dim=(1, 2, 3)) * inside).mean()
     torch.testing.assert_close(loss, expected)
 
-    diffusion_loss(unet, scheduler, latents, None, torch.Generator().manual_seed(0), prediction_type="epsilon",
+    diffusion_loss(unet, scheduler, latents, {"encoder_hidden_states": None}, torch.Generator().manual_seed(0), prediction_type="epsilon",
                    timestep_range=(0, 400))
     assert (seen["timesteps"] < 400).all()  # without preservation the window is all that is drawn
 
