@@ -1,4 +1,4 @@
-"""The parts of a Stable Diffusion pipeline that adapters attach to, and which family it is."""
+"""The parts of a Stable Diffusion pipeline that adapters attach to, and where base models come from."""
 
 from __future__ import annotations
 

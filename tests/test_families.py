@@ -218,3 +218,14 @@ def test_clip_skip_takes_an_earlier_layer_through_the_final_norm(tmp_path):
         skip2 = SD1.encode_text([pipe.text_encoder], [pipe.tokenizer], captions, TextOptions(clip_skip=2)).hidden
         torch.testing.assert_close(last, pipe.text_encoder(ids)[0])
         torch.testing.assert_close(skip2, pipe.text_encoder.final_layer_norm(hidden[-2]))
+
+
+def test_sdxl_trains_from_the_command_line(family_dir, images, tmp_path, capsys):  # noqa: F811
+    """The first thing a new user tries: `sdlora train --model <an SDXL folder>` (it used to die in step 1)."""
+    from sdlora.cli import main
+
+    name, folder = family_dir
+    code = main(["train", "--model", str(folder), "--data", str(images), "--output-dir", str(tmp_path),
+                 "--max-steps", "2", "--rank", "2", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "lora.safetensors").is_file()
