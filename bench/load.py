@@ -29,7 +29,7 @@ import sdlora
 def build_pipeline(width: int, device: str, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from sdlora.testing import build_clip_tokenizer, tiny_text_encoder, tiny_vae
+    from sdlora.toy.pipelines import build_clip_tokenizer, tiny_text_encoder, tiny_vae
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(

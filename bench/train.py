@@ -32,7 +32,7 @@ def build_model(folder: Path, width: int) -> None:
     """An SD 1.x-layout pipeline with a UNet of the given width and the tiny VAE (2x downsampling)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from sdlora.testing import build_clip_tokenizer, tiny_text_encoder, tiny_vae
+    from sdlora.toy.pipelines import build_clip_tokenizer, tiny_text_encoder, tiny_vae
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(block_out_channels=(width, 2 * width, 4 * width, 4 * width), cross_attention_dim=768,
@@ -93,8 +93,8 @@ def floor_worker(args) -> dict:
 
 
 def train_worker(args, cache: bool, preserve: bool = False) -> dict:
-    from sdlora.config import TrainConfig
-    from sdlora.train import Trainer
+    from sdlora.training.config import TrainConfig
+    from sdlora.training.loop import Trainer
 
     config = TrainConfig(model=args.model, data=args.data, output_dir=tempfile.mkdtemp(), resolution=args.resolution,
                          batch_size=args.batch, max_steps=args.warmup + args.steps, rank=16, log_every=1,

@@ -17,9 +17,9 @@ Stable Diffusion 1.x pretrained on coloured shapes) and the bundled datasets:
 from pathlib import Path
 
 import sdlora
-from sdlora.config import build
-from sdlora.train import train
-from sdlora import toy_eval
+from sdlora.training.config import build
+from sdlora.training.loop import train
+from sdlora.toy import eval as toy_eval
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 ROOT = Path.cwd() if (Path.cwd() / "models").is_dir() else Path.cwd().parent  # repo root

@@ -3,7 +3,8 @@
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ below imports them
-    from .adapter import AdapterFileError, read_adapter
+    from .adapter import read_adapter
+    from .errors import AdapterFileError, ConfigError, DataError, FamilyMismatch, ModelError, SdloraError
     from .loader import (
         AdapterInfo,
         add_adapter,
@@ -22,8 +23,9 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ belo
 
 __version__ = "0.1.0"
 
+_ERRORS = ["AdapterFileError", "ConfigError", "DataError", "FamilyMismatch", "ModelError", "SdloraError"]
 __all__ = [
-    "AdapterFileError",
+    *_ERRORS,
     "AdapterInfo",
     "add_adapter",
     "adapter_weights",
@@ -47,7 +49,11 @@ def __getattr__(name: str):
     # policy before torch loads (sdlora/threads.py). Library users get the same names as before.
     if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from . import loader  # defines or imports every public name
+    if name in _ERRORS:
+        from . import errors
+
+        return getattr(errors, name)
+    from . import loader  # defines or imports every other public name
 
     return getattr(loader, name)
 

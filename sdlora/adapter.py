@@ -12,15 +12,14 @@ import torch
 from safetensors.torch import load_file, save
 
 from .durable import write_file
+from .errors import AdapterFileError
 from .formats import ModuleWeights
-from .keys import Family
+from .families import Family
 
 FORMAT_VERSION = 1
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-class AdapterFileError(ValueError):
-    """An adapter file that cannot be used, with the file and the reason in the message."""
 
 
 def _header(path: Path) -> dict:
@@ -104,9 +103,13 @@ def _uniform(values: list[float]) -> str:
 
 def build_metadata(
     modules: dict[str, ModuleWeights], family: Family, title: str, targets: dict[str, list[str]] | None = None,
-    extra: dict | None = None,
+    extra: dict | None = None, prediction_type: str = "epsilon", resolution: int | tuple[int, int] | None = None,
 ) -> dict[str, str]:
-    """kohya's `ss_*` keys, Stability's `modelspec.*` keys, and sdlora's own JSON record."""
+    """kohya's `ss_*` keys, Stability's `modelspec.*` keys, and sdlora's own JSON record.
+
+    The family keys say what the adapter was trained with (prediction type, resolution), not the
+    family's defaults; without a resolution, the header states none.
+    """
     ranks = {key: weights.rank for key, weights in modules.items()}
     alphas = [weights.effective_alpha for weights in modules.values()]
     has_conv = any(weights.down.dim() == 4 for weights in modules.values())
@@ -121,16 +124,11 @@ def build_metadata(
         "ss_network_module": "networks.lora",
         "ss_network_dim": _uniform(list(ranks.values())),
         "ss_network_alpha": _uniform(alphas),
-        "ss_base_model_version": family.base_model_version,
-        "ss_v2": str(family.name == "sd2"),
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": family.architecture,
-        "modelspec.implementation": family.implementation,
         "modelspec.title": title,
         "modelspec.date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.resolution": f"{family.resolution}x{family.resolution}",
-        "modelspec.prediction_type": family.prediction_type,
+        **family.header(prediction_type, resolution),
         "sdlora": json.dumps(record, sort_keys=True),
     }
     if has_conv:

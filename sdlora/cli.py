@@ -8,10 +8,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from . import config, loader
-from .adapter import AdapterFileError, read_adapter
+from . import loader
+from .training import config
+from .adapter import read_adapter
+from .errors import SdloraError, TrainingDiverged, WriteFailed
 from .formats import split_tensor_name
-from .keys import component_of_file_key, family_from_kohya_names, family_named_in_metadata
+from .families import family_from_tensors, family_named_in_metadata
+from .keys import component_of_file_key
 
 
 def describe(path: Path) -> str:
@@ -26,7 +29,7 @@ def describe(path: Path) -> str:
     ranks = Counter(int(roles["down"].shape[0]) for roles in modules.values() if "down" in roles)
     alphas = Counter(round(float(roles["alpha"].item()), 4) for roles in modules.values() if "alpha" in roles)
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
-    family = family_named_in_metadata(metadata) or family_from_kohya_names(list(tensors))
+    family = family_named_in_metadata(metadata) or family_from_tensors(tensors)
     lines = [
         f"file:       {path} ({path.stat().st_size / 1024:.1f} KiB, {len(tensors)} tensors)",
         f"family:     {family.title if family else 'not stated'}",
@@ -104,32 +107,26 @@ def quiet_libraries() -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .durable import WriteFailed
-    from .runlock import OutputFolderBusy
-    from .train import TrainingDiverged, train
+    from .training.loop import train
 
     quiet_libraries()
     values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet")}
     try:
-        settings = config.build(values, args.config)
-        train(settings, quiet=args.quiet)
-    except (TrainingDiverged, WriteFailed) as error:
+        train(config.build(values, args.config), quiet=args.quiet)
+    except (TrainingDiverged, WriteFailed) as error:  # the run started; what it wrote is intact
         print(f"sdlora: training stopped: {error}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, OSError, OutputFolderBusy) as error:  # config, data, model, folder
-        print(f"sdlora: error: {error}", file=sys.stderr)
-        return 2
     return 0
 
 
 def toy_trigger() -> str:
-    from .toy import STAR_TRIGGER
+    from .toy.world import STAR_TRIGGER
 
     return STAR_TRIGGER
 
 
 def run_toy(args: argparse.Namespace) -> int:
-    from . import toy_eval
+    from .toy import eval as toy_eval
 
     quiet_libraries()
     if args.toy_command == "demo":
@@ -152,19 +149,22 @@ def run_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_inspect(args: argparse.Namespace) -> int:
+    print("\n\n".join(describe(path) for path in args.files))
+    return 0
+
+
+COMMANDS = {"train": run_train, "toy": run_toy, "inspect": run_inspect}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a user's mistake (any SdloraError) is one line and exit code 2, a bug a traceback."""
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        return run_train(args)
-    if args.command == "toy":
-        return run_toy(args)
     try:
-        if args.command == "inspect":
-            print("\n\n".join(describe(path) for path in args.files))
-    except AdapterFileError as error:
+        return COMMANDS[args.command](args)
+    except SdloraError as error:
         print(f"sdlora: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

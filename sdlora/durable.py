@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import WriteFailed
 from .faults import kill_point
 
 TEMPORARY_SUFFIX = ".sdlora-tmp"  # what `remove_temporaries` may delete: never a user's own file
@@ -28,11 +29,6 @@ HINTS = {
 }
 
 
-class WriteFailed(OSError):
-    """A file could not be written; what was there before is unchanged and no temporary is left."""
-
-    def __str__(self) -> str:
-        return self.strerror
 
 
 def fsync_folder(folder: Path) -> None:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .keys import TEXT_ENCODERS, Family, canonical_path, kohya_index, kohya_name
+from .families import Family
+from .keys import TEXT_ENCODERS, canonical_path, kohya_index, kohya_name
 
 # Tensor-name suffix -> role, longest first so `lora.down.weight` wins over `down.weight`-like tails.
 ROLES = {
@@ -123,7 +124,8 @@ def dotted_module_key(name: str) -> str | None:
 
 
 def parse_state_dict(
-    state_dict: dict[str, torch.Tensor], metadata: dict[str, str], family: Family, model_keys: list[str]
+    state_dict: dict[str, torch.Tensor], metadata: dict[str, str], family: Family, model_keys: list[str],
+    original_paths: dict[str, str] | None = None,
 ) -> Parsed:
     """Map an adapter file's tensors onto module keys of a model.
 
@@ -143,7 +145,7 @@ def parse_state_dict(
         sources.setdefault(name, []).append(key)
 
     known = set(model_keys)
-    kohya_names = kohya_index(family, model_keys)
+    kohya_names = kohya_index(family, model_keys, original_paths)
     is_kohya = any(name.startswith("lora_") for name in grouped)
     layout = "kohya" if is_kohya else "peft" if any(".lora_A." in k for k in state_dict) else "diffusers"
     configs = peft_alphas(metadata)
@@ -166,7 +168,8 @@ def parse_state_dict(
     return Parsed(modules=modules, layout=layout, unmatched=sorted(unmatched), unsupported=sorted(unsupported))
 
 
-def to_kohya(modules: dict[str, ModuleWeights], family: Family, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def to_kohya(modules: dict[str, ModuleWeights], family: Family, dtype: torch.dtype,
+             original_paths: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Module weights -> the kohya state dict that A1111, ComfyUI and diffusers read.
 
     alpha stays fp32 whatever `dtype` is: a value like 0.3 would not survive fp16, and readers
@@ -174,7 +177,7 @@ def to_kohya(modules: dict[str, ModuleWeights], family: Family, dtype: torch.dty
     """
     state_dict: dict[str, torch.Tensor] = {}
     for key, weights in modules.items():
-        name = kohya_name(family, key)
+        name = kohya_name(family, key, original_paths)
         state_dict[f"{name}.lora_down.weight"] = weights.down.detach().to("cpu", dtype).contiguous()
         state_dict[f"{name}.lora_up.weight"] = weights.up.detach().to("cpu", dtype).contiguous()
         state_dict[f"{name}.alpha"] = torch.tensor(weights.effective_alpha, dtype=torch.float32)

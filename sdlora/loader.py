@@ -13,11 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import SAVE_DTYPES, AdapterFileError, build_metadata, read_adapter, write_adapter
+from .adapter import SAVE_DTYPES, build_metadata, read_adapter, write_adapter
 from .formats import ModuleWeights, describe_unsupported, parse_state_dict, to_kohya
-from .keys import FAMILIES, component_of_file_key, family_from_kohya_names, family_named_in_metadata, module_key
+from .errors import AdapterFileError, FamilyMismatch
+from .families import FAMILIES, detect_family, family_from_tensors, family_named_in_metadata
+from .keys import component_of_file_key, module_key
 from .lora import LoRA, AdaptedLayer
-from .models import components, detect_family, unet_block_counts
+from .models import components, native_resolution, unet_block_counts
+from .sgm import unet_module_map
 from .strength import Strength, check_strength, resolve_strength
 from .targets import adaptable_modules, patterns_for, select
 
@@ -96,6 +99,18 @@ def _unwrap(model: nn.Module, path: str, wrapper: AdaptedLayer) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, child, wrapper.base)
 
 
+def _original_paths(parts: dict[str, nn.Module]) -> dict[str, str] | None:
+    """diffusers UNet module path -> the original (SGM) layout's, which kohya uses for SDXL names."""
+    if "unet" not in parts:
+        return None
+    try:
+        return unet_module_map(dict(parts["unet"].config))
+    except ValueError:  # a UNet with no original layout: its files can only use diffusers paths
+        if detect_family(parts).sgm_unet_names:
+            raise
+        return None
+
+
 def _model_layers(parts: dict[str, nn.Module]) -> dict[str, tuple[str, str, nn.Module]]:
     """module key -> (component, path in the installed model, layer) for every adaptable layer."""
     layers = {}
@@ -137,8 +152,16 @@ def _check_shapes(path: Path, modules: dict[str, ModuleWeights], layers: dict, f
 
 
 def _file_family(tensors: dict, metadata: dict[str, str]) -> str:
-    family = family_named_in_metadata(metadata) or family_from_kohya_names(list(tensors))
+    family = family_named_in_metadata(metadata) or family_from_tensors(tensors)
     return family.title if family else "an unstated model family"
+
+
+def _check_family(path: Path, tensors: dict, family) -> None:
+    """Refuse, before anything is modified, a file whose tensors are made for another family."""
+    made_for = family_from_tensors(tensors)
+    if made_for is not None and made_for is not family:
+        raise FamilyMismatch(f"{path} is an adapter for {made_for.title}, but this model is {family.title}: load it "
+                             f"on a {made_for.title} model, or use an adapter trained on {family.title}")
 
 
 def _recorded_targets(metadata: dict[str, str]) -> dict[str, list[str]]:
@@ -196,8 +219,9 @@ def load(target, path: str | os.PathLike, strength: Strength = 1.0, name: str | 
     family = detect_family(parts)
 
     tensors, metadata = read_adapter(path)
+    _check_family(path, tensors, family)
     layers = _model_layers(parts)
-    parsed = parse_state_dict(tensors, metadata, family, list(layers))
+    parsed = parse_state_dict(tensors, metadata, family, list(layers), _original_paths(parts))
     _check_parsed(path, parsed, tensors, metadata, layers, parts, family, strict)
 
     info = AdapterInfo(name=name, source=str(path), strength=strength, family=family.name, layout=parsed.layout,
@@ -345,11 +369,13 @@ def adapter_weights(target, name: str) -> dict[str, ModuleWeights]:
 
 
 def save(target, path: str | os.PathLike, name: str, dtype: str = "fp16", title: str | None = None,
-         record: dict | None = None, header: dict[str, str] | None = None) -> Path:
+         record: dict | None = None, header: dict[str, str] | None = None, prediction_type: str | None = None,
+         resolution: int | tuple[int, int] | None = None) -> Path:
     """Write an adapter as a kohya-layout .safetensors file (A1111, ComfyUI and diffusers read it).
 
     `record` joins sdlora's JSON record in the header (the training config, say); `header` adds
-    plain header keys (kohya's `ss_*` training facts).
+    plain header keys (kohya's `ss_*` training facts). The header states the prediction type and
+    resolution given, by default the pipeline's own (its scheduler's, and its native size).
     """
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
@@ -357,8 +383,12 @@ def save(target, path: str | os.PathLike, name: str, dtype: str = "fp16", title:
     info = _require_loaded(parts, name)
     family = FAMILIES[info.family]
     weights = adapter_weights(target, name)
-    state_dict = to_kohya(weights, family, SAVE_DTYPES[dtype])
-    metadata = build_metadata(weights, family, title=title or name, targets=info.targets, extra=record)
+    state_dict = to_kohya(weights, family, SAVE_DTYPES[dtype], _original_paths(parts))
+    scheduler = getattr(target, "scheduler", None)
+    prediction_type = prediction_type or (scheduler.config.prediction_type if scheduler is not None else "epsilon")
+    resolution = resolution or (native_resolution(target) if hasattr(target, "vae") else None)
+    metadata = build_metadata(weights, family, title=title or name, targets=info.targets, extra=record,
+                              prediction_type=prediction_type, resolution=resolution)
     metadata.update(header or {})
     return write_adapter(path, state_dict, metadata)
 
@@ -370,7 +400,7 @@ def copy_weights_from(target, name: str, path: str | os.PathLike) -> None:
     info = _require_loaded(parts, name)
     tensors, metadata = read_adapter(path)
     mine = adapter_weights(target, name)
-    parsed = parse_state_dict(tensors, metadata, FAMILIES[info.family], list(mine))
+    parsed = parse_state_dict(tensors, metadata, FAMILIES[info.family], list(mine), _original_paths(parts))
     if parsed.modules.keys() != mine.keys() or parsed.unmatched or parsed.unsupported:
         raise AdapterFileError(f"{path}: its layers are not those of adapter {name!r} (different targets?)")
     for key, weights in parsed.modules.items():

@@ -14,11 +14,11 @@ import os
 import socket
 from pathlib import Path
 
+from .errors import OutputFolderBusy
+
 LOCK_FILE = ".sdlora.lock"
 
 
-class OutputFolderBusy(RuntimeError):
-    """Another live run holds the output folder."""
 
 
 def _try_lock(descriptor: int) -> bool:

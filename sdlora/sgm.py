@@ -50,7 +50,8 @@ _DEFAULTS: dict[str, Any] = {
 
 # Config values the original layout has no place for: (key, value that is fine).
 _UNSUPPORTED = (
-    ("time_embedding_type", "positional"), ("time_cond_proj_dim", None), ("encoder_hid_dim_type", None),
+    ("time_embedding_type", "positional"), ("time_cond_proj_dim", None), ("encoder_hid_dim", None),
+    ("encoder_hid_dim_type", None),
     ("dual_cross_attention", False), ("cross_attention_norm", None), ("attention_type", "default"),
     ("class_embeddings_concat", False),
 )

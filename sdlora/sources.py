@@ -10,14 +10,19 @@ import json
 import os
 from pathlib import Path
 
+from .errors import ModelError
+
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 HOW_TO_POINT = ("point --model at a local copy: a diffusers folder (--model /path/to/folder) or a single "
                 ".safetensors/.ckpt file (--model /path/to/model.safetensors)")
 
 
-class ModelSourceError(ValueError):
-    """The model named by the user cannot be found or read; the message says what to do."""
+class ModelSourceError(ModelError):
+    """The model named by the user cannot be found or read; the message says what to do.
+
+    A ModelError, so a SdloraError and a ValueError: the command line reports it in one line.
+    """
 
 
 def _truthy(value: str | None) -> bool:

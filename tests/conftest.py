@@ -13,7 +13,7 @@ use_cpu_policy()  # before torch loads OpenMP: tests and their subprocesses shar
 import torch
 
 import sdlora
-from sdlora.testing import reference_client_problem, save_tiny_pipeline
+from sdlora.toy.pipelines import reference_client_problem, save_tiny_pipeline
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from sdlora import cli
-from sdlora.config import ConfigError, TrainConfig, build, read_toml, to_toml, validate
+from sdlora.training.config import ConfigError, TrainConfig, build, read_toml, to_toml, validate
 
 
 def test_defaults_file_flags_precedence(tmp_path):
@@ -22,7 +22,7 @@ def test_defaults_file_flags_precedence(tmp_path):
 
 def test_cli_flags_reach_the_config(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr("sdlora.train.train", lambda config, quiet: seen.update(config=config))
+    monkeypatch.setattr("sdlora.training.loop.train", lambda config, quiet: seen.update(config=config))
     toml = tmp_path / "train.toml"
     toml.write_text("rank = 8\nflip = 0.5\n")
     code = cli.main(["train", "--config", str(toml), "--model", "m/x", "--data", "d", "--output-dir", "o",
@@ -67,7 +67,7 @@ def valid(tmp_path, **overrides) -> TrainConfig:
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"model": "/no/such/model"}, "neither an existing folder nor a hub id"),
+    ({"model": "/no/such/model"}, "does not exist: give a diffusers folder, a checkpoint file"),
     ({"data": "/no/such/data"}, "data folder /no/such/data does not exist"),
     ({"max_steps": 5, "epochs": 2}, "not both"),
     ({"rank": 0}, "rank must be at least 1"),
@@ -95,7 +95,7 @@ def test_a_diffusers_folder_needs_a_unet(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "/no/model", "--data", "{data}", "--output-dir", "{out}"], "neither an existing folder"),
+    (["--model", "/no/model", "--data", "{data}", "--output-dir", "{out}"], "does not exist: give a diffusers folder"),
     (["--model", "{model}", "--data", "{data}", "--output-dir", "{out}"], "no usable images"),
     (["--data", "{data}", "--output-dir", "{out}"], "--model is required"),
 ])

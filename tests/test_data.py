@@ -1,4 +1,4 @@
-"""Tests for sdlora.data: discovery, image loading, captions, buckets, dataset and sampler."""
+"""Tests for sdlora.training.data: discovery, image loading, captions, buckets, dataset and sampler."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora.data import (
+from sdlora.training.data import (
     BucketBatchSampler,
     CaptionOptions,
     DataError,
@@ -168,7 +168,7 @@ def reasons(scan) -> dict[str, str]:
     return {p.relative_to(scan.root).as_posix(): reason for p, reason in scan.skipped + scan.notes}
 
 
-OVER_LIMIT = "400 megapixels, over the limit of 200 (set sdlora.data.MAX_IMAGE_PIXELS to raise it)"
+OVER_LIMIT = "400 megapixels, over the limit of 200 (set sdlora.training.data.MAX_IMAGE_PIXELS to raise it)"
 NOT_AN_IMAGE = "not an image: its content is no format Pillow reads, whatever the extension says"
 
 
@@ -183,7 +183,7 @@ def test_images_over_the_pixel_limit_are_skipped_before_decoding(tmp_path: Path,
     with pytest.raises(DataError, match="400 megapixels"):
         load_image(tmp_path / "bomb.png")
     # Our constant decides, not Pillow's limit: raised, the header passes and the missing pixels show.
-    monkeypatch.setattr("sdlora.data.MAX_IMAGE_PIXELS", 500_000_000)
+    monkeypatch.setattr("sdlora.training.data.MAX_IMAGE_PIXELS", 500_000_000)
     assert reasons(find_images(tmp_path))["bomb.png"].startswith("unreadable image (OSError")
 
 
@@ -279,14 +279,15 @@ def test_captions_longer_than_the_text_encoder_window_are_named_in_one_message(t
     named = ", ".join(f"long{i:02}.png ({over[f'long{i:02}.png']} tokens)" for i in range(10))
     assert truncated_captions(dataset, tokenizer, root) == (
         f"12 of 13 captions are longer than the text encoder's 77 tokens and will be cut at the end, by up to "
-        f"{over['long11.png']} tokens: {named} and 2 more. Shorten them to train on every word.")
+        f"{over['long11.png']} tokens: {named} and 2 more. Shorten them, or read longer captions with "
+        "--max-token-length 150 or 225.")
     items = [ImageItem(root / "short.png", "a cat", 1, 32, 32)]
     assert truncated_captions(ImageCaptionDataset(DatasetScan(items), 32), tokenizer) == ""
 
 
 def test_a_folder_of_every_kind_of_bad_file_still_trains(tiny_dir, tmp_path: Path, capsys):
-    from sdlora.config import TrainConfig
-    from sdlora.train import train
+    from sdlora.training.config import TrainConfig
+    from sdlora.training.loop import train
 
     root = tmp_path / "data"
     for i in range(3):
@@ -520,38 +521,45 @@ def test_dataset_samples(scan):
     ds = make_dataset(scan)
     assert len(ds) == sum(item.repeats for item in scan.items) == 10
     for index in range(len(ds)):
-        sample = ds[index]
+        sample = ds[(0, index)]
         w, h = sample["bucket"]
         assert sample["pixel_values"].shape == (3, h, w) and sample["pixel_values"].dtype == torch.float32
         assert sample["pixel_values"].min() >= -1 and sample["pixel_values"].max() <= 1
         assert sample["pixel_values"].min() < -0.9 and sample["pixel_values"].max() > 0.9  # full range used
         assert sample["caption"].startswith("trig, tag") and sample["index"] == index
     with pytest.raises(IndexError):
-        ds[len(ds)]
+        ds[(0, len(ds))]
 
 
 def test_flip_mirrors_the_image(scan):
-    plain = make_dataset(scan, flip_prob=0.0, random_crop=False)[0]["pixel_values"]
-    flipped = make_dataset(scan, flip_prob=1.0, random_crop=False)[0]["pixel_values"]
+    plain = make_dataset(scan, flip_prob=0.0, random_crop=False)[(0, 0)]["pixel_values"]
+    flipped = make_dataset(scan, flip_prob=1.0, random_crop=False)[(0, 0)]["pixel_values"]
     assert plain[0, :, 0].mean() > 0.9 and flipped[0, :, 0].mean() < -0.9  # red moved from left to right
     assert torch.equal(flipped, plain.flip(-1))
 
 
 def test_dataset_is_a_function_of_seed_epoch_index(scan):
     ds, other = make_dataset(scan), make_dataset(scan)
-    other.set_epoch(2)  # jumps straight to epoch 2, as a resumed run would
-    for epoch in range(3):
-        ds.set_epoch(epoch)
-        first = [ds[i] for i in range(len(ds))]
-    for a, b in zip(first, [other[i] for i in range(len(other))]):
+    first = [ds[(2, i)] for i in range(len(ds))]
+    for a, b in zip(first, [other[(2, i)] for i in range(len(other))]):  # another instance, straight to epoch 2
         assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["caption"] == b["caption"]
-    ds.set_epoch(3)
-    changed = [ds[i] for i in range(len(ds))]
+    changed = [ds[(3, i)] for i in range(len(ds))]
     assert any(a["caption"] != b["caption"] for a, b in zip(first, changed))
     assert any(not torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(first, changed))
     reseeded = make_dataset(scan, seed=8)
-    reseeded.set_epoch(3)
-    assert [reseeded.caption(i) for i in range(len(ds))] != [s["caption"] for s in changed]
+    assert [reseeded.caption(i, 3) for i in range(len(ds))] != [s["caption"] for s in changed]
+
+
+def test_geometry_is_the_crop_the_image_gets(scan):
+    """SDXL's size conditioning of cached latents comes from `geometry`, which never opens the image."""
+    for random_crop in (False, True):
+        ds = make_dataset(scan, random_crop=random_crop)
+        for epoch in (0, 1):
+            for index in range(len(ds)):
+                sample = ds[(epoch, index)]
+                original, top_left, target = ds.geometry(index, epoch)
+                assert original == sample["original_size"] and top_left == sample["crop_top_left"]
+                assert target == (sample["bucket"][1], sample["bucket"][0])
 
 
 def test_sampler_batches_one_bucket_and_repeats(scan):
@@ -559,8 +567,7 @@ def test_sampler_batches_one_bucket_and_repeats(scan):
     assert len(set(ds.sample_buckets)) > 1  # the test needs several buckets
     for drop_last in (False, True):
         sampler = BucketBatchSampler(ds.sample_buckets, 2, seed=3, drop_last=drop_last)
-        batches = list(sampler)
-        assert len(batches) == len(sampler)
+        batches = sampler.batches(0)
         for batch in batches:
             assert len({ds.sample_buckets[i] for i in batch}) == 1
             assert len(batch) == 2 or not drop_last
@@ -574,56 +581,29 @@ def test_sampler_batches_one_bucket_and_repeats(scan):
 def test_sampler_order_depends_on_seed_and_epoch(scan):
     buckets = make_dataset(scan).sample_buckets
     a, b = BucketBatchSampler(buckets, 2, seed=3), BucketBatchSampler(buckets, 2, seed=3)
-    assert list(a) == list(b)
-    a.set_epoch(0)
-    epoch0 = list(a)
-    a.set_epoch(1)
-    assert list(a) != epoch0 and list(BucketBatchSampler(buckets, 2, seed=4)) != epoch0
+    assert a.batches(0) == b.batches(0)
+    assert a.batches(1) != a.batches(0) and BucketBatchSampler(buckets, 2, seed=4).batches(0) != a.batches(0)
 
 
-def test_sampler_resumes_mid_epoch_exactly(scan):
-    buckets = make_dataset(scan).sample_buckets
-    sampler = BucketBatchSampler(buckets, 2, seed=3)
-    sampler.set_epoch(5)
-    full = list(sampler)
-    sampler.set_epoch(5)
-    iterator = iter(sampler)
-    done = [next(iterator) for _ in range(3)]
-    state = sampler.state_dict()
-    assert state["epoch"] == 5 and state["position"] == 3 and done == full[:3]
-
-    resumed = BucketBatchSampler(buckets, 2, seed=3)
-    resumed.load_state_dict(state)
-    assert len(resumed) == len(full) - 3
-    assert list(resumed) == full[3:]
-    assert list(resumed) == full  # the skip applies to one iteration only
-    resumed.load_state_dict(sampler.state_dict(batches_done=1))
-    assert list(resumed) == full[1:]
-    with pytest.raises(DataError, match="seed"):
-        BucketBatchSampler(buckets, 2, seed=4).load_state_dict(state)
-
-
-def test_dataloader_with_persistent_workers_sees_set_epoch(scan):
+def test_dataloader_workers_load_what_the_keys_name(scan):
+    """The trainer's num_workers path: a DataLoader fed (epoch, index) keys gives the samples the
+    dataset gives in the main process."""
     ds = make_dataset(scan)
     sampler = BucketBatchSampler(ds.sample_buckets, 2, seed=1)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_sampler=sampler, collate_fn=collate, num_workers=1, persistent_workers=True
-    )
-    for epoch in range(2):
-        ds.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        for batch, indices in zip(loader, sampler.batches(epoch)):
-            assert batch["indices"] == indices
-            assert batch["captions"] == [ds.caption(i) for i in indices]
-            expected = torch.stack([ds[i]["pixel_values"] for i in indices])
-            assert torch.equal(batch["pixel_values"], expected)
+    keys = [[(epoch, i) for i in batch] for epoch in range(2) for batch in sampler.batches(epoch)]
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=iter(keys), collate_fn=collate, num_workers=1)
+    for batch, wanted in zip(loader, keys, strict=True):
+        assert batch["indices"] == [i for _, i in wanted]
+        assert batch["captions"] == [ds.caption(i, epoch) for epoch, i in wanted]
+        expected = torch.stack([ds[key]["pixel_values"] for key in wanted])
+        assert torch.equal(batch["pixel_values"], expected)
 
 
 def test_collate_rejects_mixed_sizes(scan):
     ds = make_dataset(scan)
-    first = ds[0]
-    other = next(ds[i] for i in range(len(ds)) if ds.sample_buckets[i] != first["bucket"])
+    first = ds[(0, 0)]
+    other = next(ds[(0, i)] for i in range(len(ds)) if ds.sample_buckets[i] != first["bucket"])
     with pytest.raises(DataError, match="BucketBatchSampler"):
         collate([first, other])
-    batch = collate([first, ds[1]] if ds.sample_buckets[1] == first["bucket"] else [first])
+    batch = collate([first, ds[(0, 1)]] if ds.sample_buckets[1] == first["bucket"] else [first])
     assert batch["pixel_values"].ndim == 4 and isinstance(batch["captions"], list)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sdlora import durable
-from sdlora.checkpoint import checkpoint_folders
+from sdlora.training.checkpoint import checkpoint_folders
 from sdlora.durable import TEMPORARY_SUFFIX, WriteFailed, publish_folder, write_file
 from sdlora.runlock import LOCK_FILE, OutputFolderBusy, RunLock
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-from sdlora.testing import peft_mismatch
+from sdlora.toy.pipelines import peft_mismatch
 
 if sys.version_info >= (3, 11):
     import tomllib

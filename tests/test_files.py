@@ -148,7 +148,8 @@ def test_unknown_keys_strict_and_lenient(pipe, tmp_path, caplog):
     with pytest.raises(AdapterFileError, match="name no layer") as error:
         sdlora.load(pipe, tmp_path / "b.safetensors")
     assert "input_blocks_4_1" in str(error.value) and "strict=False" in str(error.value)
-    assert "Stable Diffusion XL" in str(error.value)  # SGM names give the family away
+    # original-layout UNet names are read for every family (ComfyUI does), so they say nothing of it
+    assert "an unstated model family" in str(error.value)
     untouched(pipe, before)
     with caplog.at_level(logging.WARNING, logger="sdlora"):
         sdlora.load(pipe, tmp_path / "b.safetensors", strict=False)

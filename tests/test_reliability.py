@@ -20,7 +20,7 @@ import sdlora
 from sdlora import cli, durable
 from sdlora.durable import TEMPORARY_SUFFIX
 from sdlora.runlock import LOCK_FILE
-from sdlora.train import Trainer, TrainingDiverged, diverged_message, train
+from sdlora.training.loop import Trainer, TrainingDiverged, diverged_message, train
 from test_train import assert_adapters_close, config, images  # noqa: F401 (images is a fixture)
 
 if sys.version_info >= (3, 11):

@@ -264,22 +264,20 @@ def test_single_file_with_open_clip_text_encoder(toy, tmp_path):
 
 
 def _tiny_sdxl_pipeline():
+    """Like sdlora.toy.pipelines.tiny_sdxl_pipeline, but with text encoders of different widths, as in
+    SDXL (768 and 1280): diffusers' single-file reader tells the two apart by width alone."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from sdlora.testing import build_clip_tokenizer, tiny_sdxl_unet, tiny_text_encoder, tiny_vae
+    from sdlora.toy.pipelines import build_clip_tokenizer, tiny_sdxl_unet, tiny_text_encoder, tiny_vae
 
     tokenizer = build_clip_tokenizer(("a", "red", "circle"), max_length=16)
+    tokenizer_2 = build_clip_tokenizer(("a", "red", "circle"), max_length=16, pad_token="!")
     vocab = len(tokenizer)
-    # Different widths, as in SDXL (768 and 1280): diffusers tells the two encoders apart by width.
-    torch.manual_seed(1)
-    second = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=vocab, hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16, projection_dim=32, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
-        pad_token_id=vocab - 1, hidden_act="gelu"))
     return StableDiffusionXLPipeline(
         vae=tiny_vae(), text_encoder=tiny_text_encoder(vocab, hidden_size=24, max_positions=16),
-        text_encoder_2=second, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        text_encoder_2=tiny_text_encoder(vocab, hidden_size=40, seed=1, max_positions=16, hidden_act="gelu",
+                                         projection_dim=32),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2,
         unet=tiny_sdxl_unet(cross_attention_dim=64, pooled_dim=32, time_ids_dim=8),
         scheduler=EulerDiscreteScheduler(), add_watermarker=False,
     )
@@ -364,6 +362,9 @@ def test_hub_id_in_the_cache_loads_offline(tmp_path, monkeypatch):
 
 
 def test_missing_path_and_unknown_suffix(tmp_path):
+    from sdlora.errors import ModelError, SdloraError
+
+    assert issubclass(ModelSourceError, ModelError) and issubclass(ModelSourceError, (SdloraError, ValueError))
     with pytest.raises(ModelSourceError, match="nope/model.safetensors: no such file or folder"):
         load_pipeline(str(tmp_path / "nope" / "model.safetensors"))
     weird = tmp_path / "model.bin"

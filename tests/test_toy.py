@@ -175,7 +175,7 @@ def test_presence_and_match_rates():
 
 
 def test_pretraining_data_never_shows_the_new_concepts():
-    from sdlora import toy_pretrain
+    from sdlora.toy import pretrain as toy_pretrain
 
     images, captions = toy_pretrain.render_pool(300, seed=0)
     assert all(toy.parse_caption(c)[1] in toy.SHAPES for c in captions)
@@ -230,7 +230,7 @@ def test_shipped_model_draws_what_it_is_asked(toy_pipe):
 
 
 def test_rates_count_each_concept_and_both_together():
-    from sdlora.toy_eval import rates
+    from sdlora.toy.eval import rates
 
     drawn = [toy.Scene("red", "star", "outline"), toy.Scene("blue", "star"), toy.Scene("green", "circle", "outline"),
              toy.Scene("yellow", "star", "outline")]
@@ -245,7 +245,7 @@ def test_rates_count_each_concept_and_both_together():
 def test_toy_eval_command_prints_a_table_and_writes_a_grid(tmp_path, capsys):
     from sdlora import loader
     from sdlora.cli import main
-    from sdlora.toy_eval import load_toy_pipeline
+    from sdlora.toy.eval import load_toy_pipeline
 
     pipe = load_toy_pipeline(MODEL)
     loader.add_adapter(pipe, "blank", rank=2)  # up is zero: the model's own behaviour at every strength
@@ -263,10 +263,10 @@ def test_toy_eval_command_prints_a_table_and_writes_a_grid(tmp_path, capsys):
 def _relative_effect(pipe, name: str, timesteps: tuple[int, ...]) -> dict[int, float]:
     """|UNet output with the adapter - without| / |without|, on fixed latents and toy prompts."""
     import sdlora
-    from sdlora.caching import encode_text
+    from sdlora.families import SD1
 
     prompts = ["a red circle", "a blue square", "a green triangle"]
-    context = encode_text(pipe.text_encoder, pipe.tokenizer, prompts)
+    context = SD1.encode_text([pipe.text_encoder], [pipe.tokenizer], prompts).hidden
     latents = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0))
     effect = {}
     for t in timesteps:
@@ -284,9 +284,9 @@ def test_preserving_outside_the_window_keeps_the_style_off_the_noisy_timesteps(t
     the base model. Against the same run without preservation it changes the UNet's output at t=900
     much less, and at t=100, where the style is learned, about as much."""
     import sdlora
-    from sdlora.config import build
-    from sdlora.toy_eval import load_toy_pipeline
-    from sdlora.train import train
+    from sdlora.training.config import build
+    from sdlora.toy.eval import load_toy_pipeline
+    from sdlora.training.loop import train
 
     effects = {}
     for preserve in (False, True):

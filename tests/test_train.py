@@ -16,8 +16,9 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import sdlora
-from sdlora.config import TrainConfig
-from sdlora.train import Trainer, TrainingDiverged, diffusion_loss, lr_factor, train
+from sdlora.training.config import TrainConfig
+from sdlora.training.loop import Trainer, TrainingDiverged, lr_factor, train
+from sdlora.training.loss import diffusion_loss
 from conftest import te_out, unet_out
 
 
@@ -157,7 +158,7 @@ def test_samples_validation_and_resolved_config(tiny_dir, images, tmp_path):
     assert Image.open(out / "samples" / grids[0]).size == (32, 16)  # two prompts side by side
     records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
-    from sdlora.config import build
+    from sdlora.training.config import build
 
     again = build({}, out / "config.toml")
     assert again == config(tiny_dir, images, out, max_steps=4, sample_prompts=str(prompts), sample_every=2,
@@ -196,7 +197,7 @@ def test_preserved_timesteps_are_trained_towards_the_base_prediction():
         calls.append((timesteps, rows))
         return torch.zeros_like(noisy)
 
-    loss = diffusion_loss(unet, scheduler, latents, None, torch.Generator().manual_seed(0),
+    loss = diffusion_loss(unet, scheduler, latents, {"encoder_hidden_states": None}, torch.Generator().manual_seed(0),
                           prediction_type="epsilon", timestep_range=(0, 400), base_prediction=base_prediction)
     timesteps = seen["timesteps"]
     inside = timesteps < 400
@@ -209,7 +210,7 @@ def test_preserved_timesteps_are_trained_towards_the_base_prediction():
     expected = (noise.pow(2).mean(dim=(1, 2, 3)) * inside).mean()
     torch.testing.assert_close(loss, expected)
 
-    diffusion_loss(unet, scheduler, latents, None, torch.Generator().manual_seed(0), prediction_type="epsilon",
+    diffusion_loss(unet, scheduler, latents, {"encoder_hidden_states": None}, torch.Generator().manual_seed(0), prediction_type="epsilon",
                    timestep_range=(0, 400))
     assert (seen["timesteps"] < 400).all()  # without preservation the window is all that is drawn
 
@@ -239,3 +240,32 @@ def test_two_processes_train_together(tiny_dir, images, tmp_path):
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     assert all(torch.isfinite(t).all() for t in load_file(out / "lora.safetensors").values())
+
+
+def test_image_loading_workers_change_nothing(tiny_dir, images, tmp_path):
+    """num_workers loads images ahead in other processes; the adapter is the same as loading them inline."""
+    settings = dict(max_steps=4, cache_latents=False, random_crop=True, flip=0.5)
+    inline = train(config(tiny_dir, images, tmp_path / "inline", num_workers=0, **settings), quiet=True)
+    ahead = train(config(tiny_dir, images, tmp_path / "ahead", num_workers=2, **settings), quiet=True)
+    assert_adapters_close(inline, ahead, atol=0)
+
+
+def test_zero_terminal_snr_rescales_the_schedule(tiny_dir, images, tmp_path):
+    from sdlora.errors import ConfigError
+
+    trainer = Trainer(config(tiny_dir, images, tmp_path / "v", zero_terminal_snr=True, max_steps=2,
+                             prediction_type="v_prediction"), quiet=True)
+    alphas = trainer.scheduler.alphas_cumprod
+    assert alphas[-1] == 0 and alphas[0] > 0.99  # the last step is pure noise, the first almost clean
+    assert trainer.pipe.scheduler.config.rescale_betas_zero_snr  # and the sampler knows it
+    assert sdlora.read_adapter(trainer.run())[1]["ss_zero_terminal_snr"] == "True"
+    with pytest.raises(ConfigError, match="needs v_prediction"):  # the tiny model predicts epsilon
+        Trainer(config(tiny_dir, images, tmp_path / "eps", zero_terminal_snr=True), quiet=True)
+
+
+def test_resolution_defaults_to_the_models_own_and_upscaling_is_named(tiny_dir, images, tmp_path, capsys):
+    trainer = Trainer(config(tiny_dir, images, tmp_path / "a", resolution=None, max_steps=1))
+    assert trainer.resolution == 16  # sample size 8 x the VAE's 2
+    assert "resolution 16 (the model's own" in capsys.readouterr().out
+    Trainer(config(tiny_dir, images, tmp_path / "b", resolution=64, max_steps=1))
+    assert "8 of 8 images are enlarged more than 2x" in capsys.readouterr().out

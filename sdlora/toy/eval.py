@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from . import loader
-from .toy import COLOURS, SHAPES, STAR_TRIGGER, score
+from .. import loader
+from .world import COLOURS, SHAPES, STAR_TRIGGER, score
 
 DEFAULT_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 IMAGE_SIZE = 32
@@ -130,8 +130,8 @@ def demo(out: Path, config_path: Path) -> int:
     """Train the style adapter on the bundled model and data, score it, write the adapter, grid and table."""
     import time
 
-    from .config import build
-    from .train import train
+    from ..training.config import build
+    from ..training.loop import train
 
     settings = build({"output_dir": str(out)}, config_path)
     started = time.time()

@@ -17,7 +17,8 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from .targets import PRESETS
+from ..errors import ConfigError
+from ..targets import PRESETS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,8 +37,6 @@ CHOICES = {
 REQUIRED = ("model", "data", "output_dir")
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and what to do."""
 
 
 def option(default, help: str, group: str):
@@ -47,7 +46,11 @@ def option(default, help: str, group: str):
 @dataclass
 class TrainConfig:
     # paths
-    model: str = option("", "base model: a diffusers folder or a hub id", "paths")
+    model: str = option("", "base model: a diffusers folder, a hub id (from the local cache when offline), or "
+                        "one checkpoint file (.safetensors, or .ckpt read without unpickling code)", "paths")
+    model_config: typing.Optional[str] = option(None, "for a checkpoint file of an architecture sdlora does not "
+                                                "ship: a diffusers folder whose configs describe it (no weights "
+                                                "needed)", "paths")
     data: str = option("", "folder of images with captions (.txt beside each image, metadata.jsonl, "
                        "captions.csv, or kohya-style N_concept folders)", "paths")
     output_dir: str = option("", "where the adapter, checkpoints, samples and logs go", "paths")
@@ -60,11 +63,14 @@ class TrainConfig:
     targets: str = option("attn", "layers to adapt: attn, attn-mlp (kohya's default set), full (+ convs, "
                           "LoCon), convs (UNet convs only), or a regular expression searched in module paths",
                           "adapter")
-    train_text_encoder: bool = option(False, "also train a LoRA on the text encoder (needed to bind a new "
-                                      "trigger word)", "adapter")
+    train_text_encoder: bool = option(False, "also train a LoRA on the (first) text encoder (needed to bind a "
+                                      "new trigger word); kohya names it lora_te_ (SDXL: lora_te1_)", "adapter")
+    train_text_encoder_2: bool = option(False, "SDXL: also train a LoRA on the second text encoder (lora_te2_)",
+                                        "adapter")
     # data
-    resolution: int = option(512, "training resolution; images go to aspect-ratio buckets of about this "
-                             "area", "data")
+    resolution: typing.Optional[int] = option(None, "training resolution; images go to aspect-ratio buckets of "
+                                              "about this area (default: the model's own: 512 for SD 1.x, 768 "
+                                              "for SD 2.x v, 1024 for SDXL)", "data")
     buckets: bool = option(True, "aspect-ratio buckets; off: every image is cropped to a square", "data")
     allow_upscale: bool = option(False, "let buckets upscale images smaller than the bucket", "data")
     caption_extension: str = option(".txt", "extension of the caption file beside each image", "data")
@@ -77,8 +83,14 @@ class TrainConfig:
     flip: float = option(0.0, "probability of a horizontal flip", "data")
     random_crop: bool = option(False, "crop at random instead of the centre (turns latent caching off)", "data")
     validation_split: float = option(0.0, "fraction of images held out for a validation loss", "data")
-    num_workers: int = option(0, "DataLoader worker processes", "data")
-    # training
+    num_workers: int = option(0, "processes that load and crop images ahead of the training step, when latents "
+                              "are not cached (random crops); 0 loads them in the training process", "data")
+    clip_skip: typing.Optional[int] = option(None, "use the text encoder's Nth layer from the end, counted as A1111 "
+                                             "does (1: the last; 2 is usual for anime models; default: the "
+                                             "family's own, SDXL's is 2)", "data")
+    max_token_length: typing.Optional[int] = option(None, "caption length in tokens: 75 (one window; longer "
+                                                    "captions are cut, with a warning), 150 or 225 (two or three "
+                                                    "windows, as A1111 reads long prompts)", "data")    # training
     batch_size: int = option(1, "images per step (per process)", "training")
     max_steps: typing.Optional[int] = option(None, "optimizer steps to train (or give --epochs)", "training")
     epochs: typing.Optional[int] = option(None, "passes over the data (default 10 when --max-steps is not "
@@ -98,7 +110,10 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, slower",
                                           "training")
     prediction_type: typing.Optional[str] = option(None, "epsilon or v_prediction (default: from the model's "
-                                                   "scheduler config)", "training")
+                                                   "scheduler config; SD 2.x 768 models are v_prediction)",
+                                                   "training")
+    zero_terminal_snr: bool = option(False, "rescale the noise schedule so its last step is pure noise (Lin et "
+                                     "al. 2023); needs v_prediction", "training")
     min_snr_gamma: typing.Optional[float] = option(None, "min-SNR-gamma loss weighting (5 is usual; off by "
                                                    "default)", "training")
     noise_offset: float = option(0.0, "noise offset (0.05-0.1 helps very dark/bright images)", "training")
@@ -222,26 +237,25 @@ def to_toml(config: TrainConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _looks_like_hub_id(model: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", model)) and not model.startswith((".", "/"))
-
-
 def validate(config: TrainConfig) -> None:
     """Every check that needs no model: raise ConfigError with the key and what to do."""
     for key in REQUIRED:
         if not getattr(config, key):
             raise ConfigError(f"--{key.replace('_', '-')} is required")
-    if not Path(config.model).exists() and not _looks_like_hub_id(config.model):
-        raise ConfigError(f"model {config.model!r} is neither an existing folder nor a hub id (org/name)")
-    if Path(config.model).exists() and Path(config.model).is_dir() and not (Path(config.model) / "unet").is_dir():
-        raise ConfigError(f"model folder {config.model} has no unet/ subfolder: is it a diffusers folder?")
+    from ..errors import ModelError
+    from ..models import check_model_source
+
+    try:
+        check_model_source(config.model, config.model_config)
+    except ModelError as error:
+        raise ConfigError(str(error)) from None
     if not Path(config.data).is_dir():
         raise ConfigError(f"data folder {config.data} does not exist")
     for key, choices in CHOICES.items():
         value = getattr(config, key)
         if value is not None and value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
-    positive = ("rank", "resolution", "batch_size", "gradient_accumulation", "log_every", "sample_steps")
+    positive = ("rank", "batch_size", "gradient_accumulation", "log_every", "sample_steps")
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(config, key)}")
@@ -257,8 +271,17 @@ def validate(config: TrainConfig) -> None:
         except re.error as error:
             raise ConfigError(f"targets must be {', '.join(PRESETS)} or a regular expression over module paths; "
                               f"{config.targets!r} is neither ({error})") from None
-    if config.resolution % 8:
-        raise ConfigError(f"resolution must be a multiple of 8, got {config.resolution}")
+    if config.resolution is not None and (config.resolution < 8 or config.resolution % 8):
+        raise ConfigError(f"resolution must be a positive multiple of 8, got {config.resolution}")
+    if config.clip_skip is not None and not 1 <= config.clip_skip <= 12:
+        raise ConfigError(f"clip_skip counts layers from the end, 1 to 12, got {config.clip_skip}")
+    if config.max_token_length not in (None, 75, 150, 225):
+        raise ConfigError(f"max_token_length must be 75, 150 or 225, got {config.max_token_length}")
+    if config.num_workers < 0:
+        raise ConfigError(f"num_workers must be 0 or more, got {config.num_workers}")
+    if config.zero_terminal_snr and config.prediction_type == "epsilon":
+        raise ConfigError("zero_terminal_snr needs v_prediction: at the last step the noisy image is pure noise, so "
+                          "predicting the noise is trivial and the image is never learnt")
     if config.max_steps is not None and config.epochs is not None:
         raise ConfigError("give --max-steps or --epochs, not both")
     for key in ("caption_dropout", "tag_dropout", "flip"):

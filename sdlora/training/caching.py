@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from .durable import write_file
+from ..durable import write_file
+from ..families import TextConditioning
 from .data import ImageCaptionDataset
 
 
@@ -79,28 +81,20 @@ class LatentCache:
         return mean, std
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
-def encode_text(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
-    """The last hidden state SD conditions on: [batch, tokens, width]."""
-    ids = tokenize(tokenizer, captions).to(text_encoder.device)
-    return text_encoder(ids)[0]
-
-
 class TextCache:
-    """caption -> hidden states, for a frozen text encoder and captions that never change."""
+    """caption -> the text encoders' conditioning, for frozen encoders and captions that never change.
 
-    def __init__(self, text_encoder, tokenizer, captions: list[str]):
+    Kept on the CPU (SDXL's is 77 x 2048 numbers a caption) and moved per batch.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], TextConditioning], captions: list[str]):
         unique = sorted(set(captions))
-        self.entries: dict[str, torch.Tensor] = {}
+        self.entries: dict[str, TextConditioning] = {}
         with torch.no_grad():
             for start in range(0, len(unique), 64):
                 chunk = unique[start : start + 64]
-                hidden = encode_text(text_encoder, tokenizer, chunk)
-                self.entries.update({caption: h for caption, h in zip(chunk, hidden)})
+                encoded = encode(chunk).to("cpu")
+                self.entries.update({caption: encoded[row] for row, caption in enumerate(chunk)})
 
-    def batch(self, captions: list[str]) -> torch.Tensor:
-        return torch.stack([self.entries[caption] for caption in captions])
+    def batch(self, captions: list[str]) -> TextConditioning:
+        return TextConditioning.stack([self.entries[caption] for caption in captions])

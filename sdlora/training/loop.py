@@ -21,27 +21,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import faults, loader
-from .caching import LatentCache, TextCache, encode_pixels, encode_text, sample_latents
+from .. import faults, loader
+from ..errors import ConfigError, TrainingDiverged, WriteFailed
+from ..families import ImageGeometry, TextConditioning, TextOptions, detect_family
+from ..durable import remove_temporaries, write_file, write_text
+from ..models import components, load_pipeline, native_resolution
+from ..runlock import RunLock
+from ..targets import PRESETS
+from .caching import LatentCache, TextCache, encode_pixels, sample_latents
 from .checkpoint import (checkpoint_folders, load_state, resolve_resume, rng_states, save_checkpoint,
                          set_rng_states)
-from .config import ConfigError, TrainConfig, to_toml, validate
+from .config import TrainConfig, to_toml, validate
 from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, bucket_histogram,
                    collate, find_images, truncated_captions)
-from .durable import WriteFailed, failure, remove_temporaries, write_file, write_text
-from .models import load_pipeline
-from .runlock import RunLock
-from .targets import PRESETS
+from .loss import diffusion_loss, rows_of
+from .runlog import RunLog
 
 ADAPTER = "lora"  # the adapter's name inside the pipeline while training
 logger = logging.getLogger("sdlora")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the adapter's weights became NaN or infinite."""
 
 
 def diverged_message(what: str, step: int, mixed_precision: str) -> str:
@@ -72,10 +71,6 @@ class RunPaths:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
-
-    @property
-    def metrics(self) -> Path:
-        return self.logs / "metrics.jsonl"
 
     def remove_temporaries(self) -> list[Path]:
         """What a killed run left half-written; only safe while holding the folder's lock."""
@@ -110,7 +105,7 @@ def split_validation(scan: DatasetScan, fraction: float, seed: int) -> tuple[Dat
     random.Random(f"{seed}:validation").shuffle(order)
     count = max(1, round(fraction * len(order)))
     if count >= len(order):
-        raise ValueError(f"validation_split {fraction} leaves no training image out of {len(order)}")
+        raise ConfigError(f"validation_split {fraction} leaves no training image out of {len(order)}")
     held = set(order[:count])
     train = [item for i, item in enumerate(scan.items) if i not in held]
     validation = [item for i, item in enumerate(scan.items) if i in held]
@@ -122,7 +117,7 @@ def epoch_batches(sampler: BucketBatchSampler, epoch: int, processes: int) -> li
     batches = sampler.batches(epoch)
     usable = len(batches) // processes * processes
     if usable == 0:
-        raise ValueError(f"{len(batches)} batch(es) per epoch cannot feed {processes} processes: use more images "
+        raise ConfigError(f"{len(batches)} batch(es) per epoch cannot feed {processes} processes: use more images "
                          "or a smaller --batch-size")
     return batches[:usable]
 
@@ -135,41 +130,6 @@ def batch_keys(sampler: BucketBatchSampler, epoch: int, position: int, processes
             position += processes
             yield epoch, position, batches[position - processes + process]
         epoch, position = epoch + 1, 0
-
-
-def diffusion_loss(unet, scheduler, latents, text, generator, *, prediction_type, noise_offset=0.0,
-                   min_snr_gamma=None, timestep_range=(0, 1000), base_prediction=None) -> torch.Tensor:
-    """The noise-prediction loss of one batch; all randomness from `generator`.
-
-    Timesteps are drawn from `timestep_range`. With `base_prediction` (a function of the noisy latents,
-    their timesteps and their rows in the batch, returning the model's output with the adapter off),
-    timesteps are drawn from the whole schedule instead, and those outside the range are trained
-    towards that output: the adapter learns to leave them alone.
-    """
-    batch = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn(batch, latents.shape[1], 1, 1, generator=generator)
-    low, high = timestep_range
-    if base_prediction is not None:
-        low, high = 0, scheduler.config.num_train_timesteps
-    timesteps = torch.randint(low, high, (batch,), generator=generator)
-    noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-    if base_prediction is not None:
-        outside = ((timesteps < timestep_range[0]) | (timesteps >= timestep_range[1])).nonzero().flatten()
-        if len(outside):
-            target = target.clone()
-            target[outside] = base_prediction(noisy[outside], timesteps[outside], outside).to(target.dtype)
-    prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample  # autocast picks the dtype
-    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if min_snr_gamma:
-        alphas = scheduler.alphas_cumprod.to(latents.device)[timesteps]
-        snr = alphas / (1 - alphas)
-        weight = snr.clamp(max=min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
-        loss = loss * weight
-    return loss.mean()
 
 
 def make_grid(images: list, columns: int):
@@ -204,7 +164,7 @@ class Trainer:
         validate(config)
         self.config, self.quiet = config, quiet
         self.paths = RunPaths(Path(config.output_dir), config.name)
-        self.metrics = self.tensorboard = None  # opened by run(), on the main process
+        self.log: RunLog | None = None  # opened by run(), on the main process
         scan = find_images(config.data, config.caption_extension)
         self.train_scan, self.val_scan = split_validation(scan, config.validation_split, config.seed)
         self.resume_folder = resolve_resume(config.resume, self.paths.checkpoints) if config.resume else None
@@ -244,24 +204,40 @@ class Trainer:
         config = self.config
         pipe = load_pipeline(config.model, dtype=self.weight_dtype)
         pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe
-        self.unet, self.text_encoder, self.tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
+        self.pipe, self.unet = pipe, pipe.unet
+        self.family = detect_family(components(pipe))
+        self.text_encoders = [getattr(pipe, name) for name in self.family.text_encoders]
+        self.tokenizers = [pipe.tokenizer, *([pipe.tokenizer_2] if len(self.text_encoders) > 1 else [])]
+        self.trained_encoders = [name for name, wanted in zip(self.family.text_encoders, (
+            config.train_text_encoder, config.train_text_encoder_2)) if wanted]
+        if config.train_text_encoder_2 and len(self.text_encoders) < 2:
+            raise ConfigError(f"--train-text-encoder-2: this {self.family.title} model has one text encoder")
+        self.text_options = TextOptions(clip_skip=config.clip_skip, chunks=(config.max_token_length or 75) // 75)
+        self.resolution = config.resolution or native_resolution(pipe)
         self.vae = pipe.vae.to(torch.float32)  # an fp16 VAE can overflow; it runs rarely when caching
-        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction_type = config.prediction_type or self.scheduler.config.prediction_type
-        for module in (self.unet, self.text_encoder, self.vae):
+        self.prediction_type = config.prediction_type or pipe.scheduler.config.prediction_type
+        if config.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ConfigError("zero_terminal_snr needs v_prediction, and this model predicts "
+                              f"{self.prediction_type}: add --prediction-type v_prediction (and train long enough "
+                              "for the model to adapt) or drop --zero-terminal-snr")
+        # The training schedule, and the sampler's when it changes: ZTSNR samples from the last step.
+        rescale = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if config.zero_terminal_snr else {}
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, **rescale)
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=self.prediction_type,
+                                                          **rescale)
+        for module in (self.unet, self.vae, *self.text_encoders):
             module.requires_grad_(False)
         pipe.to(self.device)
-        parts = ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
         targets = config.targets if config.targets in PRESETS else [config.targets]
         loader.add_adapter(pipe, ADAPTER, rank=config.rank, alpha=config.alpha, targets=targets,
-                           components_to_adapt=parts, dtype=torch.float32)
+                           components_to_adapt=("unet", *self.trained_encoders), dtype=torch.float32)
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            if config.train_text_encoder:
-                self.text_encoder.gradient_checkpointing_enable()
+            for name in self.trained_encoders:
+                getattr(pipe, name).gradient_checkpointing_enable()
         self.unet.train()
-        self.text_encoder.train(config.train_text_encoder)
+        for name, encoder in zip(self.family.text_encoders, self.text_encoders):
+            encoder.train(name in self.trained_encoders)
 
     def _dataset(self, scan: DatasetScan, training: bool) -> ImageCaptionDataset:
         config = self.config
@@ -271,8 +247,8 @@ class Trainer:
             caption_dropout=config.caption_dropout if training else 0.0,
             tag_dropout=config.tag_dropout if training else 0.0,
         )
-        sides = {} if config.buckets else {"min_side": config.resolution, "max_side": config.resolution}
-        return ImageCaptionDataset(scan, config.resolution, allow_upscale=config.allow_upscale,
+        sides = {} if config.buckets else {"min_side": self.resolution, "max_side": self.resolution}
+        return ImageCaptionDataset(scan, self.resolution, allow_upscale=config.allow_upscale,
                                    flip_prob=config.flip if training else 0.0, random_crop=config.random_crop,
                                    caption_options=captions, seed=config.seed, **sides)
 
@@ -280,8 +256,15 @@ class Trainer:
         config = self.config
         self.dataset = self._dataset(self.train_scan, training=True)
         self.sampler = BucketBatchSampler(self.dataset.sample_buckets, config.batch_size, seed=config.seed)
-        self.say("buckets:\n" + bucket_histogram(self.dataset.sample_buckets))
-        if message := truncated_captions(self.dataset, self.tokenizer, self.train_scan.root):
+        source = "" if config.resolution else " (the model's own size; set --resolution to change it)"
+        self.say(f"resolution {self.resolution}{source}; buckets:\n" + bucket_histogram(self.dataset.sample_buckets))
+        upscaled = self.dataset.upscaled(2.0)
+        if upscaled > len(self.dataset) / 2:
+            self.say(f"{upscaled} of {len(self.dataset)} images are enlarged more than 2x to fill their buckets at "
+                     f"{self.resolution} px: training learns their blur, and each step costs more. Give larger "
+                     "images, or a lower --resolution")
+        if message := truncated_captions(self.dataset, self.tokenizers[0], self.train_scan.root,
+                                         windows=self.text_options.chunks):
             self.say(message)
         processes = self.accelerator.num_processes
         per_epoch = len(epoch_batches(self.sampler, 0, processes)) // processes // config.gradient_accumulation
@@ -298,20 +281,24 @@ class Trainer:
                                        progress=not self.quiet and self.accelerator.is_main_process)
             if cache_dir:
                 self.say(f"latent cache: {self.latents.reused} of {len(self.latents.entries)} reused from {cache_dir}")
-        self.text_cache = None
-        if config.cache_text and not config.train_text_encoder and not self.captions_vary:
-            self.text_cache = TextCache(self.text_encoder, self.tokenizer,
-                                        [self.dataset.caption(i, 0) for i in range(len(self.dataset))])
         self.val_dataset = self._dataset(self.val_scan, training=False) if self.val_scan else None
+        self.text_cache = None
+        if config.cache_text and not self.trained_encoders and not self.captions_vary:
+            datasets = [self.dataset, *([self.val_dataset] if self.val_dataset else [])]
+            captions = [data.caption(i, 0) for data in datasets for i in range(len(data))]
+            self.text_cache = TextCache(self._encode_text, captions)
+            if not self.prompts:  # nothing else needs the text encoders: free the accelerator's memory
+                for encoder in self.text_encoders:
+                    encoder.to("cpu")
         if self.latents is not None and self.val_dataset is None and not self.prompts:
             self.vae.to("cpu")  # every latent is cached and nothing decodes: free the accelerator's memory
 
     def _build_optimizer(self) -> None:
         config = self.config
         groups = [{"params": loader.trainable_parameters(self.unet, ADAPTER), "lr": config.lr}]
-        if config.train_text_encoder:
-            te_params = loader.trainable_parameters(self.text_encoder, ADAPTER)
-            groups.append({"params": te_params, "lr": config.text_encoder_lr or config.lr})
+        for name in self.trained_encoders:
+            groups.append({"params": loader.trainable_parameters(getattr(self.pipe, name), ADAPTER),
+                           "lr": config.text_encoder_lr or config.lr})
         self.parameters = [p for group in groups for p in group["params"]]
         for parameter in self.parameters:
             parameter.requires_grad_(True)
@@ -332,57 +319,79 @@ class Trainer:
         # The wrapped ones serve the training steps; work on the main process alone (validation,
         # samples) uses the plain ones, since a wrapped forward may wait on the other processes.
         self.wrapped_unet, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
-        self.wrapped_text_encoder = (self.accelerator.prepare(self.text_encoder) if config.train_text_encoder
-                                     else self.text_encoder)
+        self.wrapped_text_encoders = [self.accelerator.prepare(encoder) if name in self.trained_encoders
+                                      else encoder for name, encoder in zip(self.family.text_encoders,
+                                                                            self.text_encoders)]
 
     # -- one step
 
-    def _text(self, captions: list[str], training: bool) -> torch.Tensor:
+    def _encode_text(self, captions: list[str], training: bool = False) -> TextConditioning:
+        encoders = self.wrapped_text_encoders if training else self.text_encoders
+        with nullcontext() if self.trained_encoders else torch.no_grad():
+            return self.family.encode_text(encoders, self.tokenizers, captions, self.text_options)
+
+    def _text(self, captions: list[str], training: bool) -> TextConditioning:
         if self.text_cache is not None:
             return self.text_cache.batch(captions).to(self.device)
-        text_encoder = self.wrapped_text_encoder if training else self.text_encoder
-        with nullcontext() if self.config.train_text_encoder else torch.no_grad():
-            return encode_text(text_encoder, self.tokenizer, captions)
+        return self._encode_text(captions, training)
 
-    def _latents(self, epoch: int, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+    def _pixel_batches(self, epoch: int, position: int):
+        """Images for the batches that `batch_keys` yields from here on, loaded ahead by num_workers
+        processes (only for runs whose latents are not cached)."""
+        accelerator = self.accelerator
+        keys = batch_keys(self.sampler, epoch, position, accelerator.num_processes, accelerator.process_index)
+        batches = ([(epoch, index) for index in indices] for epoch, _, indices in keys)
+        workers = self.config.num_workers
+        return iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate,
+                                                num_workers=workers, prefetch_factor=2 if workers else None))
+
+    def _latents(self, epoch: int, indices: list[int], generator: torch.Generator, pixels=None) -> torch.Tensor:
         if self.latents is not None:
             mean, std = self.latents.batch(self.dataset, indices, epoch, self.device)
         else:
-            batch = collate([self.dataset[(epoch, i)] for i in indices])
-            mean, std = encode_pixels(self.vae, batch["pixel_values"])
+            if pixels is None:
+                pixels = collate([self.dataset[(epoch, i)] for i in indices])["pixel_values"]
+            mean, std = encode_pixels(self.vae, pixels)
         return sample_latents(self.vae.config, mean, std, generator)
 
     def micro_batch_loss(self, epoch: int, indices: list[int], generator: torch.Generator,
-                         dataset: ImageCaptionDataset | None = None, training: bool = True) -> torch.Tensor:
+                         dataset: ImageCaptionDataset | None = None, training: bool = True,
+                         pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of one micro-batch: a training batch (the adapter's wrapped models, cached latents)
+        or, with training=False, an evaluation batch of `dataset` (plain models, images encoded now)."""
         config = self.config
         dataset = dataset or self.dataset
-        if dataset is self.dataset:
-            latents = self._latents(epoch, indices, generator)
+        if training:
+            latents = self._latents(epoch, indices, generator, pixels)
         else:  # validation images are few and never cached
             pixels = collate([dataset[(epoch, i)] for i in indices])["pixel_values"]
             latents = sample_latents(self.vae.config, *encode_pixels(self.vae, pixels), generator)
         captions = [dataset.caption(i, epoch) for i in indices]
         text = self._text(captions, training)
-        preserve = self._base_prediction(captions, text) if config.preserve_outside_window else None
+        geometry = [ImageGeometry(*dataset.geometry(i, epoch)) for i in indices]
+        inputs = self.family.unet_inputs(text, geometry)
+        preserve = self._base_prediction(captions, inputs, geometry) if config.preserve_outside_window else None
         with self.accelerator.autocast():
-            return diffusion_loss(self.wrapped_unet if training else self.unet, self.scheduler, latents, text,
+            return diffusion_loss(self.wrapped_unet if training else self.unet, self.scheduler, latents, inputs,
                                   generator,
                                   prediction_type=self.prediction_type, noise_offset=config.noise_offset,
                                   min_snr_gamma=config.min_snr_gamma,
                                   timestep_range=(config.timestep_min, config.timestep_max),
                                   base_prediction=preserve)
 
-    def _base_prediction(self, captions: list[str], text: torch.Tensor):
+    def _base_prediction(self, captions: list[str], inputs: dict, geometry: list[ImageGeometry]):
         """The target outside the timestep window: the frozen model's output, adapter off (text included)."""
 
         @torch.no_grad()
         def predict(noisy: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             with loader.disabled(self.pipe, ADAPTER):
-                if self.config.train_text_encoder:
-                    base_text = encode_text(self.text_encoder, self.tokenizer, [captions[i] for i in rows.tolist()])
+                if self.trained_encoders:
+                    chosen = rows.tolist()
+                    text = self._encode_text([captions[i] for i in chosen])
+                    base_inputs = self.family.unet_inputs(text, [geometry[i] for i in chosen])
                 else:
-                    base_text = text[rows]
-                return self.unet(noisy, timesteps, encoder_hidden_states=base_text).sample
+                    base_inputs = rows_of(inputs, rows)
+                return self.unet(noisy, timesteps, **base_inputs).sample
 
         return predict
 
@@ -405,11 +414,11 @@ class Trainer:
     def restore(self, folder: Path) -> tuple[int, int, int]:
         state = load_state(folder)
         saved = json.loads(state["config"])
-        for key in ("rank", "alpha", "targets", "train_text_encoder", "seed", "batch_size", "gradient_accumulation",
-                    "resolution", "data"):
-            if saved[key] != getattr(self.config, key):
-                raise ValueError(f"cannot resume from {folder}: it was trained with {key}={saved[key]!r}, this run "
-                                 f"has {key}={getattr(self.config, key)!r}")
+        for key in ("rank", "alpha", "targets", "train_text_encoder", "train_text_encoder_2", "seed", "batch_size",
+                    "gradient_accumulation", "resolution", "data", "clip_skip", "max_token_length"):
+            if saved.get(key) != getattr(self.config, key):
+                raise ConfigError(f"cannot resume from {folder}: it was trained with {key}={saved.get(key)!r}, this "
+                                  f"run has {key}={getattr(self.config, key)!r}")
         loader.copy_weights_from(self.pipe, ADAPTER, folder / "adapter.safetensors")
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -420,22 +429,27 @@ class Trainer:
         config = self.config
         header = {
             "ss_learning_rate": str(config.lr), "ss_unet_lr": str(config.lr),
-            "ss_text_encoder_lr": str(config.text_encoder_lr or config.lr) if config.train_text_encoder else "0",
+            "ss_text_encoder_lr": str(config.text_encoder_lr or config.lr) if self.trained_encoders else "0",
             "ss_optimizer": config.optimizer, "ss_lr_scheduler": config.lr_scheduler,
-            "ss_resolution": f"({config.resolution}, {config.resolution})", "ss_steps": str(step),
+            "ss_resolution": f"({self.resolution}, {self.resolution})", "ss_steps": str(step),
             "ss_epoch": str(step // self.steps_per_epoch), "ss_num_train_images": str(len(self.dataset)),
             "ss_noise_offset": str(config.noise_offset), "ss_min_snr_gamma": str(config.min_snr_gamma),
+            "ss_clip_skip": str(config.clip_skip or self.family.default_clip_skip),
+            "ss_max_token_length": str(config.max_token_length or 75),
+            "ss_zero_terminal_snr": str(config.zero_terminal_snr),
             "ss_seed": str(config.seed), "ss_training_comment": "trained with sdlora",
         }
-        record = {"training": asdict(config), "steps": step}
-        return loader.save(self.pipe, path, ADAPTER, dtype=dtype, title=config.name, record=record, header=header)
+        record = {"training": asdict(config), "steps": step, "resolution": self.resolution,
+                  "prediction_type": self.prediction_type}
+        return loader.save(self.pipe, path, ADAPTER, dtype=dtype, title=config.name, record=record, header=header,
+                           prediction_type=self.prediction_type, resolution=self.resolution)
 
     # -- watching
 
     def sample(self, step: int) -> Path | None:
         if not self.prompts or not self.accelerator.is_main_process:
             return None
-        size = self.config.resolution
+        size = self.resolution
         images = []
         with torch.no_grad(), self.accelerator.autocast():
             for i, prompt in enumerate(self.prompts):
@@ -444,51 +458,12 @@ class Trainer:
                                     guidance_scale=self.config.sample_guidance, generator=generator).images
         self.unet.train()
         path = self.paths.samples / f"step-{step:06d}.png"
+        grid = make_grid(images, columns=min(4, len(images)))
         png = io.BytesIO()
-        make_grid(images, columns=min(4, len(images))).save(png, format="PNG")
+        grid.save(png, format="PNG")
         write_file(path, png.getvalue())
-        if self.tensorboard:
-            import numpy as np
-
-            self.tensorboard.add_image("samples", np.array(make_grid(images, min(4, len(images)))), step,
-                                       dataformats="HWC")
+        self.log.image("samples", grid, step)
         return path
-
-    def _open_logs(self, resumed_step: int | None):
-        self.paths.logs.mkdir(parents=True, exist_ok=True)
-        trim_metrics(self.paths.metrics, resumed_step)
-        self.metrics = self.paths.metrics.open("a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(self.paths.logs))
-        except ImportError:  # tensorboard is optional
-            self.tensorboard = None
-
-    def sync_logs(self) -> None:
-        try:
-            self.metrics.flush()
-            os.fsync(self.metrics.fileno())
-        except OSError as error:
-            raise failure(self.paths.metrics, error) from error
-
-    def _close_logs(self) -> None:
-        if self.metrics:
-            self.metrics.close()
-        if self.tensorboard:
-            self.tensorboard.close()
-        self.metrics = self.tensorboard = None
-
-    def log(self, record: dict) -> None:
-        try:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
-        except OSError as error:
-            raise failure(self.paths.metrics, error) from error
-        if self.tensorboard:
-            for key, value in record.items():
-                if key not in ("step", "time") and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, record["step"])
 
     # -- the loop
 
@@ -501,7 +476,9 @@ class Trainer:
         except WriteFailed as error:
             raise WriteFailed(error.errno, f"{error}. {self.resume_hint()}") from error
         finally:
-            self._close_logs()
+            if self.log:
+                self.log.close()
+                self.log = None
 
     def _prepare_output(self, resumed_step: int | None) -> None:
         left = self.paths.remove_temporaries()
@@ -509,7 +486,7 @@ class Trainer:
             self.say(f"removed {len(left)} half-written file(s) an interrupted run left: "
                      + ", ".join(str(path.relative_to(self.paths.root)) for path in left))
         write_text(self.paths.root / "config.toml", to_toml(self.config))
-        self._open_logs(resumed_step)
+        self.log = RunLog(self.paths.logs, resumed_step)
 
     def resume_hint(self) -> str:
         folders = checkpoint_folders(self.paths.checkpoints)
@@ -527,10 +504,12 @@ class Trainer:
     def _train(self, step: int, epoch: int, position: int) -> Path:
         config, accelerator = self.config, self.accelerator
         trainable = sum(p.numel() for p in self.parameters)
-        self.say(f"training {trainable / 1e6:.2f} M parameters ({config.targets}, rank {config.rank}) on "
-                 f"{self.device}, weights {self.weight_dtype}; {self.total_steps} steps, "
-                 f"{self.steps_per_epoch} per epoch" + (f"; resuming at step {step}" if step else ""))
+        self.say(f"training {trainable / 1e6:.2f} M parameters ({config.targets}, rank {config.rank}) of a "
+                 f"{self.family.title} model ({self.prediction_type}) on {self.device}, weights {self.weight_dtype}; "
+                 f"{self.total_steps} steps, {self.steps_per_epoch} per epoch"
+                 + (f"; resuming at step {step}" if step else ""))
         keys = batch_keys(self.sampler, epoch, position, accelerator.num_processes, accelerator.process_index)
+        pixels = self._pixel_batches(epoch, position) if self.latents is None else None
         bar = tqdm(total=self.total_steps, initial=step, desc="training", unit="step",
                    disable=self.quiet or not accelerator.is_main_process)
         started, smoothed = time.time(), None
@@ -538,10 +517,11 @@ class Trainer:
             total = 0.0
             for micro in range(config.gradient_accumulation):
                 epoch, position, indices = next(keys)
+                images = next(pixels)["pixel_values"] if pixels is not None else None
                 generator = step_generator(config.seed, step, micro, accelerator.process_index)
                 syncing = micro == config.gradient_accumulation - 1
                 with nullcontext() if syncing else accelerator.no_sync(self.wrapped_unet):
-                    loss = self.micro_batch_loss(epoch, indices, generator) / config.gradient_accumulation
+                    loss = self.micro_batch_loss(epoch, indices, generator, pixels=images) / config.gradient_accumulation
                     if faults.nan_at(step + 1):
                         loss = loss * float("nan")
                     if not torch.isfinite(loss):
@@ -563,16 +543,16 @@ class Trainer:
             bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2e}", epoch=epoch)
             if accelerator.is_main_process:
                 if step % config.log_every == 0 or step == self.total_steps:
-                    self.log({"step": step, "loss": total, "loss_smoothed": smoothed, "lr": lr, "epoch": epoch,
-                              "time": round(time.time() - started, 3)})
+                    self.log.write({"step": step, "loss": total, "loss_smoothed": smoothed, "lr": lr, "epoch": epoch,
+                                    "time": round(time.time() - started, 3)})
                 if config.validation_every and (step % config.validation_every == 0 or step == self.total_steps):
-                    self.log({"step": step, "val_loss": self.fixed_noise_loss(self.val_dataset),
-                              "time": round(time.time() - started, 3)})
+                    self.log.write({"step": step, "val_loss": self.fixed_noise_loss(self.val_dataset),
+                                    "time": round(time.time() - started, 3)})
                 if config.sample_every and step % config.sample_every == 0:
                     self.sample(step)
                 if config.save_every and step % config.save_every == 0:
                     self.check_finite(step)
-                    self.sync_logs()  # the log on disk reaches at least as far as the checkpoint
+                    self.log.sync()  # the log on disk reaches at least as far as the checkpoint
                     save_checkpoint(self.paths.checkpoints, step,
                                     lambda path: self.save_adapter(path, "fp32", step),
                                     self.state(step, epoch, position), config.keep_checkpoints)
@@ -588,25 +568,6 @@ class Trainer:
         self.say(f"done: {step} steps in {elapsed:.1f} s ({elapsed / max(1, step):.3f} s/step), peak memory "
                  f"{peak_memory_mb(self.device):.0f} MB\nadapter: {output} ({output.stat().st_size / 1024:.1f} KiB)")
         return output
-
-
-def trim_metrics(path: Path, resumed_step: int | None) -> None:
-    """Make the log continue cleanly: drop a line a kill cut in half and, on resume, the records of
-    the steps after the checkpoint, which the resumed run logs again."""
-    if not path.is_file():
-        return
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.splitlines(keepends=True)
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line) if line.endswith("\n") else None
-        except json.JSONDecodeError:
-            record = None
-        if record is not None and (resumed_step is None or record.get("step", 0) <= resumed_step):
-            kept.append(line)
-    if len(kept) != len(lines):
-        write_text(path, "".join(kept))
 
 
 def train(config: TrainConfig, quiet: bool = False) -> Path:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .durable import TEMPORARY_SUFFIX, publish_folder, recover_folder, remove_tree, write_file
+from ..durable import TEMPORARY_SUFFIX, publish_folder, recover_folder, remove_tree, write_file
+from ..errors import ConfigError
 
 STEP_FOLDER = re.compile(r"^step-(\d+)$")
 ADAPTER_FILE = "adapter.safetensors"
@@ -37,11 +38,11 @@ def resolve_resume(resume: str, checkpoints: Path) -> Path:
     if resume == "latest":
         folders = checkpoint_folders(checkpoints)
         if not folders:
-            raise FileNotFoundError(f"--resume latest: no checkpoint in {checkpoints} (write some with --save-every)")
+            raise ConfigError(f"--resume latest: no checkpoint in {checkpoints} (write some with --save-every)")
         return folders[-1]
     folder = Path(resume)
     if not (folder / STATE_FILE).is_file() or not (folder / ADAPTER_FILE).is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (it needs {ADAPTER_FILE} and "
+        raise ConfigError(f"--resume {resume}: not a checkpoint folder (it needs {ADAPTER_FILE} and "
                                 f"{STATE_FILE})")
     return folder
 

@@ -1,4 +1,5 @@
-"""Tiny Stable Diffusion 1.x pipelines built in code, for tests, demos and benchmarks.
+"""Tiny Stable Diffusion pipelines (SD 1.x, SD 2.x v-prediction, SDXL) built in code, for tests,
+demos and benchmarks.
 
 Nothing here downloads anything: the UNet, VAE and CLIP text encoder are built from small
 configs with seeded random weights, and the CLIP tokenizer's BPE vocabulary is built in code.
@@ -34,7 +35,7 @@ def _merges_for_word(word: str) -> list[tuple[str, str]]:
     return merges
 
 
-def build_clip_tokenizer(words: tuple[str, ...] = (), max_length: int = 77):
+def build_clip_tokenizer(words: tuple[str, ...] = (), max_length: int = 77, pad_token: str = "<|endoftext|>"):
     """A CLIP tokenizer whose vocabulary is the byte alphabet plus one token for each of `words`.
 
     Words not in the list still tokenize, one token per character, as with the real CLIP vocabulary.
@@ -53,10 +54,10 @@ def build_clip_tokenizer(words: tuple[str, ...] = (), max_length: int = 77):
                 vocab.setdefault(left + right, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, pad_token=pad_token)
 
 
-def tiny_unet(cross_attention_dim: int = 32, seed: int = 0):
+def tiny_unet(cross_attention_dim: int = 32, seed: int = 0, linear_projection: bool = False):
     """A UNet2DConditionModel with the SD 1.x block layout at toy size (attention in down, mid and up)."""
     from diffusers import UNet2DConditionModel
 
@@ -72,8 +73,8 @@ def tiny_unet(cross_attention_dim: int = 32, seed: int = 0):
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=4,
         norm_num_groups=8,
+        use_linear_projection=linear_projection,  # SD 2.x's transformers project with Linear, SD 1.x's with 1x1 convs
     )
-
 
 
 def tiny_sdxl_unet(seed: int = 0, cross_attention_dim: int = 64, pooled_dim: int = 32, time_ids_dim: int = 8):
@@ -105,10 +106,15 @@ def tiny_sdxl_unet(seed: int = 0, cross_attention_dim: int = 64, pooled_dim: int
         norm_num_groups=8,
     )
 
+
 def tiny_text_encoder(vocab_size: int, hidden_size: int = 32, seed: int = 0, intermediate_size: int | None = None,
-                      max_positions: int = 77):
-    """A 2-layer CLIPTextModel; build_clip_tokenizer puts <|startoftext|>, <|endoftext|> last."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+                      max_positions: int = 77, hidden_act: str = "quick_gelu", projection_dim: int | None = None):
+    """A 2-layer CLIPTextModel; build_clip_tokenizer puts <|startoftext|>, <|endoftext|> last.
+
+    SD 1.x's CLIP uses quick_gelu, SD 2.x's OpenCLIP gelu; a projection_dim gives the
+    CLIPTextModelWithProjection that SDXL's second encoder is.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
@@ -121,8 +127,10 @@ def tiny_text_encoder(vocab_size: int, hidden_size: int = 32, seed: int = 0, int
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
+        hidden_act=hidden_act,
+        projection_dim=projection_dim or hidden_size,
     )
-    return CLIPTextModel(config)
+    return CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
 
 
 def tiny_vae(seed: int = 0):
@@ -141,35 +149,87 @@ def tiny_vae(seed: int = 0):
     )
 
 
-def tiny_pipeline(seed: int = 0, words: tuple[str, ...] = ("a", "red", "blue", "circle", "square")):
-    """A complete StableDiffusionPipeline (16 px images, 8x8x4 latents) with seeded random weights."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+WORDS = ("a", "red", "blue", "circle", "square")
 
-    tokenizer = build_clip_tokenizer(words)
-    scheduler = DDIMScheduler(
+
+def _scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
         clip_sample=False,  # clipping predicted latents to [-1, 1] ruins latent-diffusion samples
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
+
+
+def tiny_pipeline(seed: int = 0, words: tuple[str, ...] = WORDS):
+    """A complete StableDiffusionPipeline (16 px images, 8x8x4 latents) with seeded random weights."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = build_clip_tokenizer(words)
     return StableDiffusionPipeline(
         vae=tiny_vae(seed),
         text_encoder=tiny_text_encoder(len(tokenizer), seed=seed),
         tokenizer=tokenizer,
         unet=tiny_unet(seed=seed),
-        scheduler=scheduler,
+        scheduler=_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
 
 
-def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
-    """Build a tiny pipeline and save it as a diffusers folder that `from_pretrained` loads."""
+def tiny_sd2_pipeline(seed: int = 0, words: tuple[str, ...] = WORDS, prediction_type: str = "v_prediction"):
+    """An SD 2.x-shaped StableDiffusionPipeline: OpenCLIP's gelu text encoder, linear projections in the
+    UNet, and v-prediction like the 768 px SD 2.x models."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = build_clip_tokenizer(words, pad_token="!")
+    unet = tiny_unet(seed=seed, linear_projection=True)
+    return StableDiffusionPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_text_encoder(len(tokenizer), seed=seed, hidden_act="gelu"),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0, words: tuple[str, ...] = WORDS):
+    """An SDXL-shaped StableDiffusionXLPipeline: two text encoders (the second projected and padded with
+    "!"), the SDXL block layout with size conditioning, 16 px images."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer = build_clip_tokenizer(words)
+    tokenizer_2 = build_clip_tokenizer(words, pad_token="!")
+    vae = tiny_vae(seed)
+    vae.register_to_config(scaling_factor=0.13025)  # SDXL's VAE scale
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=tiny_text_encoder(len(tokenizer), seed=seed),
+        text_encoder_2=tiny_text_encoder(len(tokenizer_2), seed=seed + 1, hidden_act="gelu", projection_dim=32),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=tiny_sdxl_unet(seed=seed, cross_attention_dim=64, pooled_dim=32),
+        scheduler=_scheduler(),
+        add_watermarker=False,
+    )
+
+
+PIPELINES = {"sd1": tiny_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline}
+
+
+def save_tiny_pipeline(path: str | Path, seed: int = 0, family: str = "sd1") -> Path:
+    """Build a tiny pipeline of a family and save it as a diffusers folder that `from_pretrained` loads."""
     path = Path(path)
-    tiny_pipeline(seed).save_pretrained(path)
+    PIPELINES[family](seed).save_pretrained(path)
     return path
 
 

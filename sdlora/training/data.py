@@ -18,11 +18,13 @@ import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CONCEPT_DIR = re.compile(r"^(\d+)_(.+)$")  # kohya's "N_concept words" folders
@@ -31,10 +33,6 @@ _EXIF_ORIENTATION = 0x0112
 # cameras. 200 MP (600 MB decoded) admits any single-shot photo and still skips decompression bombs
 # and gigapixel panoramas, which training would shrink to about 1 MP anyway.
 MAX_IMAGE_PIXELS = 200_000_000
-
-
-class DataError(ValueError):
-    """A problem with the training data or data settings; the message says which file/value and what to do."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +139,7 @@ def _open_image(path: Path | str) -> Image.Image:
     if img.width * img.height > MAX_IMAGE_PIXELS:
         img.close()
         raise DataError(f"{img.width * img.height / 1e6:.3g} megapixels, over the limit of "
-                        f"{MAX_IMAGE_PIXELS / 1e6:g} (set sdlora.data.MAX_IMAGE_PIXELS to raise it)")
+                        f"{MAX_IMAGE_PIXELS / 1e6:g} (set sdlora.training.data.MAX_IMAGE_PIXELS to raise it)")
     return img
 
 
@@ -380,24 +378,33 @@ class Cropped(NamedTuple):
     original_size: tuple[int, int]  # (height, width) before resizing
 
 
+def crop_box(size: tuple[int, int], bucket: tuple[int, int], rng: random.Random | None = None,
+             random_crop: bool = False) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((width, height) to resize to, (top, left) of the crop) that make an image of `size` fill `bucket`.
+
+    A pure function of its arguments, so an image's crop is known without opening it (SDXL's size
+    conditioning of cached latents needs it).
+    """
+    (bw, bh), (w, h) = bucket, size
+    scale = max(bw / w, bh / h)
+    # max() guards against rounding a covering size down by one pixel.
+    new_w, new_h = max(bw, round(w * scale)), max(bh, round(h * scale))
+    if random_crop:
+        if rng is None:
+            raise DataError("random_crop=True needs an rng so the crop is reproducible")
+        return (new_w, new_h), (rng.randint(0, new_h - bh), rng.randint(0, new_w - bw))
+    return (new_w, new_h), ((new_h - bh) // 2, (new_w - bw) // 2)
+
+
 def resize_and_crop(
     img: Image.Image, bucket: tuple[int, int], rng: random.Random | None = None, random_crop: bool = False
 ) -> Cropped:
     """Scale `img` to cover `bucket` (keeping aspect), then crop centre or at random to exactly the bucket."""
-    bw, bh = bucket
-    w, h = img.size
-    scale = max(bw / w, bh / h)
-    # max() guards against rounding a covering size down by one pixel.
-    new_w, new_h = max(bw, round(w * scale)), max(bh, round(h * scale))
+    (bw, bh), (w, h) = bucket, img.size
+    (new_w, new_h), (top, left) = crop_box(img.size, bucket, rng, random_crop)
     if (new_w, new_h) != (w, h):
         # reducing_gap: shrink big photos by an integer factor first; much faster, same look.
         img = img.resize((new_w, new_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    if random_crop:
-        if rng is None:
-            raise DataError("random_crop=True needs an rng so the crop is reproducible")
-        top, left = rng.randint(0, new_h - bh), rng.randint(0, new_w - bw)
-    else:
-        top, left = (new_h - bh) // 2, (new_w - bw) // 2
     return Cropped(img.crop((left, top, left + bw, top + bh)), (top, left), (h, w))
 
 
@@ -440,34 +447,35 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         # Dataset index -> item index, each item's repeats laid out consecutively.
         self.item_of: list[int] = [i for i, it in enumerate(self.items) for _ in range(it.repeats)]
         self.sample_buckets: list[tuple[int, int]] = [item_buckets[i] for i in self.item_of]
-        # Shared memory so DataLoader workers (even persistent ones) see set_epoch from the main process.
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.item_of)
 
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose augmentations `__getitem__` reproduces; call before iterating."""
-        self._epoch.fill_(epoch)
-
-    def _rng(self, index: int, purpose: str, epoch: int | None) -> random.Random:
+    def _rng(self, index: int, purpose: str, epoch: int) -> random.Random:
         # String seeds are hashed with SHA-512, so this is stable across processes and Python runs.
         # Separate streams keep captions identical whether or not flips/crops are enabled.
-        epoch = self.epoch if epoch is None else epoch
         return random.Random(f"{self.seed}:{epoch}:{index}:{purpose}")
 
-    def caption(self, index: int, epoch: int | None = None) -> str:
-        """The processed caption of sample `index` in an epoch (default: the current one)."""
+    def caption(self, index: int, epoch: int = 0) -> str:
+        """The processed caption of sample `index` in an epoch."""
         item = self.items[self.item_of[index]]
         return process_caption(item.caption, self._rng(index, "caption", epoch), **self.caption_options.__dict__)
 
-    def flipped(self, index: int, epoch: int | None = None) -> bool:
+    def flipped(self, index: int, epoch: int = 0) -> bool:
         """Whether sample `index` is mirrored in an epoch; known without loading the image."""
         return self.flip_prob > 0 and self._rng(index, "flip", epoch).random() < self.flip_prob
+
+    def geometry(self, index: int, epoch: int = 0) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """(original size, crop top-left, bucket size) of sample `index`, each (height, width): SDXL's size
+        conditioning, known without loading the image."""
+        item, bucket = self.items[self.item_of[index]], self.sample_buckets[index]
+        _, top_left = crop_box((item.width, item.height), bucket, self._rng(index, "crop", epoch), self.random_crop)
+        return (item.height, item.width), top_left, (bucket[1], bucket[0])
+
+    def upscaled(self, factor: float = 2.0) -> int:
+        """How many images are enlarged more than `factor` times to fill their bucket."""
+        return sum(max(bw / item.width, bh / item.height) > factor
+                   for item, (bw, bh) in zip((self.items[i] for i in self.item_of), self.sample_buckets))
 
     def item_pixels(self, item_index: int, bucket: tuple[int, int], flipped: bool,
                     rng: random.Random | None = None) -> tuple[torch.Tensor, Cropped]:
@@ -482,9 +490,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         pixels = torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0
         return pixels, cropped
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        """A sample by index (current epoch) or by (epoch, index), so prefetching workers never guess."""
-        epoch, index = key if isinstance(key, tuple) else (None, key)
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        """A sample by (epoch, index): the epoch travels with the key, so prefetching workers never guess."""
+        epoch, index = key
         if not 0 <= index < len(self):
             raise IndexError(f"sample index {index} out of range for {len(self)} samples")
         bucket = self.sample_buckets[index]
@@ -501,11 +509,13 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         }
 
 
-def truncated_captions(dataset: ImageCaptionDataset, tokenizer, root: Path | None = None, most: int = 10) -> str:
+def truncated_captions(dataset: ImageCaptionDataset, tokenizer, root: Path | None = None, most: int = 10,
+                       windows: int = 1) -> str:
     """One message naming the images whose caption the text encoder will cut, or "" if none.
 
     Each image's caption is the one its first sample gets in epoch 0, as the dataset builds it
-    (prefix, suffix, shuffling); the tokenizer's `model_max_length` counts the start and end tokens.
+    (prefix, suffix, shuffling); the tokenizer's `model_max_length` counts the start and end tokens,
+    and `windows` of it are read (A1111's long prompts: each window holds model_max_length - 2 words).
     """
     first_sample: dict[int, int] = {}
     for index, item in enumerate(dataset.item_of):
@@ -513,23 +523,22 @@ def truncated_captions(dataset: ImageCaptionDataset, tokenizer, root: Path | Non
     captions = [dataset.caption(index, 0) for index in first_sample.values()]
     # verbose=False: the tokenizer would otherwise log a warning of its own that names no file.
     lengths = [len(ids) for ids in tokenizer(captions, verbose=False).input_ids]
-    window = tokenizer.model_max_length
+    window = windows * (tokenizer.model_max_length - 2) + 2
     cut = [(dataset.items[item].path, n - window) for item, n in zip(first_sample, lengths) if n > window]
     if not cut:
         return ""
     names = ", ".join(f"{shown_path(path, root)} ({extra} tokens)" for path, extra in cut[:most])
     more = f" and {len(cut) - most} more" if len(cut) > most else ""
     return (f"{len(cut)} of {len(captions)} captions are longer than the text encoder's {window} tokens and will "
-            f"be cut at the end, by up to {max(extra for _, extra in cut)} tokens: {names}{more}. Shorten them "
-            "to train on every word.")
+            f"be cut at the end, by up to {max(extra for _, extra in cut)} tokens: {names}{more}. Shorten them, "
+            "or read longer captions with --max-token-length 150 or 225.")
 
 
-class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+class BucketBatchSampler:
     """Batches of dataset indices, each from one bucket, in an order fixed by (seed, epoch).
 
-    Resume: `state_dict(batches_done)` / `load_state_dict` (or `set_epoch(epoch, skip_batches)`)
-    make the next iteration continue mid-epoch. A DataLoader fetches batches ahead of the training
-    loop, so save the number of batches the loop actually finished, not what the sampler handed out.
+    `batches(epoch)` is a pure function, so a resumed run finds its place by (epoch, position)
+    alone (see `training.loop.batch_keys`).
     """
 
     def __init__(
@@ -545,19 +554,6 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
         self.sample_buckets = list(sample_buckets)
         self.batch_size, self.seed, self.drop_last, self.shuffle = batch_size, seed, drop_last, shuffle
-        self.epoch = 0
-        self.position = 0  # batches of this epoch handed out so far (skipped ones included)
-        self._skip = 0  # where the next iteration starts
-
-    def _total(self) -> int:
-        sizes = Counter(self.sample_buckets).values()
-        if self.drop_last:
-            return sum(n // self.batch_size for n in sizes)
-        return sum(-(-n // self.batch_size) for n in sizes)
-
-    def __len__(self) -> int:
-        """Batches the next iteration yields (a pending resume skip is subtracted)."""
-        return max(0, self._total() - self._skip)
 
     def batches(self, epoch: int) -> list[list[int]]:
         """Every batch of `epoch`, in order; a pure function of (seed, epoch) and the buckets."""
@@ -577,34 +573,6 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         if self.shuffle:
             rng.shuffle(batches)
         return batches
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Select the epoch for the next iteration, optionally starting after `skip_batches` batches."""
-        if skip_batches < 0:
-            raise DataError(f"skip_batches must be 0 or more, got {skip_batches}")
-        self.epoch, self._skip, self.position = epoch, skip_batches, skip_batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        start, self._skip = self._skip, 0  # a resume skip applies to one iteration only
-        self.position = start
-        for batch in self.batches(self.epoch)[start:]:
-            self.position += 1
-            yield batch
-
-    def state_dict(self, batches_done: int | None = None) -> dict[str, int]:
-        """Resume point: epoch and batch position (pass `batches_done` when a DataLoader prefetches)."""
-        position = self.position if batches_done is None else batches_done
-        return {"epoch": self.epoch, "position": position, "seed": self.seed, "num_samples": len(self.sample_buckets)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a `state_dict()`; refuses one saved with a different seed or dataset size."""
-        for key, mine in (("seed", self.seed), ("num_samples", len(self.sample_buckets))):
-            if key in state and state[key] != mine:
-                raise DataError(
-                    f"sampler state was saved with {key}={state[key]} but this run has {key}={mine}; the batch order "
-                    "would differ, so use the same data and seed, or start fresh with set_epoch()"
-                )
-        self.set_epoch(int(state["epoch"]), int(state["position"]))
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:

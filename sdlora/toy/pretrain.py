@@ -13,7 +13,7 @@ The UNet and text encoder only ever see filled circles, squares and triangles: t
 and the star stay unknown to the model, so adapters trained on datasets/ have something new to learn.
 With the same arguments, threads and library versions a run is bit-for-bit repeatable.
 
-    OMP_WAIT_POLICY=PASSIVE python -m sdlora.toy_pretrain --out models/toy-sd1
+    OMP_WAIT_POLICY=PASSIVE python -m sdlora.toy.pretrain --out models/toy-sd1
 
 OMP_WAIT_POLICY=PASSIVE matters on a shared machine: with the default (spinning) OpenMP threads a
 second busy process on the same cores slows every step down ~10x instead of ~2x.
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from . import toy
-from .testing import build_clip_tokenizer
+from . import world as toy
+from .pipelines import build_clip_tokenizer
 
 # Every word the toy tokenizer knows as one token. Only "a", the colours and the pretraining shapes
 # appear in pretraining captions; the rest are spare tokens for adapters to bind new concepts to.
@@ -104,7 +104,7 @@ def build_unet(seed: int, cross_attention_dim: int = 64):
 
 
 def build_text_encoder(vocab_size: int, seed: int, hidden_size: int = 64):
-    from .testing import tiny_text_encoder
+    from .pipelines import tiny_text_encoder
 
     return tiny_text_encoder(vocab_size, hidden_size, seed, intermediate_size=4 * hidden_size,
                              max_positions=MAX_LENGTH)
@@ -362,7 +362,7 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, captions, scaling_fac
 
 def generate(pipe, prompts: list[str], per_prompt: int, steps: int, guidance: float, seed: int = 0):
     """toy_eval.generate, grouped per prompt: image k of a prompt always uses seed + k."""
-    from .toy_eval import generate as generate_flat
+    from .eval import generate as generate_flat
 
     pipe.set_progress_bar_config(disable=True)
     flat = generate_flat(pipe, prompts, per_prompt, steps, guidance, seed)
@@ -412,7 +412,7 @@ def print_evaluation(result: dict) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m sdlora.toy_pretrain",
+        prog="python -m sdlora.toy.pretrain",
         description="Pretrain the tiny SD 1.x toy model (VAE, then UNet + text encoder) on CPU.",
         epilog="Run with OMP_WAIT_POLICY=PASSIVE on a shared machine (see the module docstring).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -1,0 +1,231 @@
+"""Model families: what differs between SD 1.x, SD 2.x and SDXL, each in one object.
+
+A `Family` knows its components and their kohya names, how captions become the UNet's conditioning
+(hidden states, and for SDXL the pooled embedding and the size/crop `time_ids`), and its defaults.
+The trainer, the caches and the loader ask it; nothing else branches on the family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ModelError
+
+KOHYA_UNET_PREFIX = "lora_unet"
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """What the text encoders give the UNet for a batch of captions."""
+
+    hidden: torch.Tensor  # [batch, tokens, width]
+    pooled: torch.Tensor | None = None  # [batch, width]: SDXL's second encoder, projected
+
+    def __getitem__(self, rows) -> "TextConditioning":
+        return TextConditioning(self.hidden[rows], None if self.pooled is None else self.pooled[rows])
+
+    def to(self, device) -> "TextConditioning":
+        return TextConditioning(self.hidden.to(device), None if self.pooled is None else self.pooled.to(device))
+
+    @staticmethod
+    def stack(rows: list["TextConditioning"]) -> "TextConditioning":
+        pooled = None if rows[0].pooled is None else torch.stack([row.pooled for row in rows])
+        return TextConditioning(torch.stack([row.hidden for row in rows]), pooled)
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where a training image came from, as SDXL's size conditioning wants it: (height, width) pairs."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+    def time_ids(self) -> list[int]:
+        return [*self.original_size, *self.crop_top_left, *self.target_size]
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """How captions are encoded. clip_skip counts as A1111 and kohya do: 1 is the last layer."""
+
+    clip_skip: int | None = None  # None: the family's own (SDXL: the penultimate layer)
+    chunks: int = 1  # windows of the encoder's length, concatenated (A1111's 150 / 225 tokens)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: names other tools use for it and its modules, its conditioning, its defaults."""
+
+    name: str
+    title: str
+    text_encoders: tuple[str, ...]
+    kohya_prefixes: dict[str, str]  # component -> kohya's name prefix
+    base_model_version: str  # kohya's ss_base_model_version (v-prediction adds "_v" for SD 2.x)
+    architecture: str  # modelspec.architecture without the resolution/prediction part and "/lora"
+    default_clip_skip: int
+    sgm_unet_names: bool = False  # kohya and A1111 name this family's UNet modules by the original layout
+    pooled_text: bool = False
+    size_conditioning: bool = False
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return ("unet", *self.text_encoders)
+
+    # -- conditioning
+
+    def encode_text(self, encoders: list, tokenizers: list, captions: list[str],
+                    options: TextOptions = TextOptions()) -> TextConditioning:
+        """Captions -> what the UNet is conditioned on, for this family's text encoders."""
+        clip_skip = options.clip_skip or self.default_clip_skip
+        hidden, pooled = [], None
+        for index, (encoder, tokenizer) in enumerate(zip(encoders, tokenizers)):
+            chunks = [encoder(ids.to(encoder.device), output_hidden_states=True)
+                      for ids in chunked_token_ids(tokenizer, captions, options.chunks)]
+            states = [self._hidden_states(encoder, output, clip_skip) for output in chunks]
+            hidden.append(torch.cat(states, dim=1))
+            if self.pooled_text and index == len(encoders) - 1:
+                pooled = chunks[0].text_embeds  # A1111 pools the first window
+        return TextConditioning(torch.cat(hidden, dim=-1), pooled)
+
+    def _hidden_states(self, encoder, output, clip_skip: int) -> torch.Tensor:
+        if self.pooled_text:  # SDXL: the chosen layer as it is (the original takes the penultimate, no norm)
+            return output.hidden_states[-clip_skip]
+        if clip_skip == 1:
+            return output.last_hidden_state
+        # SD 1.x/2.x with clip skip: an earlier layer, through the final layer norm, as A1111 does
+        final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        return final_norm(output.hidden_states[-clip_skip])
+
+    def unet_inputs(self, text: TextConditioning, geometry: list[ImageGeometry] | None = None) -> dict:
+        """Keyword arguments of the UNet's forward for a batch, after the noisy latents and timesteps."""
+        inputs = {"encoder_hidden_states": text.hidden}
+        if self.size_conditioning:
+            if text.pooled is None or geometry is None:
+                raise ValueError(f"{self.title} needs the pooled text embedding and each image's geometry")
+            time_ids = torch.tensor([g.time_ids() for g in geometry], dtype=text.hidden.dtype,
+                                    device=text.hidden.device)
+            inputs["added_cond_kwargs"] = {"text_embeds": text.pooled, "time_ids": time_ids}
+        return inputs
+
+    # -- what the header says
+
+    def header(self, prediction_type: str, resolution: int | tuple[int, int] | None) -> dict[str, str]:
+        """The metadata keys A1111, ComfyUI and kohya's tools read to tell families apart, for this run."""
+        v = prediction_type == "v_prediction"
+        if self.name == "sd2":
+            architecture = f"{self.architecture}-{'768-v' if v else '512'}"
+        else:
+            architecture = self.architecture
+        return {
+            "ss_base_model_version": self.base_model_version + ("_v" if v and self.name != "sdxl" else ""),
+            "ss_v2": str(self.name == "sd2"),
+            "ss_v_parameterization": str(v),
+            "modelspec.architecture": f"{architecture}/lora",
+            "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if self.sgm_unet_names
+                                         else "diffusers"),
+            "modelspec.prediction_type": "v" if v else "epsilon",
+        } | ({} if resolution is None else {"modelspec.resolution": "{}x{}".format(
+            *((resolution, resolution) if isinstance(resolution, int) else resolution))})
+
+
+SD1 = Family(
+    name="sd1", title="Stable Diffusion 1.x", text_encoders=("text_encoder",),
+    kohya_prefixes={"unet": KOHYA_UNET_PREFIX, "text_encoder": "lora_te"},
+    base_model_version="sd_v1", architecture="stable-diffusion-v1", default_clip_skip=1,
+    aliases=("sd_v1", "stable-diffusion-v1"),
+)
+SD2 = Family(
+    name="sd2", title="Stable Diffusion 2.x", text_encoders=("text_encoder",),
+    kohya_prefixes={"unet": KOHYA_UNET_PREFIX, "text_encoder": "lora_te"},
+    base_model_version="sd_v2", architecture="stable-diffusion-v2", default_clip_skip=1,
+    aliases=("sd_v2", "stable-diffusion-v2"),
+)
+SDXL = Family(
+    name="sdxl", title="Stable Diffusion XL", text_encoders=("text_encoder", "text_encoder_2"),
+    kohya_prefixes={"unet": KOHYA_UNET_PREFIX, "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    base_model_version="sdxl_base_v1-0", architecture="stable-diffusion-xl-v1-base", default_clip_skip=2,
+    sgm_unet_names=True, pooled_text=True, size_conditioning=True,
+    aliases=("sdxl", "stable-diffusion-xl"),
+)
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD1, SD2, SDXL)}
+# The width of the text the UNet's cross-attention reads, per family.
+_CONTEXT_WIDTHS = {768: SD1, 1024: SD2, 2048: SDXL}
+
+
+def chunked_token_ids(tokenizer, captions: list[str], chunks: int = 1) -> list[torch.Tensor]:
+    """Token ids in `chunks` windows of the tokenizer's length, each `<start> up to N-2 tokens <end> <pad>…`.
+
+    With one chunk this is exactly the usual `padding="max_length", truncation=True`; more chunks
+    carry the rest of a long caption, as A1111 does for prompts over 75 tokens.
+    """
+    length = tokenizer.model_max_length
+    if chunks == 1:
+        return [tokenizer(captions, padding="max_length", max_length=length, truncation=True,
+                          return_tensors="pt").input_ids]
+    window = length - 2
+    bodies = [ids[:window * chunks] for ids in tokenizer(captions, add_special_tokens=False, verbose=False).input_ids]
+    start, end = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+    windows = []
+    for chunk in range(chunks):
+        rows = []
+        for body in bodies:
+            piece = body[chunk * window:(chunk + 1) * window]
+            rows.append([start, *piece, end] + [pad] * (window - len(piece)))
+        windows.append(torch.tensor(rows, dtype=torch.long))
+    return windows
+
+
+# ---------------------------------------------------------------- telling families apart
+
+
+def detect_family(parts: dict) -> Family:
+    """SD 1.x, 2.x or SDXL, from the UNet config (or the text encoder's width when alone)."""
+    unet = parts.get("unet")
+    if "text_encoder_2" in parts or (unet is not None and unet.config.get("addition_embed_type") == "text_time"):
+        return SDXL
+    if unet is not None and unet.config.get("addition_embed_type") is not None:
+        raise ModelError(f"this UNet has addition_embed_type={unet.config.addition_embed_type!r}: it is not a "
+                         "Stable Diffusion 1.x, 2.x or XL model, which are what sdlora trains")
+    width = unet.config.cross_attention_dim if unet is not None else parts["text_encoder"].config.hidden_size
+    if width in _CONTEXT_WIDTHS:
+        return _CONTEXT_WIDTHS[width]
+    # A model of another size (a tiny one for tests): SD 2.x's OpenCLIP uses gelu where SD 1.x's CLIP
+    # uses quick_gelu, and its UNet projects with Linear layers where SD 1.x's uses 1x1 convs.
+    if "text_encoder" in parts:
+        return SD2 if parts["text_encoder"].config.hidden_act == "gelu" else SD1
+    return SD2 if unet.config.get("use_linear_projection") else SD1
+
+
+def family_named_in_metadata(metadata: dict[str, str]) -> Family | None:
+    """The family an adapter file's metadata says it is for, if it says."""
+    for field_name in ("ss_base_model_version", "modelspec.architecture"):
+        value = metadata.get(field_name, "")
+        for family in FAMILIES.values():
+            if value and any(value.startswith(alias) for alias in family.aliases):
+                return family
+    if metadata.get("ss_v2") == "True":
+        return SD2
+    return None
+
+
+# kohya prefixes that only SDXL files have (its two text encoders'). The original UNet layout is no
+# sign: ComfyUI reads it for every family.
+_SDXL_ONLY = tuple(f"{prefix}_" for component, prefix in SDXL.kohya_prefixes.items()
+                   if prefix not in SD1.kohya_prefixes.values())
+
+
+def family_from_tensors(state_dict: dict[str, torch.Tensor]) -> Family | None:
+    """The family an adapter's tensors fit, when they say: SDXL's text-encoder prefixes, or the input
+    width of a cross-attention key projection (768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL)."""
+    if any(name.startswith(_SDXL_ONLY) for name in state_dict):
+        return SDXL
+    for name, tensor in state_dict.items():
+        flat = name.replace(".", "_")
+        if "attn2_to_k" in flat and flat.endswith(("lora_down_weight", "lora_A_weight", "lora_linear_layer_down_weight")):
+            return _CONTEXT_WIDTHS.get(tensor.shape[-1])
+    return None

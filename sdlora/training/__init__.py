@@ -1,0 +1,10 @@
+"""Training a LoRA: config -> data -> caches -> the loop -> the adapter file.
+
+    config.py      the training config (one dataclass; flags and TOML come from it)
+    data.py        finding images and captions, buckets, the dataset and its sampler
+    caching.py     latents and text-encoder outputs, computed once
+    loss.py        the diffusion loss and its options, as pure functions
+    checkpoint.py  checkpoints and resuming
+    runlog.py      the metrics log and TensorBoard, opened once on the main process
+    loop.py        the Trainer: setup, then one readable loop
+"""
