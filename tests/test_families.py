@@ -229,3 +229,19 @@ def test_sdxl_trains_from_the_command_line(family_dir, images, tmp_path, capsys)
                  "--max-steps", "2", "--rank", "2", "--quiet"])
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "lora.safetensors").is_file()
+
+
+def test_sdxl_resume_is_exact(images, tmp_path):  # noqa: F811
+    """Checkpoints of an SDXL run (SGM names, two text encoders) restore exactly."""
+    from sdlora.training.loop import train
+    from test_train import assert_adapters_close
+
+    folder = save_tiny_pipeline(tmp_path / "pipe", family="sdxl")
+    settings = dict(model=str(folder), data=str(images), batch_size=4, max_steps=6, lr=1e-3, rank=2, seed=3,
+                    save_every=3, save_dtype="fp32", train_text_encoder=True, train_text_encoder_2=True)
+    reference = train(TrainConfig(output_dir=str(tmp_path / "reference"), **settings), quiet=True)
+    interrupted = tmp_path / "interrupted"
+    train(TrainConfig(output_dir=str(interrupted), **{**settings, "max_steps": 3}), quiet=True)
+    (interrupted / "lora.safetensors").unlink()
+    resumed = train(TrainConfig(output_dir=str(interrupted), resume="latest", **settings), quiet=True)
+    assert_adapters_close(resumed, reference, atol=1e-6)
