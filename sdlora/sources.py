@@ -124,6 +124,30 @@ def _set_prediction_type(pipe, prediction_type: str | None) -> None:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
 
 
+def check_model_source(model: str, model_config: str | None = None) -> None:
+    """The checks that need no loading, for a config's validation: refuse at once a model that is no
+    folder, checkpoint file or hub id, before any time is spent."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelSourceError(f"model folder {model} has no model_index.json: give a diffusers folder, a "
+                                   "single .safetensors/.ckpt checkpoint file, or a hub id")
+    elif path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelSourceError(f"model file {model} is not a checkpoint sdlora reads: give a .safetensors or "
+                                   ".ckpt file, a diffusers folder, or a hub id")
+    elif _looks_like_path(model) or not model:
+        raise ModelSourceError(f"model {model!r} does not exist: give a diffusers folder, a checkpoint file "
+                               "(.safetensors / .ckpt), or a hub id (org/name)")
+    if model_config is not None:
+        if not path.is_file():
+            raise ModelSourceError(f"--model-config applies to single-file checkpoints only, and {model} is not a "
+                                   "file")
+        if not Path(model_config).is_dir():
+            raise ModelSourceError(f"model config folder {model_config} does not exist: give a diffusers folder "
+                                   "whose configs describe the checkpoint's architecture")
+
+
 def load_pipeline(model: str, dtype=None, model_config: str | None = None, prediction_type: str | None = None):
     """A frozen SD/SDXL pipeline from a diffusers folder, a hub id or one .safetensors/.ckpt file.
 

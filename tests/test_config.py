@@ -59,6 +59,7 @@ def test_int_is_accepted_for_float_and_toml_round_trips(tmp_path):
 def valid(tmp_path, **overrides) -> TrainConfig:
     model = tmp_path / "model"
     (model / "unet").mkdir(parents=True, exist_ok=True)
+    (model / "model_index.json").write_text("{}")
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
     values = dict(model=str(model), data=str(data), output_dir=str(tmp_path / "out"))
@@ -87,10 +88,22 @@ def test_incompatible_or_missing_settings(tmp_path, overrides, message):
         validate(valid(tmp_path, **overrides))
 
 
-def test_a_diffusers_folder_needs_a_unet(tmp_path):
+def test_a_diffusers_folder_needs_a_model_index(tmp_path):
     config = valid(tmp_path)
-    (tmp_path / "model" / "unet").rmdir()
-    with pytest.raises(ConfigError, match="no unet/ subfolder"):
+    (tmp_path / "model" / "model_index.json").unlink()
+    with pytest.raises(ConfigError, match="no model_index.json"):
+        validate(config)
+
+
+@pytest.mark.parametrize("name, config_folder, message", [
+    ("model.bin", None, "not a checkpoint sdlora reads"),
+    ("model.safetensors", "missing", "model config folder .* does not exist"),
+])
+def test_a_model_file_is_checked_before_loading(tmp_path, name, config_folder, message):
+    (tmp_path / name).write_bytes(b"x")
+    config = valid(tmp_path, model=str(tmp_path / name),
+                   model_config=str(tmp_path / config_folder) if config_folder else None)
+    with pytest.raises(ConfigError, match=message):
         validate(config)
 
 

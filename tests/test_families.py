@@ -29,7 +29,7 @@ def family_dir(request, tmp_path_factory):
 
 
 def load_pipe(folder: Path):
-    from sdlora.models import load_pipeline
+    from sdlora.sources import load_pipeline
 
     return load_pipeline(str(folder))
 

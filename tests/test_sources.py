@@ -17,6 +17,8 @@ from sdlora.checkpoint_layout import open_clip_to_original, pipeline_to_original
 from sdlora.clip_tokenizer import clip_tokenizer
 from sdlora.single_file import load_tokenizer, read_ckpt
 from sdlora.sources import ModelSourceError, load_pipeline
+from sdlora.toy.pipelines import save_tiny_pipeline, tiny_sdxl_pipeline
+from test_train import images  # noqa: F401  (the fixture)
 
 TOY = Path(__file__).resolve().parents[1] / "models" / "toy-sd1"
 
@@ -263,31 +265,11 @@ def test_single_file_with_open_clip_text_encoder(toy, tmp_path):
     _assert_same_outputs(pipe, toy)
 
 
-def _tiny_sdxl_pipeline():
-    """Like sdlora.toy.pipelines.tiny_sdxl_pipeline, but with text encoders of different widths, as in
-    SDXL (768 and 1280): diffusers' single-file reader tells the two apart by width alone."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    from sdlora.toy.pipelines import build_clip_tokenizer, tiny_sdxl_unet, tiny_text_encoder, tiny_vae
-
-    tokenizer = build_clip_tokenizer(("a", "red", "circle"), max_length=16)
-    tokenizer_2 = build_clip_tokenizer(("a", "red", "circle"), max_length=16, pad_token="!")
-    vocab = len(tokenizer)
-    return StableDiffusionXLPipeline(
-        vae=tiny_vae(), text_encoder=tiny_text_encoder(vocab, hidden_size=24, max_positions=16),
-        text_encoder_2=tiny_text_encoder(vocab, hidden_size=40, seed=1, max_positions=16, hidden_act="gelu",
-                                         projection_dim=32),
-        tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-        unet=tiny_sdxl_unet(cross_attention_dim=64, pooled_dim=32, time_ids_dim=8),
-        scheduler=EulerDiscreteScheduler(), add_watermarker=False,
-    )
-
-
 def test_sdxl_single_file_loads_like_the_folder(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     folder = tmp_path / "tiny-sdxl"
-    _tiny_sdxl_pipeline().save_pretrained(folder)
+    tiny_sdxl_pipeline().save_pretrained(folder)
     reference = load_pipeline(str(folder))
     assert type(reference) is StableDiffusionXLPipeline
     state = pipeline_to_original(reference)
@@ -448,3 +430,23 @@ def test_package_data_is_declared():
         for part, (library, _class) in ((k, v) for k, v in index.items() if isinstance(v, list)):
             if library is not None and part != "scheduler":
                 assert (root / name / part).is_dir(), f"{name}/{part}"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_training_from_a_single_file(tmp_path, images, family):  # noqa: F811
+    """`sdlora train --model file.safetensors --model-config DIR` trains, as on the folder it came from."""
+    from sdlora.cli import main
+    from sdlora.training.loop import train
+    from sdlora.training.config import TrainConfig
+    from test_train import assert_adapters_close
+
+    folder = save_tiny_pipeline(tmp_path / "folder", family=family)
+    checkpoint = _save(pipeline_to_original(load_pipeline(str(folder))), tmp_path / "model.safetensors")
+    args = ["--data", str(images), "--max-steps", "3", "--rank", "2", "--batch-size", "4", "--save-dtype", "fp32",
+            "--train-text-encoder", "--quiet"]
+    assert main(["train", "--model", str(checkpoint), "--model-config", str(folder), "--output-dir",
+                 str(tmp_path / "from-file"), *args]) == 0
+    from_folder = train(TrainConfig(model=str(folder), data=str(images), output_dir=str(tmp_path / "from-folder"),
+                                    max_steps=3, rank=2, batch_size=4, save_dtype="fp32", train_text_encoder=True),
+                        quiet=True)
+    assert_adapters_close(tmp_path / "from-file" / "lora.safetensors", from_folder, atol=1e-5)

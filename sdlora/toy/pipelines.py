@@ -213,8 +213,11 @@ def tiny_sdxl_pipeline(seed: int = 0, words: tuple[str, ...] = WORDS):
     vae.register_to_config(scaling_factor=0.13025)  # SDXL's VAE scale
     return StableDiffusionXLPipeline(
         vae=vae,
-        text_encoder=tiny_text_encoder(len(tokenizer), seed=seed),
-        text_encoder_2=tiny_text_encoder(len(tokenizer_2), seed=seed + 1, hidden_act="gelu", projection_dim=32),
+        # widths 24 + 40 = the UNet's 64; unequal, as SDXL's 768 and 1280 are, since a single-file
+        # checkpoint tells its two encoders apart by width
+        text_encoder=tiny_text_encoder(len(tokenizer), hidden_size=24, seed=seed),
+        text_encoder_2=tiny_text_encoder(len(tokenizer_2), hidden_size=40, seed=seed + 1, hidden_act="gelu",
+                                         projection_dim=32),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=tiny_sdxl_unet(seed=seed, cross_attention_dim=64, pooled_dim=32),

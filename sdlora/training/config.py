@@ -243,7 +243,7 @@ def validate(config: TrainConfig) -> None:
         if not getattr(config, key):
             raise ConfigError(f"--{key.replace('_', '-')} is required")
     from ..errors import ModelError
-    from ..models import check_model_source
+    from ..sources import check_model_source
 
     try:
         check_model_source(config.model, config.model_config)

@@ -27,7 +27,8 @@ from .. import faults, loader
 from ..errors import ConfigError, TrainingDiverged, WriteFailed
 from ..families import ImageGeometry, TextConditioning, TextOptions, detect_family
 from ..durable import remove_temporaries, write_file, write_text
-from ..models import components, load_pipeline, native_resolution
+from ..models import components, native_resolution
+from ..sources import load_pipeline
 from ..runlock import RunLock
 from ..targets import PRESETS
 from .caching import LatentCache, TextCache, encode_pixels, sample_latents
@@ -202,7 +203,8 @@ class Trainer:
         from diffusers import DDPMScheduler
 
         config = self.config
-        pipe = load_pipeline(config.model, dtype=self.weight_dtype)
+        pipe = load_pipeline(config.model, dtype=self.weight_dtype, model_config=config.model_config,
+                             prediction_type=config.prediction_type)
         pipe.set_progress_bar_config(disable=True)
         self.pipe, self.unet = pipe, pipe.unet
         self.family = detect_family(components(pipe))
