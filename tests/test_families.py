@@ -245,3 +245,27 @@ def test_sdxl_resume_is_exact(images, tmp_path):  # noqa: F811
     (interrupted / "lora.safetensors").unlink()
     resumed = train(TrainConfig(output_dir=str(interrupted), resume="latest", **settings), quiet=True)
     assert_adapters_close(resumed, reference, atol=1e-6)
+
+
+def test_sdxl_kohya_files_with_diffusers_paths_load_as_with_original_names(tmp_path):
+    """Some trainers name SDXL UNet modules by diffusers paths (`lora_unet_down_blocks_1_…`); ComfyUI
+    reads both spellings, and so do we: the same tensors give the same model."""
+    from sdlora import sgm
+
+    pipe = load_pipe(save_tiny_pipeline(tmp_path / "pipe", family="sdxl"))
+    sdlora.add_adapter(pipe, "a", rank=2, targets="attn-mlp", components_to_adapt=("unet",))
+    randomize(pipe, "a", seed=5)
+    path = sdlora.save(pipe, tmp_path / "sgm.safetensors", "a", dtype="fp32")
+    expected = outputs(pipe)["unet"]
+    sdlora.unload(pipe)
+
+    index = {sgm.kohya_unet_name(module, mapping): module
+             for mapping in [sgm.unet_module_map(pipe.unet.config)] for module in mapping}
+    renamed = {}
+    for key, tensor in load_file(path).items():
+        module, _, role = key.partition(".")
+        renamed["lora_unet_" + index[module].replace(".", "_") + "." + role] = tensor
+    assert renamed.keys() != load_file(path).keys()
+    save_file(renamed, tmp_path / "diffusers-paths.safetensors")
+    sdlora.load(pipe, tmp_path / "diffusers-paths.safetensors")
+    torch.testing.assert_close(outputs(pipe)["unet"], expected, atol=1e-6, rtol=0)
