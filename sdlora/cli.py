@@ -50,6 +50,18 @@ def describe(path: Path) -> str:
     return "\n".join(lines)
 
 
+TRAIN_EXAMPLES = """examples:
+  sdlora train --model models/toy-sd1 --data datasets/style-outline --output-dir out/style   # the toy model, on a CPU
+  sdlora train --model v1-5-pruned-emaonly.safetensors --data my_images/ --output-dir out/ --max-steps 1500
+  sdlora train --model v2-1_768-ema-pruned.safetensors --data my_images/ --output-dir out/   # v-prediction, 768 px
+  sdlora train --model sd_xl_base_1.0.safetensors --data my_images/ --output-dir out/ \\
+      --mixed-precision bf16 --gradient-checkpointing                                        # 1024 px
+  sdlora train --config train.toml --resume latest
+
+The family (SD 1.x, 2.x, XL), its prediction type and its resolution come from the model.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlora", description="Train and use LoRA adapters for Stable Diffusion.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train", help="train a LoRA on a folder of captioned images",
-        description="Train a LoRA adapter on a folder of captioned images. Every option can also be set in a "
-                    "TOML file given with --config (keys as below, with _ or -); flags override the file.",
-        usage="sdlora train --model MODEL --data DIR --output-dir OUT [--config train.toml] [options]")
+        description="Train a LoRA adapter on a folder of captioned images. Every option can also be set in\n"
+                    "a TOML file given with --config (keys as below, with _ or -); flags override the file.",
+        usage="sdlora train --model MODEL --data DIR --output-dir OUT [--config train.toml] [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EXAMPLES)
     toy = commands.add_parser("toy", help="the toy world: measure adapters, run the CPU demo",
                               description="The tiny bundled model and its procedural world of coloured shapes.")
     toy_commands = toy.add_subparsers(dest="toy_command", required=True)
@@ -102,6 +115,8 @@ def quiet_libraries() -> None:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    diffusers_logging.set_verbosity_error()  # their first use resets the level set above
+    transformers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()  # transformers 5 shows one per model it loads
 

@@ -167,7 +167,7 @@ def load_single_file(path: Path, dtype: torch.dtype | None = None, model_config:
         parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     try:
         pipe = pipeline_class.from_single_file(
-            str(path), config=str(folder), local_files_only=True, torch_dtype=dtype, **parts
+            str(path), config=str(folder), local_files_only=True, dtype=dtype, **parts
         )
     except ModelSourceError:
         raise

@@ -73,7 +73,7 @@ def _from_folder(folder: Path, dtype):
         pipeline_class = StableDiffusionPipeline
         extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     try:
-        return pipeline_class.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **extra)
+        return pipeline_class.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra)
     except (OSError, ValueError) as error:
         raise ModelSourceError(f"{folder}: could not load this diffusers folder ({error})") from None
 
