@@ -418,9 +418,11 @@ class Trainer:
         saved = json.loads(state["config"])
         for key in ("rank", "alpha", "targets", "train_text_encoder", "train_text_encoder_2", "seed", "batch_size",
                     "gradient_accumulation", "resolution", "data", "clip_skip", "max_token_length"):
-            if saved.get(key) != getattr(self.config, key):
-                raise ConfigError(f"cannot resume from {folder}: it was trained with {key}={saved.get(key)!r}, this "
-                                  f"run has {key}={getattr(self.config, key)!r}")
+            # a checkpoint from before an option existed was trained with its default
+            was = saved.get(key, TrainConfig.__dataclass_fields__[key].default)
+            if was != getattr(self.config, key):
+                raise ConfigError(f"cannot resume from {folder}: it was trained with {key}={was!r}, this run has "
+                                  f"{key}={getattr(self.config, key)!r}")
         loader.copy_weights_from(self.pipe, ADAPTER, folder / "adapter.safetensors")
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
