@@ -1,0 +1,96 @@
+"""Shipped diffusers configs of the base architectures, and which one a single-file checkpoint is.
+
+Each folder here (`sd15`, `sd21-base`, `sd21-v`, `sdxl-base`) is a diffusers model folder without
+weights: model_index.json and every component's config, copied from the public diffusers-format
+releases (stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1-base, -2-1 and
+-xl-base-1.0). With them a single `.safetensors`/`.ckpt` loads with no network. Tokenizer folders
+hold only tokenizer_config.json: the vocabulary comes from `clip-bpe.txt.gz` (see clip_tokenizer.py).
+tests/test_sources.py builds every model from these configs on the meta device and checks the
+parameter counts against the real models'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+
+ARCHITECTURES = ("sd15", "sd21-base", "sd21-v", "sdxl-base")
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+# Where each text encoder sits in an original checkpoint, per architecture.
+TEXT_ENCODERS = {
+    "sd15": ("cond_stage_model.transformer.",),
+    "sd21-base": ("cond_stage_model.model.",),
+    "sd21-v": ("cond_stage_model.model.",),
+    "sdxl-base": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
+}
+# SDXL's size/crop conditioning input: base 1.0 takes 2816 (1280 pooled + 6 x 256); the refiner 2560.
+SDXL_BASE_ADM_CHANNELS = 2816
+CONTEXT_DIMS = {768: "sd15", 1024: "sd2"}
+
+
+class UnknownArchitecture(ValueError):
+    """The checkpoint is not one of ARCHITECTURES; the message says why and what to pass instead."""
+
+
+def config_folder(name: str) -> Path:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; shipped: {', '.join(ARCHITECTURES)}")
+    return Path(str(resources.files(__name__) / name))
+
+
+def _shape(shapes: Mapping[str, tuple[int, ...]], key: str) -> tuple[int, ...] | None:
+    return tuple(shapes[key]) if key in shapes else None
+
+
+def _context_dim(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """The text width the UNet cross-attends to (the input width of any attn2.to_k)."""
+    for key, shape in shapes.items():
+        if key.startswith(UNET) and key.endswith(".attn2.to_k.weight"):
+            return tuple(shape)[-1]
+    return None
+
+
+def detect(shapes: Mapping[str, tuple[int, ...]], prediction_type: str | None = None) -> str:
+    """Which shipped architecture an original-layout checkpoint (parameter name -> shape) is.
+
+    SD 2.x 512-base (epsilon) and 768-v (v_prediction) have identical weights; like diffusers we
+    take 768-v unless `prediction_type` is "epsilon".
+    """
+    if not any(key.startswith(UNET) for key in shapes):
+        raise UnknownArchitecture(
+            f"it has no UNet weights ({UNET}...): it is not a full Stable Diffusion checkpoint "
+            "(a LoRA, a VAE or a text encoder alone?)"
+        )
+    conv_in = _shape(shapes, UNET + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in[1] != 4:
+        raise UnknownArchitecture(
+            f"its UNet takes {conv_in[1]} input channels, not 4: an inpainting or instruct-pix2pix model, "
+            "which sdlora does not ship a config for"
+        )
+    adm = _shape(shapes, UNET + "label_emb.0.0.weight")
+    if adm is not None:
+        if adm[1] == SDXL_BASE_ADM_CHANNELS:
+            return "sdxl-base"
+        raise UnknownArchitecture(
+            f"its UNet takes a {adm[1]}-wide size/class conditioning; SDXL base takes {SDXL_BASE_ADM_CHANNELS} "
+            "(an SDXL refiner or another variant?)"
+        )
+    family = CONTEXT_DIMS.get(_context_dim(shapes) or 0)
+    if family == "sd15":
+        return "sd15"
+    if family == "sd2":
+        return "sd21-base" if prediction_type == "epsilon" else "sd21-v"
+    raise UnknownArchitecture(f"its UNet cross-attends to width {_context_dim(shapes)}, which is neither SD 1.x "
+                              "(768) nor SD 2.x (1024)")
+
+
+def missing_components(shapes: Mapping[str, tuple[int, ...]], name: str) -> list[str]:
+    """The parts of architecture `name` that the checkpoint holds no weights for."""
+    wanted = {"UNet": (UNET,), "VAE": (VAE,)}
+    for index, prefix in enumerate(TEXT_ENCODERS[name]):
+        wanted[f"text encoder {index + 1}" if len(TEXT_ENCODERS[name]) > 1 else "text encoder"] = (prefix,)
+    return [part for part, prefixes in wanted.items()
+            if not any(key.startswith(prefixes) for key in shapes)]

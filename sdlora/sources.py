@@ -1,0 +1,134 @@
+"""Where a model comes from: a diffusers folder, a hub id (cache only when offline), or one file.
+
+`load_pipeline` takes whatever the user passed as `--model` and returns a StableDiffusionPipeline
+or StableDiffusionXLPipeline without a safety checker, its weights frozen and in `dtype`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+HOW_TO_POINT = ("point --model at a local copy: a diffusers folder (--model /path/to/folder) or a single "
+                ".safetensors/.ckpt file (--model /path/to/model.safetensors)")
+
+
+class ModelSourceError(ValueError):
+    """The model named by the user cannot be found or read; the message says what to do."""
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_offline() -> bool:
+    # Read now, not from huggingface_hub.constants, which freezes the environment at import time.
+    return _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache huggingface_hub would use with the current environment (same precedence)."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(cache)))
+
+
+def _looks_like_path(model: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else the user typed meant a file or folder."""
+    return (model.startswith(("/", "./", "../", "~", ".\\")) or "\\" in model or model.count("/") > 1
+            or model.lower().endswith((*SINGLE_FILE_SUFFIXES, ".pt", ".pth", ".bin")))
+
+
+def read_model_index(folder: Path, advice: str) -> dict:
+    try:
+        return json.loads((folder / "model_index.json").read_text())
+    except FileNotFoundError:
+        raise ModelSourceError(f"{folder}: no model_index.json, so not a diffusers-format folder; {advice}") from None
+    except json.JSONDecodeError as error:
+        raise ModelSourceError(f"{folder / 'model_index.json'}: not valid JSON ({error})") from None
+
+
+def is_xl(index: dict) -> bool:
+    """SDXL from a model_index.json: its pipeline class, or a second text encoder."""
+    return str(index.get("_class_name", "")).startswith("StableDiffusionXL") or "text_encoder_2" in index
+
+
+def _from_folder(folder: Path, dtype):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    index = read_model_index(folder, "point --model at the folder that holds model_index.json, or at a single "
+                                     ".safetensors/.ckpt file")
+    if is_xl(index):
+        pipeline_class, extra = StableDiffusionXLPipeline, {"add_watermarker": False}
+    else:
+        pipeline_class = StableDiffusionPipeline
+        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    try:
+        return pipeline_class.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **extra)
+    except (OSError, ValueError) as error:
+        raise ModelSourceError(f"{folder}: could not load this diffusers folder ({error})") from None
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The local folder of a hub model: downloaded when online, from the cache when offline."""
+    from diffusers import DiffusionPipeline
+
+    offline = hub_offline()
+    cache = hub_cache_dir()
+    try:
+        # Online, diffusers itself falls back to the cache when the hub cannot be reached.
+        return Path(DiffusionPipeline.download(repo_id, cache_dir=str(cache), local_files_only=offline))
+    except (OSError, ValueError) as error:
+        why = ("this machine is offline (HF_HUB_OFFLINE=1)" if offline
+               else f"it could not be downloaded ({str(error).splitlines()[0] if str(error) else error!r})")
+        raise ModelSourceError(
+            f"{repo_id!r} is not a local folder or file, and as a hub model id it is not in the local Hugging Face "
+            f"cache ({cache}); {why}. To use it, {HOW_TO_POINT}"
+        ) from None
+
+
+def _check_prediction_type(prediction_type: str | None) -> None:
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ModelSourceError(f"prediction type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+
+
+def _set_prediction_type(pipe, prediction_type: str | None) -> None:
+    if prediction_type and pipe.scheduler.config.get("prediction_type") != prediction_type:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
+
+
+def load_pipeline(model: str, dtype=None, model_config: str | None = None, prediction_type: str | None = None):
+    """A frozen SD/SDXL pipeline from a diffusers folder, a hub id or one .safetensors/.ckpt file.
+
+    `model_config` (a diffusers-format folder of configs) replaces the shipped configs for a single
+    file of another architecture; `prediction_type` overrides the scheduler's (and picks SD 2.x
+    512-base over 768-v for a single file when "epsilon").
+    """
+    _check_prediction_type(prediction_type)
+    path = Path(model).expanduser()
+    if model_config is not None and not path.is_file():
+        raise ModelSourceError(f"--model-config applies to single-file checkpoints only, and {model} is not a file")
+    if path.is_dir():
+        pipe = _from_folder(path, dtype)
+    elif path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelSourceError(
+                f"{path}: unknown model file type {path.suffix or '(no suffix)'!r}; sdlora reads "
+                f"{' and '.join(SINGLE_FILE_SUFFIXES)} single-file checkpoints and diffusers folders"
+            )
+        from .single_file import load_single_file
+
+        pipe = load_single_file(path, dtype, model_config, prediction_type)
+    elif _looks_like_path(model):
+        raise ModelSourceError(f"{model}: no such file or folder; {HOW_TO_POINT}")
+    else:
+        pipe = _from_folder(_hub_snapshot(model), dtype)
+    _set_prediction_type(pipe, prediction_type)
+    for component in pipe.components.values():
+        if hasattr(component, "requires_grad_"):
+            component.requires_grad_(False)  # base weights are frozen; adapters add their own parameters
+    return pipe
