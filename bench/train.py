@@ -180,13 +180,46 @@ def vae_scale(model: Path) -> int:
 # ---------------------------------------------------------------- measuring (in worker processes)
 
 
-def memory(device: str) -> dict:
-    import resource
+class Peaks:
+    """Peak memory of a worker's setup (loading, caching) and of its steps, read apart.
 
-    found = {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
-    if device == "cuda":
-        found["cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return found
+    RSS peaks come from VmHWM, which writing "5" to /proc/self/clear_refs resets (Linux); elsewhere only
+    the whole process's peak is known. On CUDA, torch's allocator peaks are read and reset likewise.
+    """
+
+    def __init__(self, device: str):
+        self.device, self.setup = device, {}
+
+    def end_setup(self) -> None:
+        self.setup = self._read()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.rss_reset = True
+        except OSError:
+            self.rss_reset = False
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def result(self) -> dict:
+        steps = self._read()
+        found = {"peak_rss_mb": max(self.setup["rss"], steps["rss"]),
+                 "steps_rss_mb": steps["rss"] if self.rss_reset else None}
+        if self.device == "cuda":
+            found |= {"peak_cuda_mb": max(self.setup["cuda"], steps["cuda"]), "steps_cuda_mb": steps["cuda"]}
+        return found
+
+    def _read(self) -> dict:
+        status = Path("/proc/self/status")
+        if status.is_file():
+            kib = int(next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:")).split()[1])
+        else:
+            import resource
+
+            kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
+        found = {"rss": kib / 1024}
+        if self.device == "cuda":
+            found["cuda"] = torch.cuda.max_memory_allocated() / 2**20
+        return found
 
 
 def weights_mb(modules, device: str) -> float:
@@ -219,13 +252,14 @@ def floor_worker(args) -> dict:
     """UNet forward + backward (to the activations) on a batch shaped like the trainer's."""
     from diffusers import UNet2DConditionModel
 
-    started = time.perf_counter()
+    peaks, started = Peaks(args.device), time.perf_counter()
     unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", dtype=DTYPES[args.mixed_precision])
     unet.to(args.device).requires_grad_(False)
     unet.train()
     latent_side = args.resolution // vae_scale(Path(args.model))
     sample, timesteps, conditioning = floor_inputs(unet, args.batch, args.resolution, latent_side, args.device)
     setup = time.perf_counter() - started
+    peaks.end_setup()
 
     def step():
         with autocast(args.device, args.mixed_precision):
@@ -242,7 +276,7 @@ def floor_worker(args) -> dict:
         step()
     sync()
     return {"seconds_per_step": (time.perf_counter() - started) / args.steps, "setup_s": setup,
-            "weights_mb": weights_mb([unet], args.device), **memory(args.device)}
+            "weights_mb": weights_mb([unet], args.device), **peaks.result()}
 
 
 def train_worker(args, run: Run) -> dict:
@@ -254,16 +288,17 @@ def train_worker(args, run: Run) -> dict:
                          rank=16, log_every=1, cache_latents=run.cache, cache_text=run.cache, targets="attn",
                          gradient_checkpointing=run.checkpointing, mixed_precision=args.mixed_precision,
                          **({"timestep_max": 500, "preserve_outside_window": True} if run.preserve else {}))
-    started = time.perf_counter()
-    trainer = Trainer(config, quiet=True)
+    peaks, started = Peaks(args.device), time.perf_counter()
+    trainer = Trainer(config, quiet=True)  # loads the model, fills the caches
     setup = time.perf_counter() - started
+    peaks.end_setup()
     trainer.run()
+    memory = peaks.result()
     records = [json.loads(line) for line in (Path(config.output_dir) / "logs" / "metrics.jsonl").open()]
     times = {r["step"]: r["time"] for r in records if "loss" in r}
     per_step = (times[args.warmup + args.steps] - times[args.warmup]) / args.steps
     modules = [m for m in trainer.pipe.components.values() if isinstance(m, torch.nn.Module)]
-    return {"seconds_per_step": per_step, "setup_s": setup, "weights_mb": weights_mb(modules, args.device),
-            **memory(args.device)}
+    return {"seconds_per_step": per_step, "setup_s": setup, "weights_mb": weights_mb(modules, args.device), **memory}
 
 
 def worker(args) -> dict:
@@ -320,27 +355,37 @@ def describe_model(arch: str, width: int, counts: dict) -> str:
     return f"real {arch} architecture, every component full size, random weights{sizes}"
 
 
+def ratio(value, floor) -> str:
+    return f"{value / floor:8.2f}x" if value is not None and floor else f"{'-':>9}"
+
+
+def megabytes(value, width: int = 10) -> str:
+    return f"{value:{width}.0f}" if value is not None else f"{'-':>{width}}"
+
+
 def print_table(args, results: dict, description: str, latent_side: int) -> None:
-    device = args.device if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name()})"
+    cuda = args.device == "cuda"
+    device = f"cuda ({torch.cuda.get_device_name()})" if cuda else "cpu"
     print(f"{description}\nbatch {args.batch} at {args.resolution} px (latents {latent_side}x{latent_side}), "
           f"{device}, frozen weights {str(DTYPES[args.mixed_precision]).removeprefix('torch.')} (mixed precision "
-          f"{args.mixed_precision}); "
-          f"mean over {args.steps} steps after {args.warmup} warm-up")
-    cuda = args.device == "cuda"
-    memory_key = "cuda_mb" if cuda else "rss_mb"
-    print(f"{'':30}{'s/step':>9}{'x floor':>9}{'CUDA MB' if cuda else 'peak RSS MB':>12}{'x floor':>9}"
-          + (f"{'RSS MB':>9}" if cuda else "") + f"{'weights MB':>12}{'setup s':>9}")
+          f"{args.mixed_precision}); mean over {args.steps} steps after {args.warmup} warm-up")
+    kind = "cuda" if cuda else "rss"
+    print(f"memory: {'torch.cuda.max_memory_allocated' if cuda else 'RSS'} in MiB; 'peak' over the whole process, "
+          "'steps' over the training steps alone (after loading and caching)")
+    print(f"{'':30}{'s/step':>9}{'x floor':>9}{'peak':>10}{'x floor':>9}{'steps':>10}{'x floor':>9}"
+          + (f"{'RSS peak':>10}" if cuda else "") + f"{'weights':>10}{'setup s':>9}")
     floor = results["floor"]
     for name, result in results.items():
         label = FLOOR if name == "floor" else RUNS[name].label
         if "error" in result:
             print(f"{label:30}failed: {result['error']}")
             continue
-        ok = "error" not in floor
-        time_ratio = f"{result['seconds_per_step'] / floor['seconds_per_step']:8.2f}x" if ok else f"{'-':>9}"
-        memory_ratio = f"{result[memory_key] / floor[memory_key]:8.2f}x" if ok else f"{'-':>9}"
-        print(f"{label:30}{result['seconds_per_step']:9.3f}{time_ratio}{result[memory_key]:12.0f}{memory_ratio}"
-              + (f"{result['rss_mb']:9.0f}" if cuda else "") + f"{result['weights_mb']:12.0f}{result['setup_s']:9.1f}")
+        peak, steps = result[f"peak_{kind}_mb"], result[f"steps_{kind}_mb"]
+        print(f"{label:30}{result['seconds_per_step']:9.3f}{ratio(result['seconds_per_step'], floor.get('seconds_per_step'))}"
+              f"{megabytes(peak)}{ratio(peak, floor.get(f'peak_{kind}_mb'))}"
+              f"{megabytes(steps)}{ratio(steps, floor.get(f'steps_{kind}_mb'))}"
+              + (megabytes(result["peak_rss_mb"]) if cuda else "")
+              + f"{megabytes(result['weights_mb'])}{result['setup_s']:9.1f}")
 
 
 def sdxl_vram_line(results: dict) -> str:
@@ -348,7 +393,8 @@ def sdxl_vram_line(results: dict) -> str:
     if "error" in result:
         return f"SDXL LoRA VRAM: the run failed ({result['error']})"
     return (f"SDXL LoRA training at 1024 px, batch 1, latent + text caching, gradient checkpointing: "
-            f"torch.cuda.max_memory_allocated = {result['cuda_mb'] / 1024:.2f} GiB ({result['cuda_mb']:.0f} MiB)")
+            f"torch.cuda.max_memory_allocated = {result['peak_cuda_mb'] / 1024:.2f} GiB ({result['peak_cuda_mb']:.0f} MiB; "
+            f"{result['steps_cuda_mb'] / 1024:.2f} GiB during the training steps)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
