@@ -31,16 +31,19 @@ Default: all four for tiny; cached and cached-gc for sd15 and sdxl. Every run: L
 attention layers (targets "attn"), AdamW, 4 x batch synthetic random-noise images of the resolution
 with short captions, no aspect buckets needed (all square).
 
-Memory: on CPU the peak RSS of the process (ru_maxrss), which counts everything it loaded, so the
-trainer's VAE and text encoders weigh in where the floor has only the UNet (the "weights MB" column
-says how much each process holds); on CUDA torch.cuda.max_memory_allocated, with the RSS beside it
-(the trainer moves the text encoders and VAE off the GPU once their caches are filled). Time: mean
-seconds per step over --steps steps after --warmup (the trainer's from its metrics log, setup
-excluded; "setup s" is loading plus caching).
+Memory, in MiB: on CPU the RSS, on CUDA torch.cuda.max_memory_allocated (with the whole run's peak
+RSS beside it). "peak" is the whole process's high-water mark, loading included (on CPU that is where
+it lies: the fp16 file's mapped pages next to their fp32 copies); "steps" is the high-water mark of the
+training steps alone, reset after loading and caching (VmHWM via /proc/self/clear_refs on Linux; CUDA
+peak stats). RSS counts everything a process holds, so the trainer's VAE and text encoders weigh in
+where the floor has only the UNet: "weights" says how much each holds on the device. (On CUDA the
+trainer moves the text encoders and VAE off the GPU once their caches are filled.) Time: mean seconds
+per step over --steps steps after --warmup (the trainer's from its metrics log); "setup s" is loading
+plus caching, outside the step time.
 
     python bench/train.py                      # tiny: a couple of minutes on 2 CPU cores
-    python bench/train.py --arch sd15 --resolution 256 --batch 1 --steps 3     # CPU: ~6 GB RAM
-    python bench/train.py --arch sdxl --resolution 256 --batch 1 --steps 2     # CPU: ~17 GB RAM, 7 GB disk
+    python bench/train.py --arch sd15 --resolution 256 --batch 1 --steps 3     # 2 CPU cores: ~2 min, 6 GB RAM
+    python bench/train.py --arch sdxl --resolution 256 --batch 1 --steps 2     # ~4 min, 19 GB RAM, 7 GB disk
     python bench/train.py --arch sd15 --resolution 512 --batch 4 --mixed-precision bf16   # on a GPU
     python bench/train.py --sdxl-vram          # on a GPU: SDXL LoRA VRAM at 1024 px, batch 1, cached + gc
 """
@@ -380,8 +383,8 @@ def print_table(args, results: dict, description: str, latent_side: int) -> None
         if "error" in result:
             print(f"{label:30}failed: {result['error']}")
             continue
-        peak, steps = result[f"peak_{kind}_mb"], result[f"steps_{kind}_mb"]
-        print(f"{label:30}{result['seconds_per_step']:9.3f}{ratio(result['seconds_per_step'], floor.get('seconds_per_step'))}"
+        peak, steps, seconds = result[f"peak_{kind}_mb"], result[f"steps_{kind}_mb"], result["seconds_per_step"]
+        print(f"{label:30}{seconds:9.3f}{ratio(seconds, floor.get('seconds_per_step'))}"
               f"{megabytes(peak)}{ratio(peak, floor.get(f'peak_{kind}_mb'))}"
               f"{megabytes(steps)}{ratio(steps, floor.get(f'steps_{kind}_mb'))}"
               + (megabytes(result["peak_rss_mb"]) if cuda else "")
@@ -392,9 +395,10 @@ def sdxl_vram_line(results: dict) -> str:
     result = results["cached-gc"]
     if "error" in result:
         return f"SDXL LoRA VRAM: the run failed ({result['error']})"
+    peak, steps = result["peak_cuda_mb"], result["steps_cuda_mb"]
     return (f"SDXL LoRA training at 1024 px, batch 1, latent + text caching, gradient checkpointing: "
-            f"torch.cuda.max_memory_allocated = {result['peak_cuda_mb'] / 1024:.2f} GiB ({result['peak_cuda_mb']:.0f} MiB; "
-            f"{result['steps_cuda_mb'] / 1024:.2f} GiB during the training steps)")
+            f"torch.cuda.max_memory_allocated = {peak / 1024:.2f} GiB ({peak:.0f} MiB; "
+            f"{steps / 1024:.2f} GiB during the training steps)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -411,7 +415,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="frozen weights' dtype and autocast (default: bf16 on CUDA, no on CPU)")
     parser.add_argument("--save-dtype", choices=("fp16", "fp32"), default="fp16",
                         help="sd15/sdxl: dtype of the random weights on disk (loading casts them)")
-    parser.add_argument("--model-dir", type=Path, help="build the model here and keep it; reuse it if it exists")
+    parser.add_argument("--model-dir", type=Path,
+                        help="build the model here and keep it; reuse it if it exists (same --arch)")
     parser.add_argument("--sdxl-vram", action="store_true",
                         help="CUDA only: the VRAM of SDXL LoRA training at 1024 px, batch 1, caching and "
                              "gradient checkpointing (sets --arch sdxl --resolution 1024 --batch 1 --runs cached-gc)")

@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 from sdlora import architectures
 from sdlora.toy.pipelines import tiny_sdxl_unet, tiny_unet
