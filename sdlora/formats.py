@@ -30,15 +30,21 @@ ROLES = {
     "lora_A.weight": "down",
     "lora_B.weight": "up",
     "alpha": "alpha",
+    # LyCORIS (sdlora/lycoris.py): these keep their file names as roles
+    **{role: role for role in ("lora_mid.weight", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1",
+                               "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                               "lokr_t2", "dora_scale", "diff", "diff_b")},
 }
+# The LoRA roles by their kohya file names, as the adapter kinds (sdlora/lycoris.py) take them.
+FILE_ROLES = {"down": "lora_down.weight", "up": "lora_up.weight"}
 PROCESSOR_FORM = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 
-# Tensors of adapter kinds this loader does not read yet, to name them in the error.
+# Tensors of adapter kinds this loader does not read, to name them in the error.
 OTHER_KINDS = {
-    "hada_w1_a": "LyCORIS LoHa", "hada_t1": "LyCORIS LoHa (Tucker)",
-    "lokr_w1": "LyCORIS LoKr", "lokr_w1_a": "LyCORIS LoKr", "lokr_w2": "LyCORIS LoKr",
-    "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA (PEFT)",
-    "diff": "a full weight difference", "diff_b": "a bias difference", "lora_mid.weight": "LoCon (Tucker)",
+    "lora_magnitude_vector": "DoRA as PEFT writes it", "oft_blocks": "LyCORIS OFT", "oft_diag": "OFT",
+    "oft_R": "OFT", "boft_R": "BOFT", "a1.weight": "LyCORIS GLoRA", "b1.weight": "LyCORIS GLoRA",
+    "ia3_l": "IA3", "weight": "LyCORIS IA3 or a norm layer (`w_norm`/`b_norm`)", "w_norm": "a norm layer",
+    "b_norm": "a norm layer", "on_input": "LyCORIS IA3",
 }
 
 
@@ -60,8 +66,35 @@ class ModuleWeights:
 
 
 @dataclass
+class ModuleTensors:
+    """One module's tensors of another adapter kind (LoHa, LoKr, Tucker LoCon, full, DoRA), by their
+    file role names (`hada_w1_a`, `lora_down.weight`, `dora_scale`, ...); `sdlora.lycoris` builds it."""
+
+    tensors: dict[str, torch.Tensor]
+    alpha: float | None = None
+
+    @property
+    def kind(self) -> str:
+        roles = set(self.tensors)
+        kind = ("locon-tucker" if "lora_mid.weight" in roles else "loha" if any(r.startswith("hada_") for r in roles)
+                else "lokr" if any(r.startswith("lokr_") for r in roles) else "full" if "diff" in roles else "lora")
+        return kind + ("+dora" if "dora_scale" in roles else "")
+
+    @property
+    def rank(self) -> int | None:
+        for role in ("lora_down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"):
+            if role in self.tensors:
+                return self.tensors[role].shape[0]
+        return None
+
+    @property
+    def effective_alpha(self) -> float | None:
+        return self.alpha if self.alpha is not None else None if self.rank is None else float(self.rank)
+
+
+@dataclass
 class Parsed:
-    modules: dict[str, ModuleWeights]  # module key -> weights
+    modules: dict[str, ModuleWeights | ModuleTensors]  # module key -> weights (plain LoRA) or another kind
     layout: str  # "kohya", "peft" or "diffusers"
     unmatched: list[str]  # file keys that name no module of the model
     unsupported: list[str]  # file keys of a kind or role this loader cannot apply
@@ -150,22 +183,38 @@ def parse_state_dict(
     layout = "kohya" if is_kohya else "peft" if any(".lora_A." in k for k in state_dict) else "diffusers"
     configs = peft_alphas(metadata)
 
-    modules: dict[str, ModuleWeights] = {}
+    modules: dict[str, ModuleWeights | ModuleTensors] = {}
     unmatched: list[str] = []
     for name, roles in grouped.items():
         key = kohya_names.get(name) if name.startswith("lora_") else dotted_module_key(name)
         if key is None or key not in known:
             unmatched.extend(sources[name])
             continue
-        if "down" not in roles or "up" not in roles:
-            unsupported.extend(sources[name])
-            continue
         alpha = roles["alpha"].item() if "alpha" in roles else None
-        if alpha is None and key.split(".")[0] in configs:
-            component, _, path = key.partition(".")
-            alpha = peft_alpha(configs[component], path, roles["down"].shape[0])
-        modules[key] = ModuleWeights(down=roles["down"], up=roles["up"], alpha=alpha)
+        payload = {FILE_ROLES.get(role, role): tensor for role, tensor in roles.items() if role != "alpha"}
+        if set(payload) == {"lora_down.weight", "lora_up.weight"}:  # plain LoRA, the common case
+            if alpha is None and key.split(".")[0] in configs:
+                component, _, path = key.partition(".")
+                alpha = peft_alpha(configs[component], path, roles["down"].shape[0])
+            modules[key] = ModuleWeights(down=roles["down"], up=roles["up"], alpha=alpha)
+        elif _complete(payload):
+            modules[key] = ModuleTensors(payload, alpha)
+        else:  # half a module: a LoRA without its up, a LoHa without its second pair, ...
+            unsupported.extend(sources[name])
     return Parsed(modules=modules, layout=layout, unmatched=sorted(unmatched), unsupported=sorted(unsupported))
+
+
+def _complete(roles: dict[str, torch.Tensor]) -> bool:
+    """Whether a module's tensors make a whole adapter of some kind (DoRA's scale aside)."""
+    roles = set(roles) - {"dora_scale"}
+    lokr = ({"lokr_w1"} <= roles or {"lokr_w1_a", "lokr_w1_b"} <= roles) and (
+        {"lokr_w2"} <= roles or {"lokr_w2_a", "lokr_w2_b"} <= roles)
+    return any((
+        {"lora_down.weight", "lora_up.weight"} <= roles,
+        {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= roles,
+        lokr,
+        "diff" in roles,
+    ))
 
 
 def to_kohya(modules: dict[str, ModuleWeights], family: Family, dtype: torch.dtype,

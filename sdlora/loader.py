@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from .adapter import SAVE_DTYPES, build_metadata, read_adapter, write_adapter
-from .formats import ModuleWeights, describe_unsupported, parse_state_dict, to_kohya
+from .formats import ModuleTensors, ModuleWeights, describe_unsupported, parse_state_dict, to_kohya
 from .errors import AdapterFileError, FamilyMismatch
 from .families import FAMILIES, detect_family, family_from_tensors, family_named_in_metadata
 from .keys import component_of_file_key, module_key
 from .lora import LoRA, AdaptedLayer
+from .lycoris import build_adapter
 from .models import components, native_resolution, unet_block_counts
 from .sgm import unet_module_map
 from .strength import Strength, check_strength, resolve_strength
@@ -41,6 +42,7 @@ class AdapterInfo:
     modules: dict[str, int] = field(default_factory=dict)  # component -> adapted layers
     ranks: dict[str, list[int]] = field(default_factory=dict)  # component -> distinct ranks
     targets: dict[str, list[str]] = field(default_factory=dict)  # component -> patterns, for new adapters
+    kinds: dict[str, int] = field(default_factory=dict)  # adapter kind (lora, loha, lokr+dora, ...) -> layers
     fused: bool = False
 
 
@@ -138,9 +140,13 @@ def _fits(tensor: torch.Tensor, expected: tuple[int, ...]) -> bool:
     return _without_unit_kernel(tensor.shape) == _without_unit_kernel(expected)
 
 
-def _check_shapes(path: Path, modules: dict[str, ModuleWeights], layers: dict, file_family: str, model_family: str):
+def _check_shapes(path: Path, modules: dict[str, ModuleWeights | ModuleTensors], layers: dict, file_family: str,
+                  model_family: str):
     for key, weights in modules.items():
         layer = layers[key][2]
+        if isinstance(weights, ModuleTensors):
+            _check_kind(path, key, layer, weights, file_family, model_family)
+            continue
         down_shape, up_shape = _expected_shapes(layer, weights.rank)
         for role, tensor, expected in (("lora_down", weights.down, down_shape), ("lora_up", weights.up, up_shape)):
             if not _fits(tensor, expected):
@@ -149,6 +155,30 @@ def _check_shapes(path: Path, modules: dict[str, ModuleWeights], layers: dict, f
                     f"but the file has {list(tensor.shape)}. The file says it is for {file_family}; "
                     f"this model is {model_family}."
                 )
+
+
+def _check_kind(path: Path, key: str, layer: nn.Module, weights: ModuleTensors, file_family: str,
+                model_family: str) -> None:
+    """A LyCORIS module fits when its update has the layer's shape: build it on the meta device and see."""
+    if isinstance(layer, nn.Linear):
+        meta = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    else:
+        meta = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                         layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
+    tensors = {role: tensor.to("meta") for role, tensor in weights.tensors.items()}
+    try:
+        adapter = build_adapter(meta, tensors, weights.alpha)
+        delta = adapter.delta_weight(meta.weight)
+        bias = adapter.delta_bias(meta.bias)
+        fits = delta.shape == layer.weight.shape and (bias is None or (layer.bias is not None
+                                                                       and bias.shape == layer.bias.shape))
+    except (RuntimeError, ValueError, IndexError):
+        fits = False
+    if not fits:
+        shapes = ", ".join(f"{role} {list(tensor.shape)}" for role, tensor in weights.tensors.items())
+        raise AdapterFileError(f"{path}: {key} ({weights.kind}) does not fit this model's layer of weight "
+                               f"{list(layer.weight.shape)}: the file has {shapes}. The file says it is for "
+                               f"{file_family}; this model is {model_family}.")
 
 
 def _file_family(tensors: dict, metadata: dict[str, str]) -> str:
@@ -229,12 +259,16 @@ def load(target, path: str | os.PathLike, strength: Strength = 1.0, name: str | 
     for key, weights in parsed.modules.items():
         component, model_path, _ = layers[key]
         wrapper = _wrap(parts[component], model_path)
-        lora = LoRA.from_weights(wrapper.base, weights.down, weights.up, weights.alpha)
-        wrapper.add(name, lora, resolve_strength(strength, component, model_path))
+        if isinstance(weights, ModuleWeights):
+            adapter = LoRA.from_weights(wrapper.base, weights.down, weights.up, weights.alpha)
+        else:
+            adapter = build_adapter(wrapper.base, weights.tensors, weights.alpha)
+        wrapper.add(name, adapter, resolve_strength(strength, component, model_path))
         info.modules[component] = info.modules.get(component, 0) + 1
         info.ranks.setdefault(component, [])
         if weights.rank not in info.ranks[component]:
             info.ranks[component].append(weights.rank)
+        info.kinds[adapter.kind] = info.kinds.get(adapter.kind, 0) + 1
     for component in info.modules:
         _registry(parts[component])[name] = info
     return name

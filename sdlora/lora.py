@@ -1,28 +1,80 @@
-"""LoRA layers: a low-rank update, and a wrapper that holds several of them on one base layer."""
+"""Adapters: the contract every kind meets, LoRA itself, and the wrapper that holds several
+adapters on one base layer.
+
+Other kinds (LyCORIS's LoHa, LoKr, full weights, DoRA) live in lycoris.py; each is one small class
+meeting `Adapter`'s contract, so strength, stacking, fusing and exact unfusing work alike for all.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
 
-class LoRA(nn.Module):
+def layer_op(base: nn.Linear | nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The base layer's own operation (stride, padding, ...) with another weight and bias."""
+    if isinstance(base, nn.Linear):
+        return F.linear(x, weight, bias)
+    return base._conv_forward(x, weight, bias)
+
+
+class Adapter(nn.Module):
+    """The contract of an adapter kind; `AdaptedLayer` needs nothing else.
+
+    - `delta_weight(base_weight, strength)`: the update of the base weight at a strength, fp32, in the
+      base weight's shape. The one source of truth: forward, fuse and export all come from it.
+    - `delta_bias(base_bias, strength)`: the update of the bias, or None (most kinds leave it).
+    - `output(x, base, strength)`: what the adapter adds to `base(x)`; by default the base layer's
+      operation with the delta weight. Kinds with a cheaper path (LoRA: up(down(x))) override it.
+    - `file_tensors()`: the tensors a file holds for this module, by role (`lora_down.weight`,
+      `hada_w1_a`, `dora_scale`, ...); `alpha` is kept as an attribute (None for kinds without one).
+    A kind whose update is not linear in the strength (DoRA) says so in `delta_weight`.
+    """
+
+    kind = "adapter"
+    alpha: float | None = None
+
+    def delta_weight(self, base_weight: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_bias(self, base_bias: torch.Tensor | None, strength: float = 1.0) -> torch.Tensor | None:
+        return None
+
+    def output(self, x: torch.Tensor, base: nn.Linear | nn.Conv2d, strength: float) -> torch.Tensor:
+        weight = self.delta_weight(base.weight, strength).to(x.dtype)
+        bias = self.delta_bias(base.bias, strength)
+        return layer_op(base, x, weight, None if bias is None else bias.to(x.dtype))
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def rank(self) -> int | None:
+        """The rank a file's header states for this module (None for kinds without one)."""
+        return None
+
+
+class LoRA(Adapter):
     """One low-rank update of a Linear or Conv2d layer: delta(x) = up(down(x)) * alpha / rank.
 
     For a conv, `down` has the base kernel, stride and padding, and `up` is 1x1 (the LoCon layout).
     Strength is not stored here: it is a runtime knob of the wrapper.
     """
 
+    kind = "lora"
+
     def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | None = None, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"rank must be > 0, got {rank}")
-        self.rank = rank
+        self._rank = rank
         self.alpha = float(rank if alpha is None else alpha)
         # Training keeps adapters in fp32 on a low-precision base: pass dtype=torch.float32.
         factory = {"device": device or base.weight.device, "dtype": dtype or base.weight.dtype}
@@ -54,6 +106,10 @@ class LoRA(nn.Module):
         return lora
 
     @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
@@ -64,11 +120,18 @@ class LoRA(nn.Module):
         """up(down(x)) in the adapter's dtype; the wrapper folds scale and strength into one add."""
         return self.up(self.down(x.to(self.up.weight.dtype)))
 
-    def delta_weight(self) -> torch.Tensor:
-        """The update as a weight of the base layer's shape, in fp32: up @ down * alpha / rank."""
+    def output(self, x: torch.Tensor, base: nn.Linear | nn.Conv2d, strength: float) -> torch.Tensor:
+        return self.forward_unscaled(x) * (strength * self.scale)
+
+    def delta_weight(self, base_weight: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+        """The update as a weight of the base layer's shape, in fp32: up @ down * alpha / rank * strength."""
         up = self.up.weight.float().flatten(1)  # [out, rank]
         down = self.down.weight.float().flatten(1)  # [rank, in * kh * kw]
-        return (up @ down).view(self.up.weight.shape[0], *self.down.weight.shape[1:]) * self.scale
+        delta = (up @ down).view(self.up.weight.shape[0], *self.down.weight.shape[1:]) * self.scale
+        return delta * strength if strength != 1.0 else delta
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_down.weight": self.down.weight, "lora_up.weight": self.up.weight}
 
 
 class AdapterDict(nn.ModuleDict):
@@ -95,6 +158,7 @@ class AdaptedLayer(nn.Module):
         self.strengths: dict[str, float] = {}
         self.fused: list[str] = []
         self._original_weight: torch.Tensor | None = None
+        self._original_bias: torch.Tensor | None = None
 
     # Code elsewhere (diffusers processors, transformers) reads these off the layer it replaced.
     @property
@@ -123,16 +187,28 @@ class AdaptedLayer(nn.Module):
             strength = self.strengths[name]
             if strength == 0.0 or name in self.fused:
                 continue
-            y = torch.add(y, adapter.forward_unscaled(x).to(y.dtype), alpha=strength * adapter.scale)
+            if isinstance(adapter, LoRA):  # the common case, in one fused multiply-add
+                y = torch.add(y, adapter.forward_unscaled(x).to(y.dtype), alpha=strength * adapter.scale)
+            else:
+                y = y + adapter.output(x, self.base, strength).to(y.dtype)
         return y
 
     def delta_weight(self, names: list[str] | None = None) -> torch.Tensor:
-        """The summed strength-scaled update of the named adapters (all by default), fp32."""
+        """The summed strength-scaled update of the named adapters (all by default), fp32. Each is
+        computed against the base weight as loaded (unfused), which is what DoRA's needs."""
         names = list(self.adapters) if names is None else names
-        delta = torch.zeros(self.base.weight.shape, dtype=torch.float32, device=self.base.weight.device)
+        base = self.base.weight if self._original_weight is None else self._original_weight.to(self.base.weight.device)
+        delta = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
         for name in names:
-            delta += self.strengths[name] * self.adapters[name].delta_weight().to(delta.device)
+            delta += self.adapters[name].delta_weight(base, self.strengths[name]).to(delta.device)
         return delta
+
+    def delta_bias(self, names: list[str] | None = None) -> torch.Tensor | None:
+        """The summed bias update of the named adapters, or None when none of them changes the bias."""
+        names = list(self.adapters) if names is None else names
+        updates = [self.adapters[name].delta_bias(self.base.bias, self.strengths[name]) for name in names]
+        updates = [update.float() for update in updates if update is not None]
+        return sum(updates) if updates else None
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -141,14 +217,20 @@ class AdaptedLayer(nn.Module):
         names = [name for name, strength in self.strengths.items() if strength != 0.0]
         if not names:
             return
-        weight = self.base.weight
+        weight, bias = self.base.weight, self.base.bias
+        delta, bias_delta = self.delta_weight(names), self.delta_bias(names)
         self._original_weight = weight.detach().to("cpu", copy=True)
-        weight.copy_((weight.float() + self.delta_weight(names)).to(weight.dtype))
+        weight.copy_((weight.float() + delta).to(weight.dtype))
+        if bias_delta is not None:
+            self._original_bias = bias.detach().to("cpu", copy=True)
+            bias.copy_((bias.float() + bias_delta.to(bias.device)).to(bias.dtype))
         self.fused = names
 
     @torch.no_grad()
     def unfuse(self) -> None:
         if self._original_weight is not None:
             self.base.weight.copy_(self._original_weight)
-        self._original_weight = None
+        if self._original_bias is not None:
+            self.base.bias.copy_(self._original_bias)
+        self._original_weight = self._original_bias = None
         self.fused = []

@@ -157,14 +157,13 @@ def test_unknown_keys_strict_and_lenient(pipe, tmp_path, caplog):
     assert sum(sdlora.list_adapters(pipe)[0].modules.values()) == 64
 
 
-def test_lycoris_tensors_are_named(pipe, tmp_path):
+def test_kinds_sdlora_does_not_read_are_named(pipe, tmp_path):
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    tensors = {f"{name}.hada_w1_a": torch.zeros(16, 4), f"{name}.hada_w1_b": torch.zeros(4, 16),
-               f"{name}.hada_w2_a": torch.zeros(16, 4), f"{name}.hada_w2_b": torch.zeros(4, 16),
-               f"{name}.alpha": torch.tensor(4.0)}
-    save_file(tensors, tmp_path / "loha.safetensors")
-    with pytest.raises(AdapterFileError, match="LyCORIS LoHa"):
-        sdlora.load(pipe, tmp_path / "loha.safetensors")
+    tensors = {f"{name}.oft_blocks": torch.zeros(4, 4, 4), f"{name}.alpha": torch.tensor(4.0)}
+    save_file(tensors, tmp_path / "oft.safetensors")
+    with pytest.raises(AdapterFileError, match="LyCORIS OFT"):
+        sdlora.load(pipe, tmp_path / "oft.safetensors")
+    assert not sdlora.list_adapters(pipe)
 
 
 def test_file_for_another_model_matches_nothing(pipe, tmp_path):

@@ -1,0 +1,202 @@
+"""LyCORIS's adapter kinds, each one small class meeting `lora.Adapter`'s contract.
+
+LoCon with Tucker factors (`lora_mid`), LoHa (`hada_*`), LoKr (`lokr_*`), full weight differences
+(`diff`, `diff_b`) and DoRA (`dora_scale` on any of them). Every kind computes its update as a
+weight (`delta_weight`), from which forward, fuse and export follow; the formulas are LyCORIS's
+(docs/lycoris-facts.md names the source of each). Frozen: these kinds are loaded, not trained.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .lora import Adapter, LoRA
+
+
+def _buffer_dict(module: nn.Module, tensors: dict[str, torch.Tensor], like: torch.Tensor) -> None:
+    """Keep file tensors as buffers (they move with .to() and stay out of parameters()), in the base
+    layer's dtype and device."""
+    module._roles = list(tensors)
+    for index, (role, tensor) in enumerate(tensors.items()):
+        module.register_buffer(f"t{index}", tensor.to(device=like.device, dtype=like.dtype))
+
+
+class _FileKind(Adapter):
+    """An adapter built from a file's tensors, by role."""
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, tensors: dict[str, torch.Tensor], alpha: float | None):
+        super().__init__()
+        self.alpha = None if alpha is None else float(alpha)
+        self.shape = tuple(base.weight.shape)
+        _buffer_dict(self, tensors, base.weight)
+
+    def tensor(self, role: str) -> torch.Tensor | None:
+        return getattr(self, f"t{self._roles.index(role)}").float() if role in self._roles else None
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {role: getattr(self, f"t{index}") for index, role in enumerate(self._roles)}
+
+    def scale(self, rank: int | None) -> float:
+        return 1.0 if self.alpha is None or rank is None else self.alpha / rank
+
+    def update(self) -> torch.Tensor:
+        """The update at strength 1, fp32, in the base weight's shape."""
+        raise NotImplementedError
+
+    def delta_weight(self, base_weight: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+        delta = self.update()
+        return delta * strength if strength != 1.0 else delta
+
+
+def rebuild_tucker(core: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """A conv weight [out, in, kh, kw] from a Tucker core [r, r, kh, kw] and factors left [r, out]
+    and right [r, in]: W[p, q] = sum_ij left[i, p] core[i, j] right[j, q]."""
+    return torch.einsum("ijkl,ip,jq->pqkl", core, left, right)
+
+
+class TuckerLoCon(_FileKind):
+    """LoCon on a k x k conv with a Tucker core: down [r, in, 1, 1], mid [r, r, kh, kw], up [out, r, 1, 1]."""
+
+    kind = "locon-tucker"
+
+    @property
+    def rank(self) -> int:
+        return self.tensor("lora_down.weight").shape[0]
+
+    def update(self) -> torch.Tensor:
+        down = self.tensor("lora_down.weight").flatten(1)  # [r, in]
+        up = self.tensor("lora_up.weight").flatten(1)  # [out, r]
+        return rebuild_tucker(self.tensor("lora_mid.weight"), up.T, down) * self.scale(self.rank)
+
+
+class LoHa(_FileKind):
+    """(w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank, the product elementwise (Hadamard); with Tucker
+    cores hada_t1/hada_t2, each factor is rebuilt from its core first."""
+
+    kind = "loha"
+
+    @property
+    def rank(self) -> int:
+        return self.tensor("hada_w1_b").shape[0]
+
+    def _factor(self, index: int) -> torch.Tensor:
+        a, b, core = (self.tensor(f"hada_w{index}_a"), self.tensor(f"hada_w{index}_b"),
+                      self.tensor(f"hada_t{index}"))
+        if core is not None:
+            return rebuild_tucker(core, a, b)
+        return (a @ b).reshape(self.shape)
+
+    def update(self) -> torch.Tensor:
+        return (self._factor(1) * self._factor(2)).reshape(self.shape) * self.scale(self.rank)
+
+
+class LoKr(_FileKind):
+    """kron(W1, W2) * scale; each factor whole (lokr_w1, lokr_w2) or low-rank (lokr_w1_a @ lokr_w1_b,
+    lokr_w2_a @ lokr_w2_b, or a Tucker core lokr_t2). The scale is alpha / rank when a factor is
+    low-rank, and 1 when both are whole."""
+
+    kind = "lokr"
+
+    @property
+    def rank(self) -> int | None:
+        for role in ("lokr_w1_b", "lokr_w2_b"):
+            if (tensor := self.tensor(role)) is not None:
+                return tensor.shape[0]
+        return None
+
+    def _w1(self) -> torch.Tensor:
+        whole = self.tensor("lokr_w1")
+        return whole if whole is not None else self.tensor("lokr_w1_a") @ self.tensor("lokr_w1_b")
+
+    def _w2(self, w1: torch.Tensor) -> torch.Tensor:
+        whole = self.tensor("lokr_w2")
+        if whole is not None:
+            return whole
+        a, b, core = self.tensor("lokr_w2_a"), self.tensor("lokr_w2_b"), self.tensor("lokr_t2")
+        if core is not None:
+            return rebuild_tucker(core, a, b)
+        out, inner = self.shape[0] // w1.shape[0], self.shape[1] // w1.shape[1]
+        return (a @ b).reshape(out, inner, *self.shape[2:])
+
+    def update(self) -> torch.Tensor:
+        w1 = self._w1()
+        w2 = self._w2(w1)
+        if w2.dim() == 4:  # a conv: W1 acts on the channels only
+            w1 = w1[:, :, None, None]
+        whole = self.tensor("lokr_w1") is not None and self.tensor("lokr_w2") is not None
+        scale = 1.0 if whole else self.scale(self.rank)
+        return torch.kron(w1, w2).reshape(self.shape) * scale
+
+
+class Full(_FileKind):
+    """A whole weight difference `diff` (and `diff_b` for the bias), applied as it is."""
+
+    kind = "full"
+
+    def update(self) -> torch.Tensor:
+        return self.tensor("diff").reshape(self.shape)
+
+    def delta_bias(self, base_bias: torch.Tensor | None, strength: float = 1.0) -> torch.Tensor | None:
+        bias = self.tensor("diff_b")
+        return None if bias is None else bias * strength
+
+
+class DoRA(Adapter):
+    """Weight-decomposed adaptation: another kind's update, then each output row of W + ΔW rescaled to
+    the stored magnitude `dora_scale`. The update at a strength is the difference to the base weight,
+    scaled by the strength, as A1111 and ComfyUI apply it."""
+
+    def __init__(self, inner: Adapter, magnitude: torch.Tensor, like: torch.Tensor):
+        super().__init__()
+        self.inner = inner
+        self.kind = f"{inner.kind}+dora"
+        self.alpha = inner.alpha
+        self.register_buffer("magnitude", magnitude.to(device=like.device, dtype=like.dtype))
+
+    @property
+    def rank(self) -> int | None:
+        return self.inner.rank
+
+    def delta_weight(self, base_weight: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+        if base_weight is None:
+            raise ValueError("DoRA's update depends on the base weight: pass it")
+        base = base_weight.float()
+        merged = base + self.inner.delta_weight(base_weight)
+        dims = tuple(range(1, merged.dim()))
+        norm = merged.norm(dim=dims, keepdim=True) if self.magnitude.shape[0] == merged.shape[0] else \
+            merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1).reshape(1, -1, *([1] * (merged.dim() - 2)))
+        rescaled = merged * (self.magnitude.float().reshape(norm.shape) / norm)
+        return (rescaled - base) * strength
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.inner.file_tensors(), "dora_scale": self.magnitude}
+
+
+# Which tensors make which kind: a module's roles decide it.
+KIND_ROLES = {
+    "locon-tucker": {"lora_down.weight", "lora_up.weight", "lora_mid.weight"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
+    "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"},
+    "full": {"diff"},
+}
+
+
+def build_adapter(base: nn.Linear | nn.Conv2d, tensors: dict[str, torch.Tensor], alpha: float | None) -> Adapter:
+    """The adapter a module's file tensors describe (any kind, with or without DoRA)."""
+    tensors = dict(tensors)
+    magnitude = tensors.pop("dora_scale", None)
+    roles = set(tensors)
+    if roles == {"lora_down.weight", "lora_up.weight"}:
+        inner: Adapter = LoRA.from_weights(base, tensors["lora_down.weight"], tensors["lora_up.weight"], alpha)
+    elif "lora_mid.weight" in roles:
+        inner = TuckerLoCon(base, tensors, alpha)
+    elif roles & KIND_ROLES["loha"]:
+        inner = LoHa(base, tensors, alpha)
+    elif roles & KIND_ROLES["lokr"]:
+        inner = LoKr(base, tensors, alpha)
+    elif "diff" in roles:
+        inner = Full(base, tensors, alpha)
+    else:
+        raise ValueError(f"no adapter kind has exactly the tensors {sorted(roles)}")
+    return inner if magnitude is None else DoRA(inner, magnitude, base.weight)

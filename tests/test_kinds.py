@@ -1,0 +1,141 @@
+"""Adapter kinds other than LoRA (LyCORIS's LoHa, LoKr, Tucker LoCon, full, DoRA): loaded from files,
+each layer equals a naive `W + s * ΔW` written here from the formulas, and strength, stacking, fuse and
+exact unfuse work as for LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import sdlora
+from conftest import unet_out
+
+LINEAR = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # [16, 16] in the tiny UNet
+CONV = "unet.down_blocks.0.resnets.0.conv1"  # [16, 16, 3, 3]
+
+
+def kohya(key: str) -> str:
+    return "lora_unet_" + key.removeprefix("unet.").replace(".", "_")
+
+
+def rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.1
+
+
+def naive(kind: str, weight: torch.Tensor, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(file tensors without the module name, ΔW at strength 1), from the formulas in ../shared/FORMATS.md."""
+    out, inn = weight.shape[:2]
+    spatial = tuple(weight.shape[2:])
+    flat = inn * (spatial[0] * spatial[1] if spatial else 1)
+    r, alpha = 4, 2.0
+    if kind == "loha":
+        t = {"hada_w1_a": rand(out, r, seed=seed), "hada_w1_b": rand(r, flat, seed=seed + 1),
+             "hada_w2_a": rand(out, r, seed=seed + 2), "hada_w2_b": rand(r, flat, seed=seed + 3)}
+        delta = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * alpha / r
+    elif kind == "lokr":  # W1 whole [4, 4], W2 low-rank: scale alpha / r
+        t = {"lokr_w1": rand(4, 4, seed=seed), "lokr_w2_a": rand(out // 4, r, seed=seed + 1),
+             "lokr_w2_b": rand(r, inn // 4 * flat // inn, seed=seed + 2)}
+        w2 = (t["lokr_w2_a"] @ t["lokr_w2_b"]).reshape(out // 4, inn // 4, *spatial)
+        w1 = t["lokr_w1"].reshape(4, 4, *([1] * len(spatial)))
+        delta = torch.kron(w1, w2) * alpha / r
+    elif kind == "lokr-whole":  # both factors whole: scale 1, alpha ignored
+        t = {"lokr_w1": rand(4, 4, seed=seed), "lokr_w2": rand(out // 4, inn // 4, *spatial, seed=seed + 1)}
+        delta = torch.kron(t["lokr_w1"].reshape(4, 4, *([1] * len(spatial))), t["lokr_w2"])
+    elif kind == "full":
+        t = {"diff": rand(*weight.shape, seed=seed)}
+        delta = t["diff"]
+    elif kind == "locon-tucker":
+        t = {"lora_down.weight": rand(r, inn, 1, 1, seed=seed), "lora_mid.weight": rand(r, r, *spatial, seed=seed + 1),
+             "lora_up.weight": rand(out, r, 1, 1, seed=seed + 2)}
+        # compose the three convs: 1x1 down, k x k mid, 1x1 up
+        delta = torch.einsum("pi,ijkl,jq->pqkl", t["lora_up.weight"].flatten(1), t["lora_mid.weight"],
+                             t["lora_down.weight"].flatten(1)) * alpha / r
+    else:
+        raise ValueError(kind)
+    t["alpha"] = torch.tensor(alpha)
+    if kind.startswith("lokr-whole") or kind == "full":
+        t.pop("alpha")
+    return t, delta.reshape(weight.shape)
+
+
+CASES = [("loha", LINEAR), ("loha", CONV), ("lokr", LINEAR), ("lokr", CONV), ("lokr-whole", LINEAR),
+         ("lokr-whole", CONV), ("full", LINEAR), ("full", CONV), ("locon-tucker", CONV)]
+
+
+@pytest.mark.parametrize("kind, key", CASES)
+def test_each_kind_is_its_formula(pipe, tmp_path, kind, key):
+    layer = pipe.unet.get_submodule(key.removeprefix("unet."))
+    weight = layer.weight.detach().clone()
+    tensors, delta = naive(kind, weight, seed=1)
+    save_file({f"{kohya(key)}.{role}": tensor for role, tensor in tensors.items()}, tmp_path / "a.safetensors")
+    x = rand(2, 16, *((8, 8) if weight.dim() == 4 else (5,)), seed=9)
+    if weight.dim() == 2:
+        x = x.transpose(1, 2)  # [batch, tokens, features]
+    op = (lambda w: F.linear(x, w, layer.bias)) if weight.dim() == 2 else (
+        lambda w: F.conv2d(x, w, layer.bias, layer.stride, layer.padding))
+    before = unet_out(pipe)
+
+    sdlora.load(pipe, tmp_path / "a.safetensors", strength=0.7)
+    wrapped = pipe.unet.get_submodule(key.removeprefix("unet."))
+    torch.testing.assert_close(wrapped(x), op(weight + 0.7 * delta), atol=1e-5, rtol=1e-5)
+    assert sdlora.list_adapters(pipe)[0].kinds == {kind.removesuffix("-whole"): 1}
+    unfused = unet_out(pipe)
+    sdlora.fuse(pipe)
+    torch.testing.assert_close(unet_out(pipe), unfused, atol=1e-5, rtol=1e-4)
+    sdlora.unfuse(pipe)
+    assert torch.equal(wrapped.base.weight, weight)  # exact
+    sdlora.set_strength(pipe, "a", 0.0)
+    assert torch.equal(unet_out(pipe), before)
+    sdlora.unload(pipe)
+    assert torch.equal(unet_out(pipe), before)
+
+
+def test_full_bias_difference_fuses_and_unfuses(pipe, tmp_path):
+    key = "unet.down_blocks.0.attentions.0.proj_in"  # a conv with a bias in the tiny UNet
+    layer = pipe.unet.get_submodule(key.removeprefix("unet."))
+    bias = layer.bias.detach().clone()
+    diff_b = rand(*bias.shape, seed=3)
+    save_file({f"{kohya(key)}.diff": rand(*layer.weight.shape, seed=2), f"{kohya(key)}.diff_b": diff_b},
+              tmp_path / "full.safetensors")
+    sdlora.load(pipe, tmp_path / "full.safetensors", strength=0.5)
+    unfused = unet_out(pipe)
+    sdlora.fuse(pipe)
+    torch.testing.assert_close(layer.bias, bias + 0.5 * diff_b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(unet_out(pipe), unfused, atol=1e-5, rtol=1e-4)
+    sdlora.unfuse(pipe)
+    assert torch.equal(layer.bias, bias)
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha"])
+def test_dora_rescales_each_output_row_to_its_magnitude(pipe, tmp_path, kind):
+    """DoRA: W' = m * (W + ΔW) / ||W + ΔW|| per output row; at strength s the layer is W + s (W' - W)."""
+    layer = pipe.unet.get_submodule(LINEAR.removeprefix("unet."))
+    weight = layer.weight.detach().clone()
+    if kind == "lora":
+        tensors = {"lora_down.weight": rand(4, 16, seed=1), "lora_up.weight": rand(16, 4, seed=2),
+                   "alpha": torch.tensor(4.0)}
+        delta = tensors["lora_up.weight"] @ tensors["lora_down.weight"]
+    else:
+        tensors, delta = naive("loha", weight, seed=1)
+    magnitude = rand(16, 1, seed=5).abs() + 0.5
+    tensors["dora_scale"] = magnitude
+    save_file({f"{kohya(LINEAR)}.{role}": tensor for role, tensor in tensors.items()}, tmp_path / "dora.safetensors")
+    merged = weight + delta
+    rescaled = merged * magnitude / merged.norm(dim=1, keepdim=True)
+    x = rand(2, 5, 16, seed=9)
+    sdlora.load(pipe, tmp_path / "dora.safetensors", strength=0.6)
+    wrapped = pipe.unet.get_submodule(LINEAR.removeprefix("unet."))
+    assert sdlora.list_adapters(pipe)[0].kinds == {f"{kind}+dora": 1}
+    torch.testing.assert_close(wrapped(x), F.linear(x, weight + 0.6 * (rescaled - weight), layer.bias),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_a_kind_that_does_not_fit_the_layer_is_refused_before_anything_changes(pipe, tmp_path):
+    tensors, _ = naive("loha", torch.empty(16, 32), seed=1)  # made for a [16, 32] layer; to_q is [16, 16]
+    save_file({f"{kohya(LINEAR)}.{role}": tensor for role, tensor in tensors.items()}, tmp_path / "bad.safetensors")
+    before = unet_out(pipe)
+    with pytest.raises(sdlora.AdapterFileError, match=r"\(loha\) does not fit .* hada_w1_b \[4, 32\]"):
+        sdlora.load(pipe, tmp_path / "bad.safetensors")
+    assert not sdlora.list_adapters(pipe) and torch.equal(unet_out(pipe), before)
