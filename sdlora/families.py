@@ -66,6 +66,7 @@ class Family:
     base_model_version: str  # kohya's ss_base_model_version (v-prediction adds "_v" for SD 2.x)
     architecture: str  # modelspec.architecture without the resolution/prediction part and "/lora"
     default_clip_skip: int
+    comfy_text_encoders: dict[str, str]  # ComfyUI's name of each text encoder (clip_l, ...) -> component
     sgm_unet_names: bool = False  # kohya and A1111 name this family's UNet modules by the original layout
     pooled_text: bool = False
     size_conditioning: bool = False
@@ -136,18 +137,21 @@ SD1 = Family(
     name="sd1", title="Stable Diffusion 1.x", text_encoders=("text_encoder",),
     kohya_prefixes={"unet": KOHYA_UNET_PREFIX, "text_encoder": "lora_te"},
     base_model_version="sd_v1", architecture="stable-diffusion-v1", default_clip_skip=1,
+    comfy_text_encoders={"clip_l": "text_encoder"},
     aliases=("sd_v1", "stable-diffusion-v1"),
 )
 SD2 = Family(
     name="sd2", title="Stable Diffusion 2.x", text_encoders=("text_encoder",),
     kohya_prefixes={"unet": KOHYA_UNET_PREFIX, "text_encoder": "lora_te"},
     base_model_version="sd_v2", architecture="stable-diffusion-v2", default_clip_skip=1,
+    comfy_text_encoders={"clip_h": "text_encoder"},
     aliases=("sd_v2", "stable-diffusion-v2"),
 )
 SDXL = Family(
     name="sdxl", title="Stable Diffusion XL", text_encoders=("text_encoder", "text_encoder_2"),
     kohya_prefixes={"unet": KOHYA_UNET_PREFIX, "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
     base_model_version="sdxl_base_v1-0", architecture="stable-diffusion-xl-v1-base", default_clip_skip=2,
+    comfy_text_encoders={"clip_l": "text_encoder", "clip_g": "text_encoder_2"},
     sgm_unet_names=True, pooled_text=True, size_conditioning=True,
     aliases=("sdxl", "stable-diffusion-xl"),
 )

@@ -95,7 +95,7 @@ class ModuleTensors:
 @dataclass
 class Parsed:
     modules: dict[str, ModuleWeights | ModuleTensors]  # module key -> weights (plain LoRA) or another kind
-    layout: str  # "kohya", "peft" or "diffusers"
+    layout: str  # "kohya", "comfy", "simpletuner", "peft" or "diffusers"
     unmatched: list[str]  # file keys that name no module of the model
     unsupported: list[str]  # file keys of a kind or role this loader cannot apply
 
@@ -156,6 +156,41 @@ def dotted_module_key(name: str) -> str | None:
     return None
 
 
+def module_key_of(name: str, family: Family, kohya_names: dict[str, str],
+                  original_to_diffusers: dict[str, str]) -> str | None:
+    """The module key a file's module name means, in any layout we read, or None.
+
+    kohya (`lora_unet_…`, `lora_te_…`), SimpleTuner's LyCORIS (`lycoris_<UNet path with _>`), ComfyUI's
+    own (`diffusion_model.<original path>`, `text_encoders.clip_l.transformer.<path>`), and the dotted
+    names of diffusers and PEFT.
+    """
+    if name.startswith("lora_"):
+        return kohya_names.get(name)
+    if name.startswith("lycoris_"):
+        return kohya_names.get(f"{family.kohya_prefixes['unet']}_{name.removeprefix('lycoris_')}")
+    if name.startswith("diffusion_model."):
+        path = original_to_diffusers.get(name.removeprefix("diffusion_model."))
+        return None if path is None else f"unet.{path}"
+    if name.startswith("text_encoders."):
+        encoder, _, path = name.removeprefix("text_encoders.").partition(".")
+        component = family.comfy_text_encoders.get(encoder)
+        if component is None or not path.startswith("transformer."):
+            return None
+        return f"{component}.{canonical_path(component, path.removeprefix('transformer.'))}"
+    return dotted_module_key(name)
+
+
+def file_layout(names: list[str], state_dict: dict) -> str:
+    """What wrote a file, judged from its module names: kohya, comfy, simpletuner, peft or diffusers."""
+    if any(name.startswith("lora_") for name in names):
+        return "kohya"
+    if any(name.startswith(("diffusion_model.", "text_encoders.")) for name in names):
+        return "comfy"
+    if any(name.startswith("lycoris_") for name in names):
+        return "simpletuner"
+    return "peft" if any(".lora_A." in key for key in state_dict) else "diffusers"
+
+
 def parse_state_dict(
     state_dict: dict[str, torch.Tensor], metadata: dict[str, str], family: Family, model_keys: list[str],
     original_paths: dict[str, str] | None = None,
@@ -179,14 +214,14 @@ def parse_state_dict(
 
     known = set(model_keys)
     kohya_names = kohya_index(family, model_keys, original_paths)
-    is_kohya = any(name.startswith("lora_") for name in grouped)
-    layout = "kohya" if is_kohya else "peft" if any(".lora_A." in k for k in state_dict) else "diffusers"
+    layout = file_layout(list(grouped), state_dict)
+    original_to_diffusers = {original: path for path, original in (original_paths or {}).items()}
     configs = peft_alphas(metadata)
 
     modules: dict[str, ModuleWeights | ModuleTensors] = {}
     unmatched: list[str] = []
     for name, roles in grouped.items():
-        key = kohya_names.get(name) if name.startswith("lora_") else dotted_module_key(name)
+        key = module_key_of(name, family, kohya_names, original_to_diffusers)
         if key is None or key not in known:
             unmatched.extend(sources[name])
             continue

@@ -27,8 +27,9 @@ def split_key(key: str) -> tuple[str, str]:
 
 
 def canonical_path(component: str, path: str) -> str:
-    """The path other tools expect: text-encoder paths always start with `text_model.`."""
-    if component in TEXT_ENCODERS and not path.startswith("text_model."):
+    """The path other tools expect: text-encoder paths start with `text_model.` (all but the projection
+    of SDXL's second encoder, which sits beside it)."""
+    if component in TEXT_ENCODERS and not path.startswith(("text_model.", "text_projection")):
         return "text_model." + path
     return path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ from sdlora.threads import use_cpu_policy
 use_cpu_policy()  # before torch loads OpenMP: tests and their subprocesses share the cores
 
 import torch
+from PIL import Image, ImageDraw
 
 import sdlora
 from sdlora.toy.pipelines import reference_client_problem, save_tiny_pipeline
@@ -22,6 +24,20 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> Path:
+    """Eight 16 px images of coloured discs with captions, as a user's folder would hold them."""
+    folder = tmp_path_factory.mktemp("images")
+    for i in range(8):
+        colour = ("red", "blue")[i % 2]
+        image = Image.new("RGB", (16, 16), "white")
+        offset = i % 5
+        ImageDraw.Draw(image).ellipse([offset, offset, offset + 10, offset + 10], fill=colour)
+        image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a {colour} circle")
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ from sdlora.training.config import TrainConfig
 from sdlora.training.loop import Trainer
 from sdlora.toy.pipelines import save_tiny_pipeline
 from conftest import randomize
-from test_train import images  # noqa: F401  (the fixture)
 
 FAMILY_OF = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL}
 
@@ -68,7 +67,7 @@ def test_families_are_told_apart(family_dir):
         assert pipe.scheduler.config.prediction_type == "v_prediction"
 
 
-def test_training_lowers_the_loss_and_writes_the_runs_facts(family_dir, images, tmp_path):  # noqa: F811
+def test_training_lowers_the_loss_and_writes_the_runs_facts(family_dir, images, tmp_path):
     name, folder = family_dir
     config = TrainConfig(model=str(folder), data=str(images), output_dir=str(tmp_path), batch_size=4,
                          max_steps=30, lr=1e-2, rank=4, seed=7, targets="attn-mlp", save_dtype="fp32",
@@ -220,7 +219,7 @@ def test_clip_skip_takes_an_earlier_layer_through_the_final_norm(tmp_path):
         torch.testing.assert_close(skip2, pipe.text_encoder.final_layer_norm(hidden[-2]))
 
 
-def test_sdxl_trains_from_the_command_line(family_dir, images, tmp_path, capsys):  # noqa: F811
+def test_sdxl_trains_from_the_command_line(family_dir, images, tmp_path, capsys):
     """The first thing a new user tries: `sdlora train --model <an SDXL folder>` (it used to die in step 1)."""
     from sdlora.cli import main
 
@@ -231,7 +230,7 @@ def test_sdxl_trains_from_the_command_line(family_dir, images, tmp_path, capsys)
     assert (tmp_path / "lora.safetensors").is_file()
 
 
-def test_sdxl_resume_is_exact(images, tmp_path):  # noqa: F811
+def test_sdxl_resume_is_exact(images, tmp_path):
     """Checkpoints of an SDXL run (SGM names, two text encoders) restore exactly."""
     from sdlora.training.loop import train
     from test_train import assert_adapters_close

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import sdlora
 from sdlora import cli, durable
 from sdlora.durable import TEMPORARY_SUFFIX
 from sdlora.runlock import LOCK_FILE
 from sdlora.training.loop import Trainer, TrainingDiverged, diverged_message, train
-from test_train import assert_adapters_close, config, images  # noqa: F401 (images is a fixture)
+from test_train import assert_adapters_close, config
 
 if sys.version_info >= (3, 11):
     import tomllib

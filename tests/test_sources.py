@@ -18,7 +18,6 @@ from sdlora.clip_tokenizer import clip_tokenizer
 from sdlora.single_file import load_tokenizer, read_ckpt
 from sdlora.sources import ModelSourceError, load_pipeline
 from sdlora.toy.pipelines import save_tiny_pipeline, tiny_sdxl_pipeline
-from test_train import images  # noqa: F401  (the fixture)
 
 TOY = Path(__file__).resolve().parents[1] / "models" / "toy-sd1"
 
@@ -433,7 +432,7 @@ def test_package_data_is_declared():
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_training_from_a_single_file(tmp_path, images, family):  # noqa: F811
+def test_training_from_a_single_file(tmp_path, images, family):
     """`sdlora train --model file.safetensors --model-config DIR` trains, as on the folder it came from."""
     from sdlora.cli import main
     from sdlora.training.loop import train

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file
 
 import sdlora
@@ -20,20 +20,6 @@ from sdlora.training.config import TrainConfig
 from sdlora.training.loop import Trainer, TrainingDiverged, lr_factor, train
 from sdlora.training.loss import diffusion_loss
 from conftest import te_out, unet_out
-
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory) -> Path:
-    """Eight 16 px images of coloured discs with captions, as a user's folder would hold them."""
-    folder = tmp_path_factory.mktemp("images")
-    for i in range(8):
-        colour = ("red", "blue")[i % 2]
-        image = Image.new("RGB", (16, 16), "white")
-        offset = i % 5
-        ImageDraw.Draw(image).ellipse([offset, offset, offset + 10, offset + 10], fill=colour)
-        image.save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a {colour} circle")
-    return folder
 
 
 def config(tiny_dir, images, out, **overrides) -> TrainConfig:
