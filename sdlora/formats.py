@@ -252,17 +252,23 @@ def _complete(roles: dict[str, torch.Tensor]) -> bool:
     ))
 
 
-def to_kohya(modules: dict[str, ModuleWeights], family: Family, dtype: torch.dtype,
+def to_kohya(modules: dict[str, ModuleWeights | ModuleTensors], family: Family, dtype: torch.dtype | None,
              original_paths: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Module weights -> the kohya state dict that A1111, ComfyUI and diffusers read.
 
-    alpha stays fp32 whatever `dtype` is: a value like 0.3 would not survive fp16, and readers
-    take it with `.item()`.
+    Tensors are cast to `dtype` (None: kept as they are). alpha stays fp32 whatever `dtype` is: a
+    value like 0.3 would not survive fp16, and readers take it with `.item()`. LyCORIS kinds keep
+    their own tensor names (A1111 and ComfyUI read those too).
     """
     state_dict: dict[str, torch.Tensor] = {}
     for key, weights in modules.items():
         name = kohya_name(family, key, original_paths)
-        state_dict[f"{name}.lora_down.weight"] = weights.down.detach().to("cpu", dtype).contiguous()
-        state_dict[f"{name}.lora_up.weight"] = weights.up.detach().to("cpu", dtype).contiguous()
-        state_dict[f"{name}.alpha"] = torch.tensor(weights.effective_alpha, dtype=torch.float32)
+        if isinstance(weights, ModuleWeights):
+            roles = {"lora_down.weight": weights.down, "lora_up.weight": weights.up}
+        else:
+            roles = weights.tensors
+        for role, tensor in roles.items():
+            state_dict[f"{name}.{role}"] = tensor.detach().to("cpu", dtype).contiguous()
+        if weights.effective_alpha is not None:
+            state_dict[f"{name}.alpha"] = torch.tensor(weights.effective_alpha, dtype=torch.float32)
     return state_dict

@@ -1,0 +1,146 @@
+"""Converting adapter files between the layouts other tools read, without loss.
+
+    kohya      lora_unet_… / lora_te_… (SDXL: original UNet names, lora_te1_ / lora_te2_), alpha tensors:
+               what A1111 and ComfyUI read, and diffusers too
+    diffusers  unet.<path>.lora_A.weight / lora_B.weight, text_encoder(_2).…, alphas in the
+               `lora_adapter_metadata` header: what diffusers' save_lora_weights writes (PEFT names)
+    comfy      diffusion_model.<original path>.…, text_encoders.clip_l.transformer.…: ComfyUI's own
+
+A file names modules, not a model, and kohya names lose the dots of module paths; so conversion reads
+the file against a model's module names: the model given, or the family's standard architecture built
+from the configs sdlora ships (no weights: on the meta device).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter import read_adapter, write_adapter
+from .errors import AdapterFileError
+from .families import Family, detect_family, family_from_tensors, family_named_in_metadata
+from .formats import ModuleTensors, ModuleWeights, Parsed, parse_state_dict, to_kohya
+from .keys import split_key
+from .models import components
+from .sgm import unet_module_map
+from .targets import adaptable_modules
+
+LAYOUTS = ("kohya", "diffusers", "comfy")
+STANDARD_ARCHITECTURE = {"sd1": "sd15", "sd2": "sd21-v", "sdxl": "sdxl-base"}
+
+
+def standard_parts(family: Family) -> dict[str, nn.Module]:
+    """The family's standard UNet and text encoders, built from the shipped configs on the meta device."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from . import architectures
+
+    folder = architectures.config_folder(STANDARD_ARCHITECTURE[family.name])
+    with init_empty_weights():
+        parts = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))}
+        for name in family.text_encoders:
+            config = CLIPTextConfig.from_pretrained(folder / name)
+            model = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+            parts[name] = model(config)
+    return parts
+
+
+def module_keys(parts: dict[str, nn.Module]) -> list[str]:
+    from .keys import module_key
+
+    return [module_key(component, path) for component, model in parts.items()
+            for path in adaptable_modules(model)]
+
+
+def read_for_conversion(path: Path, model=None) -> tuple[Parsed, dict[str, str], Family, dict[str, nn.Module]]:
+    """A file's modules by module key, read against `model` (a pipeline) or the family's standard one."""
+    tensors, metadata = read_adapter(path)
+    if model is not None:
+        parts = components(model)
+        family = detect_family(parts)
+    else:
+        family = family_named_in_metadata(metadata) or family_from_tensors(tensors)
+        if family is None:
+            raise AdapterFileError(f"{path}: neither its header nor its tensors say which model family it is for: "
+                                   "pass --model with the model it was made for")
+        parts = standard_parts(family)
+    original = unet_module_map(dict(parts["unet"].config))
+    parsed = parse_state_dict(tensors, metadata, family, module_keys(parts), original)
+    problems = parsed.unmatched + parsed.unsupported
+    if problems:
+        raise AdapterFileError(f"{path}: {len(problems)} tensor(s) would be lost in conversion, first {problems[:3]}: "
+                               "they name no module of this model" + ("" if model is not None else
+                               f" ({family.title}'s standard architecture; pass --model for another)"))
+    return parsed, metadata, family, parts
+
+
+def _role_tensors(weights: ModuleWeights | ModuleTensors) -> dict[str, torch.Tensor]:
+    if isinstance(weights, ModuleWeights):
+        return {"lora_down.weight": weights.down, "lora_up.weight": weights.up}
+    return dict(weights.tensors)
+
+
+def to_comfy(modules: dict, family: Family, original_paths: dict[str, str]) -> dict[str, torch.Tensor]:
+    """ComfyUI's own names: `diffusion_model.<original path>`, `text_encoders.<clip>.transformer.<path>`."""
+    clips = {component: clip for clip, component in family.comfy_text_encoders.items()}
+    state_dict = {}
+    for key, weights in modules.items():
+        component, path = split_key(key)
+        name = (f"diffusion_model.{original_paths[path]}" if component == "unet"
+                else f"text_encoders.{clips[component]}.transformer.{path}")
+        state_dict |= {f"{name}.{role}": tensor for role, tensor in _role_tensors(weights).items()}
+        if weights.alpha is not None:
+            state_dict[f"{name}.alpha"] = torch.tensor(float(weights.alpha))
+    return state_dict
+
+
+def to_diffusers(modules: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """PEFT names under each component, and the alphas in the header as diffusers keeps them."""
+    state_dict, configs = {}, {}
+    for key, weights in modules.items():
+        if not isinstance(weights, ModuleWeights):
+            raise AdapterFileError(f"{key} is {weights.kind}: diffusers' layout holds plain LoRA only; convert "
+                                   "to kohya or comfy, which hold LyCORIS kinds")
+        state_dict[f"{key}.lora_A.weight"] = weights.down
+        state_dict[f"{key}.lora_B.weight"] = weights.up
+        component, path = split_key(key)
+        configs.setdefault(component, {})[path] = (weights.rank, weights.effective_alpha)
+    header = {}
+    for component, per_module in configs.items():
+        rank = Counter(r for r, _ in per_module.values()).most_common(1)[0][0]
+        alpha = Counter(a for _, a in per_module.values()).most_common(1)[0][0]
+        # exact per-module values: PEFT's patterns are matched against the end of module paths
+        header |= {f"{component}.r": rank, f"{component}.lora_alpha": alpha,
+                   f"{component}.rank_pattern": {p: r for p, (r, _) in per_module.items() if r != rank},
+                   f"{component}.alpha_pattern": {p: a for p, (_, a) in per_module.items() if a != alpha},
+                   f"{component}.target_modules": sorted(per_module)}
+    return state_dict, {"lora_adapter_metadata": json.dumps(header, sort_keys=True)}
+
+
+def convert(path: str | Path, layout: str, output: str | Path, model=None) -> Path:
+    """Write the file at `path` in another layout; the tensors are carried over unchanged."""
+    if layout not in LAYOUTS:
+        raise AdapterFileError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    path, output = Path(path), Path(output)
+    parsed, metadata, family, parts = read_for_conversion(path, model)
+    original = unet_module_map(dict(parts["unet"].config))
+    keep = {k: v for k, v in metadata.items() if k != "lora_adapter_metadata"}
+    if layout == "kohya":
+        state_dict = to_kohya(parsed.modules, family, None, original)
+    elif layout == "comfy":
+        state_dict = to_comfy(parsed.modules, family, original)
+    else:
+        state_dict, header = to_diffusers(parsed.modules)
+        keep |= header
+    keep.setdefault("ss_base_model_version", family.base_model_version)
+    keep["sdlora_converted_from"] = f"{parsed.layout} ({path.name})"
+    return write_adapter(output, {k: v.contiguous() for k, v in state_dict.items()}, keep)
+
+
+
