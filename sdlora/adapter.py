@@ -57,8 +57,9 @@ def _header(path: Path) -> dict:
     return header
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of an adapter file, checked: complete, safetensors, all values finite."""
+def read_adapter(path: str | os.PathLike, check_finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of an adapter file, checked: complete, safetensors, all values finite
+    (`check_finite=False` for a tool that reports such values instead of refusing them)."""
     path = Path(path)
     if path.is_dir():  # a folder written by diffusers' save_lora_weights, or holding one adapter
         candidates = sorted(path.glob("*.safetensors"))
@@ -76,7 +77,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         tensors = load_file(path)
     except Exception as error:  # safetensors raises its own error type for malformed files
         raise AdapterFileError(f"{path}: cannot be read as safetensors: {error}") from None
-    for name, tensor in tensors.items():
+    for name, tensor in tensors.items() if check_finite else ():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise AdapterFileError(
                 f"{path}: tensor {name!r} holds NaN or infinite values; the adapter is broken "

@@ -3,51 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections import Counter
 from pathlib import Path
 
 from . import loader
 from .training import config
-from .adapter import read_adapter
 from .errors import SdloraError, TrainingDiverged, WriteFailed
-from .formats import split_tensor_name
-from .families import family_from_tensors, family_named_in_metadata
-from .keys import component_of_file_key
-
-
-def describe(path: Path) -> str:
-    """A human summary of an adapter file: family, layout, modules per component, ranks, alphas."""
-    tensors, metadata = read_adapter(path)
-    modules: dict[str, dict[str, object]] = {}
-    for key, tensor in tensors.items():
-        split = split_tensor_name(key)
-        if split:
-            modules.setdefault(split[0], {})[split[1]] = tensor
-    components = Counter(component_of_file_key(name) or "unet" for name in modules)
-    ranks = Counter(int(roles["down"].shape[0]) for roles in modules.values() if "down" in roles)
-    alphas = Counter(round(float(roles["alpha"].item()), 4) for roles in modules.values() if "alpha" in roles)
-    dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
-    family = family_named_in_metadata(metadata) or family_from_tensors(tensors)
-    lines = [
-        f"file:       {path} ({path.stat().st_size / 1024:.1f} KiB, {len(tensors)} tensors)",
-        f"family:     {family.title if family else 'not stated'}",
-        f"modules:    {', '.join(f'{c} {n}' for c, n in sorted(components.items()))}",
-        f"ranks:      {', '.join(f'{r} (x{n})' for r, n in sorted(ranks.items()))}",
-        f"alphas:     {', '.join(f'{a:g} (x{n})' for a, n in sorted(alphas.items())) or 'none stored (alpha = rank)'}",
-        f"dtypes:     {', '.join(f'{d} (x{n})' for d, n in sorted(dtypes.items()))}",
-    ]
-    unread = [key for key in tensors if split_tensor_name(key) is None]
-    if unread:
-        lines.append(f"not LoRA:   {len(unread)} tensor(s), first {unread[0]!r}")
-    for key in sorted(metadata):
-        if key.startswith(("ss_network", "ss_base", "modelspec.title", "modelspec.architecture", "ss_steps")):
-            lines.append(f"{key + ':':<27} {metadata[key]}")
-    if "sdlora" in metadata:
-        record = json.loads(metadata["sdlora"])
-        lines.append(f"sdlora:     format {record.get('format_version')}, targets {record.get('targets')}")
-    return "\n".join(lines)
 
 
 TRAIN_EXAMPLES = """examples:
@@ -65,9 +26,15 @@ The family (SD 1.x, 2.x, XL), its prediction type and its resolution come from t
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlora", description="Train and use LoRA adapters for Stable Diffusion.")
     commands = parser.add_subparsers(dest="command", required=True)
-    inspect = commands.add_parser("inspect", help="describe adapter files (layout, family, ranks, metadata)",
-                                  description="Describe adapter .safetensors files without loading a model.")
+    inspect = commands.add_parser(
+        "inspect", help="describe adapter files: family, layout, kinds, ranks, update per block, anomalies",
+        description="Describe adapter .safetensors files without loading a model: family, layout (kohya, "
+                    "diffusers, ComfyUI, ...), adapter kinds, ranks and alphas, components, the size of the update "
+                    "per UNet block, training facts from the header, and anything that looks wrong.",
+        epilog="example: sdlora inspect style.safetensors --modules", formatter_class=argparse.RawDescriptionHelpFormatter)
     inspect.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON (one object per file)")
+    inspect.add_argument("--modules", action="store_true", help="also list every module with its rank and norm")
 
     train = commands.add_parser(
         "train", help="train a LoRA on a folder of captioned images",
@@ -165,7 +132,13 @@ def run_toy(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    print("\n\n".join(describe(path) for path in args.files))
+    from . import inspection
+
+    reports = [inspection.inspect(path) for path in args.files]
+    if args.json:
+        print("\n".join(inspection.to_json(report) for report in reports))
+    else:
+        print("\n\n".join(inspection.render(report, per_module=args.modules) for report in reports))
     return 0
 
 

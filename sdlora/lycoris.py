@@ -25,11 +25,12 @@ def _buffer_dict(module: nn.Module, tensors: dict[str, torch.Tensor], like: torc
 class _FileKind(Adapter):
     """An adapter built from a file's tensors, by role."""
 
-    def __init__(self, base: nn.Linear | nn.Conv2d, tensors: dict[str, torch.Tensor], alpha: float | None):
+    def __init__(self, base: nn.Linear | nn.Conv2d | None, tensors: dict[str, torch.Tensor], alpha: float | None,
+                 shape: tuple[int, ...] | None = None):
         super().__init__()
         self.alpha = None if alpha is None else float(alpha)
-        self.shape = tuple(base.weight.shape)
-        _buffer_dict(self, tensors, base.weight)
+        self.shape = tuple(base.weight.shape) if base is not None else shape
+        _buffer_dict(self, tensors, base.weight if base is not None else next(iter(tensors.values())).float())
 
     def tensor(self, role: str) -> torch.Tensor | None:
         return getattr(self, f"t{self._roles.index(role)}").float() if role in self._roles else None
@@ -180,6 +181,38 @@ KIND_ROLES = {
     "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"},
     "full": {"diff"},
 }
+
+
+def standalone_update(tensors: dict[str, torch.Tensor], alpha: float | None) -> torch.Tensor:
+    """A module's update at strength 1 from its file tensors alone, with no layer at hand (to inspect a
+    file): the base weight's shape, or [out, in * kh * kw] where the tensors do not tell the kernel.
+    DoRA's rescaling needs the base weight and is left out."""
+    tensors = {role: tensor.float() for role, tensor in tensors.items() if role != "dora_scale"}
+    roles = set(tensors)
+    if roles == {"lora_down.weight", "lora_up.weight"}:
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        rank = down.shape[0]
+        return (up.flatten(1) @ down.flatten(1)) * ((alpha if alpha is not None else rank) / rank)
+    if "lora_mid.weight" in roles:
+        shape = (tensors["lora_up.weight"].shape[0], tensors["lora_down.weight"].shape[1],
+                 *tensors["lora_mid.weight"].shape[2:])
+        return TuckerLoCon(None, tensors, alpha, shape).update()
+    if "diff" in roles:
+        return tensors["diff"]
+    if roles & KIND_ROLES["loha"]:
+        core = tensors.get("hada_t1")
+        shape = ((tensors["hada_w1_a"].shape[1], tensors["hada_w1_b"].shape[1], *core.shape[2:]) if core is not None
+                 else (tensors["hada_w1_a"].shape[0], tensors["hada_w1_b"].shape[1]))
+        return LoHa(None, tensors, alpha, shape).update()
+    w1 = tensors.get("lokr_w1", None)
+    w1 = w1 if w1 is not None else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
+    w2 = tensors.get("lokr_w2", None)
+    if w2 is None:
+        core = tensors.get("lokr_t2")
+        w2 = (rebuild_tucker(core, tensors["lokr_w2_a"], tensors["lokr_w2_b"]) if core is not None
+              else tensors["lokr_w2_a"] @ tensors["lokr_w2_b"])
+    shape = (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1], *w2.shape[2:])
+    return LoKr(None, tensors, alpha, shape).update()
 
 
 def build_adapter(base: nn.Linear | nn.Conv2d, tensors: dict[str, torch.Tensor], alpha: float | None) -> Adapter:
