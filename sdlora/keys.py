@@ -54,12 +54,16 @@ def kohya_index(family: Family, keys: list[str], original_paths: dict[str, str] 
     """kohya name -> module key, for the modules of a model (kohya names lose the dots).
 
     UNet modules are found under both the diffusers path and, when `original_paths` is given, the
-    original layout, since tools write either for any family (ComfyUI reads both).
+    original layout, since tools write either for any family (ComfyUI reads both); text-encoder
+    modules with and without the canonical `text_model_`.
     """
     index = {}
     for key in keys:
         component, path = split_key(key)
         index[f"{family.kohya_prefixes[component]}_{path.replace('.', '_')}"] = key
+        if component in TEXT_ENCODERS and path.startswith("text_model."):
+            # tools running under transformers 5, whose CLIP has no `text_model`, write names without it
+            index[f"{family.kohya_prefixes[component]}_{path.removeprefix('text_model.').replace('.', '_')}"] = key
         if component == "unet" and original_paths and path in original_paths:
             index[f"{family.kohya_prefixes[component]}_{original_paths[path].replace('.', '_')}"] = key
     return index

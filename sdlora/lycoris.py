@@ -53,7 +53,7 @@ class _FileKind(Adapter):
 def rebuild_tucker(core: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """A conv weight [out, in, kh, kw] from a Tucker core [r, r, kh, kw] and factors left [r, out]
     and right [r, in]: W[p, q] = sum_ij left[i, p] core[i, j] right[j, q]."""
-    return torch.einsum("ijkl,ip,jq->pqkl", core, left, right)
+    return torch.einsum("ijkl,ip,jq->pqkl", core, left, right).contiguous()
 
 
 class TuckerLoCon(_FileKind):
@@ -127,7 +127,7 @@ class LoKr(_FileKind):
             w1 = w1[:, :, None, None]
         whole = self.tensor("lokr_w1") is not None and self.tensor("lokr_w2") is not None
         scale = 1.0 if whole else self.scale(self.rank)
-        return torch.kron(w1, w2).reshape(self.shape) * scale
+        return torch.kron(w1.contiguous(), w2.contiguous()).reshape(self.shape) * scale
 
 
 class Full(_FileKind):
@@ -144,9 +144,14 @@ class Full(_FileKind):
 
 
 class DoRA(Adapter):
-    """Weight-decomposed adaptation: another kind's update, then each output row of W + ΔW rescaled to
-    the stored magnitude `dora_scale`. The update at a strength is the difference to the base weight,
-    scaled by the strength, as A1111 and ComfyUI apply it."""
+    """Weight-decomposed adaptation: another kind's update, then W + ΔW rescaled to the stored magnitude
+    `dora_scale`, one norm per output row (LyCORIS's default, scale shaped [out, 1, ...]) or per input
+    column (kohya's and LyCORIS's wd_on_output=False, [1, in, ...]): the scale's shape says which.
+
+    At a strength s the layer is W + s (W' - W), as A1111 and ComfyUI apply it, so that strength 0 is
+    the base model. LyCORIS's own network differs between 0 and 1: it keeps all of ΔW and scales only
+    the magnitude correction (docs/lycoris-facts.md); the two agree at strength 1.
+    """
 
     def __init__(self, inner: Adapter, magnitude: torch.Tensor, like: torch.Tensor):
         super().__init__()
@@ -164,10 +169,13 @@ class DoRA(Adapter):
             raise ValueError("DoRA's update depends on the base weight: pass it")
         base = base_weight.float()
         merged = base + self.inner.delta_weight(base_weight)
-        dims = tuple(range(1, merged.dim()))
-        norm = merged.norm(dim=dims, keepdim=True) if self.magnitude.shape[0] == merged.shape[0] else \
-            merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1).reshape(1, -1, *([1] * (merged.dim() - 2)))
-        rescaled = merged * (self.magnitude.float().reshape(norm.shape) / norm)
+        magnitude = self.magnitude.float()
+        per_row = magnitude.shape[0] == merged.shape[0] and magnitude.numel() == merged.shape[0]
+        axis = 0 if per_row else 1
+        rows = merged.transpose(0, axis).reshape(merged.shape[axis], -1).norm(dim=1)
+        shape = [1] * merged.dim()
+        shape[axis] = merged.shape[axis]
+        rescaled = merged * (magnitude.reshape(shape) / rows.reshape(shape))
         return (rescaled - base) * strength
 
     def file_tensors(self) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import sdlora
 from sdlora import sgm
@@ -94,3 +94,19 @@ def test_onetrainer_text_projection_of_the_second_encoder(tmp_path):
     expected = x @ (projection.weight + up @ down).T
     sdlora.load(pipe, tmp_path / "onetrainer.safetensors")
     torch.testing.assert_close(pipe.text_encoder_2.text_projection(x), expected, atol=1e-6, rtol=0)
+
+
+def test_text_encoder_names_without_text_model_load_too(pipe, tmp_path):
+    """LyCORIS running under transformers 5 names CLIP's modules without `text_model_`."""
+    from conftest import make_adapter_file, te_out
+
+    path = make_adapter_file(pipe, tmp_path / "a.safetensors", targets="attn")
+    tensors = load_file(path)
+    short = {key.replace("lora_te_text_model_", "lora_te_"): value for key, value in tensors.items()}
+    assert short.keys() != tensors.keys()
+    save_file(short, tmp_path / "short.safetensors")
+    sdlora.load(pipe, path)
+    expected = te_out(pipe)
+    sdlora.unload(pipe)
+    sdlora.load(pipe, tmp_path / "short.safetensors")
+    torch.testing.assert_close(te_out(pipe), expected, atol=0, rtol=0)
