@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .lora import Adapter, LoRA
+from .lora import Adapter, LoRA, layer_op
 
 
 def _buffer_dict(module: nn.Module, tensors: dict[str, torch.Tensor], like: torch.Tensor) -> None:
@@ -48,6 +48,13 @@ class _FileKind(Adapter):
     def delta_weight(self, base_weight: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
         delta = self.update()
         return delta * strength if strength != 1.0 else delta
+
+    def output(self, x: torch.Tensor, base: nn.Linear | nn.Conv2d, strength: float) -> torch.Tensor:
+        # These kinds are loaded, never trained: rebuild the update once per device and dtype, not every step.
+        if getattr(self, "_cached", None) is None or self._cached.device != x.device or self._cached.dtype != x.dtype:
+            self._cached = self.update().to(x.dtype)
+        bias = self.delta_bias(base.bias)
+        return layer_op(base, x, self._cached * strength, None if bias is None else (bias * strength).to(x.dtype))
 
 
 def rebuild_tucker(core: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -177,6 +184,13 @@ class DoRA(Adapter):
         shape[axis] = merged.shape[axis]
         rescaled = merged * (magnitude.reshape(shape) / rows.reshape(shape))
         return (rescaled - base) * strength
+
+    def output(self, x: torch.Tensor, base: nn.Linear | nn.Conv2d, strength: float) -> torch.Tensor:
+        # The update at strength 1 depends only on frozen tensors (the base weight is not fused while this
+        # runs): build it once per device and dtype.
+        if getattr(self, "_cached", None) is None or self._cached.device != x.device or self._cached.dtype != x.dtype:
+            self._cached = self.delta_weight(base.weight).to(x.dtype)
+        return layer_op(base, x, self._cached * strength)
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {**self.inner.file_tensors(), "dora_scale": self.magnitude}
