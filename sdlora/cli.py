@@ -301,7 +301,7 @@ def run_generate(args: argparse.Namespace) -> int:
     loras = [parse_weighted(value) for value in args.lora]
     settings = generate.Settings(args.prompt, args.negative, args.steps, args.guidance, args.seed, size)
     quiet_libraries()
-    pipe, names = generate.load(args.model, loras, fuse=args.fuse)
+    pipe, names = generate.load_with_adapters(args.model, loras, fuse=args.fuse)
     if args.compare:
         sheet = generate.compare(pipe, names, [strength for _, strength in loras], settings, args.num, args.fuse)
         written = [write_file(args.output, generate.png_bytes(sheet))]

@@ -110,6 +110,8 @@ def read_modules(path: str | os.PathLike) -> AdapterModules:
             component, module_path = split_key(dotted[name])
             alpha = peft_alpha(configs[component], module_path, roles["down"].shape[0])
         modules[name] = ModuleWeights(down=roles["down"], up=roles["up"], alpha=alpha)
+    if not modules:
+        raise AdapterFileError(f"{path}: holds no LoRA tensors")
     dtype = widest_dtype([t.dtype for m in modules.values() for t in (m.down, m.up)])
     return AdapterModules(path, modules, family, metadata, dtype)
 
@@ -139,9 +141,11 @@ def output_metadata(modules: dict[str, ModuleWeights], family: Family | None, ti
     prediction_type, resolution = training_facts(source)
     metadata = build_metadata(modules, family or SD1, title=title, extra=record, prediction_type=prediction_type,
                               resolution=resolution)
-    if family is None:
+    if family is None:  # the family keys as the input had them (none, or only some), not SD 1.x's
         for key in SD1.header(prediction_type, resolution):
             metadata.pop(key, None)
+            if key in source:
+                metadata[key] = source[key]
         sdlora_record = json.loads(metadata["sdlora"])
         del sdlora_record["family"]
         metadata["sdlora"] = json.dumps(sdlora_record, sort_keys=True)

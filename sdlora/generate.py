@@ -23,7 +23,6 @@ from .errors import AdapterFileError, ConfigError
 from .models import native_resolution
 
 COMPARE_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-LABEL_HEIGHT = 20  # the band above each column of a comparison grid that holds its strength
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def image_size(pipe, size: tuple[int, int] | None) -> tuple[int, int]:
     return size
 
 
-def load(model: str, loras: list[tuple[Path, float]], fuse: bool = False):
+def load_with_adapters(model: str, loras: list[tuple[Path, float]], fuse: bool = False):
     """The pipeline on the run-time device with the adapters loaded; returns (pipe, adapter names)."""
     from .sources import load_pipeline
 
@@ -109,20 +108,41 @@ def compare(pipe, names: list[str], strengths: list[float], settings: Settings, 
             if fused:
                 loader.fuse(pipe)
             columns.append(images(pipe, settings, num, progress))
-    return grid(columns, [f"strength {fraction:g}" for fraction in COMPARE_STRENGTHS])
+    narrow = columns[0][0].width < 128  # "strength 0.25" would not fit: the number alone
+    return grid(columns, [f"{fraction:g}" if narrow else f"strength {fraction:g}" for fraction in COMPARE_STRENGTHS])
+
+
+def label_height(width: int) -> int:
+    """The height of the band above each column that holds its label, growing with the images."""
+    return max(20, width // 16)
+
+
+def _font(text: str, width: int, largest: int):
+    """The largest font up to `largest` px in which `text` fits `width`; Pillow's fixed bitmap font
+    where it has no scalable one (before 10.1, or built without FreeType)."""
+    try:
+        for size in range(largest, 5, -1):
+            font = ImageFont.load_default(size=size)
+            if font.getlength(text) <= width:
+                return font
+        return font
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
 
 
 def grid(columns: list[list[Image.Image]], labels: list[str]) -> Image.Image:
-    """Columns of equal-sized images side by side under a white band holding each column's label."""
+    """Columns of equal-sized images side by side, each under a white band holding its label."""
     width, height = columns[0][0].size
-    rows = len(columns[0])
-    sheet = Image.new("RGB", (width * len(columns), LABEL_HEIGHT + height * rows), "white")
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
+    band = label_height(width)
+    sheet = Image.new("RGB", (width * len(columns), band + height * len(columns[0])), "white")
+    margin = band // 5
     for index, (column, label) in enumerate(zip(columns, labels)):
-        draw.text((index * width + 4, 4), label, fill="black", font=font)
+        header = Image.new("RGB", (width, band), "white")  # drawn apart so a long label is cut at its column
+        font = _font(label, width - 2 * margin, int(band * 0.6))
+        ImageDraw.Draw(header).text((margin, margin), label, fill="black", font=font)
+        sheet.paste(header, (index * width, 0))
         for row, image in enumerate(column):
-            sheet.paste(image, (index * width, LABEL_HEIGHT + row * height))
+            sheet.paste(image, (index * width, band + row * height))
     return sheet
 
 

@@ -15,6 +15,7 @@ import sdlora
 from sdlora.adapter import read_adapter
 from sdlora.cli import main
 from sdlora.families import SD1, SDXL, detect_family
+from sdlora.generate import label_height
 from sdlora.keys import kohya_name, module_key
 from sdlora.lora import AdaptedLayer
 from sdlora.models import components
@@ -169,6 +170,34 @@ def test_merge_by_svd(pipe, two_files, tmp_path, capsys):
     assert max(errors, key=errors.get) in text
 
 
+def test_merge_and_resize_read_diffusers_peft_files(pipe, tiny_dir, two_files, tmp_path, capsys, reference_client):
+    """A file diffusers wrote (PEFT names, alphas in the header) pairs with a kohya file module by module."""
+    from test_reference import diffusers_written_file
+
+    peft = diffusers_written_file(tiny_dir, tmp_path, rank=4, alpha=8, te_alpha=2)
+    a, _ = two_files
+    merged, resized = tmp_path / "m.safetensors", tmp_path / "r.safetensors"
+    run(capsys, "merge", f"{peft}:0.5", f"{a}:0.5", "-o", merged)
+    run(capsys, "resize", peft, "--rank", 4, "-o", resized)
+    sdlora.load(pipe, peft, strength=0.5)
+    sdlora.load(pipe, a, strength=0.5)
+    expected = unet_out(pipe), te_out(pipe)
+    sdlora.unload(pipe)
+    sdlora.load(pipe, merged)
+    torch.testing.assert_close(unet_out(pipe), expected[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(te_out(pipe), expected[1], atol=1e-5, rtol=0)
+    # the two files name the text encoder's attention alike: those modules were concatenated
+    assert max(t.shape[0] for k, t in load_file(merged).items() if k.endswith("down.weight")) == 8
+
+    sdlora.unload(pipe)
+    sdlora.load(pipe, peft)
+    expected = unet_out(pipe), te_out(pipe)
+    sdlora.unload(pipe)
+    sdlora.load(pipe, resized)
+    torch.testing.assert_close(unet_out(pipe), expected[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(te_out(pipe), expected[1], atol=1e-5, rtol=0)
+
+
 def test_merge_refuses_two_families(pipe, sdxl_dir, tmp_path, capsys):
     from diffusers import StableDiffusionXLPipeline
 
@@ -180,6 +209,24 @@ def test_merge_refuses_two_families(pipe, sdxl_dir, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "sd1.safetensors" in err and "xl.safetensors" in err and "Stable Diffusion XL" in err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_merge_refuses_unet_names_it_cannot_pair(tmp_path, capsys):
+    """One SDXL file names UNet modules by the original layout, another by diffusers' blocks: without a
+    model nothing says which are the same module, so the merge stops with both files named."""
+    from safetensors.torch import save_file
+
+    for file_name, module in (("sgm.safetensors", "lora_unet_input_blocks_4_1_proj_in"),
+                              ("diffusers.safetensors", "lora_unet_down_blocks_1_attentions_0_proj_in")):
+        save_file({f"{module}.lora_down.weight": torch.ones(2, 8), f"{module}.lora_up.weight": torch.ones(8, 2),
+                   "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(2, 8),
+                   "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(8, 2)},
+                  tmp_path / file_name)
+    assert main(["merge", str(tmp_path / "sgm.safetensors"), str(tmp_path / "diffusers.safetensors"),
+                 "-o", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sgm.safetensors" in err and "diffusers.safetensors" in err
+    assert "--into" in err
 
 
 def test_merge_into_a_model_folder_and_a_checkpoint(pipe, tiny_dir, two_files, tmp_path, capsys):
@@ -334,16 +381,18 @@ def test_generate_compare_grid(pipe, tiny_dir, tmp_path, capsys):
     out = tmp_path / "grid.png"
     run(capsys, "generate", "--model", tiny_dir, "--lora", a, "--prompt", PROMPT, "--steps", 3, "--seed", 5,
         "--num", 2, "--compare", "--fuse", "-o", out)
-    from sdlora.generate import LABEL_HEIGHT
-
+    band = label_height(16)
     sheet = np.asarray(Image.open(out).convert("RGB"))
-    assert sheet.shape == (LABEL_HEIGHT + 2 * 16, 5 * 16, 3)
-    cell = lambda row, column: sheet[LABEL_HEIGHT + 16 * row:LABEL_HEIGHT + 16 * (row + 1), 16 * column:16 * (column + 1)]
+    assert sheet.shape == (band + 2 * 16, 5 * 16, 3)  # a column per strength, a row per seed, labels above
+
+    def cell(row, column):
+        return sheet[band + 16 * row:band + 16 * (row + 1), 16 * column:16 * (column + 1)]
+
     expected = base_images(tiny_dir, [5, 6])
     for row in range(2):
         assert np.array_equal(cell(row, 0), expected[row])  # strength 0: the base model's images
         assert not np.array_equal(cell(row, 4), expected[row])  # strength 1: the adapter shows
-    assert (sheet[:LABEL_HEIGHT] < 128).any()  # the labels are drawn
+    assert (sheet[:band] < 128).any()  # the labels are drawn
 
 
 @pytest.mark.parametrize("problem", ["missing", "family"])
