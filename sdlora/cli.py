@@ -142,7 +142,8 @@ Each module's update up @ down * alpha / rank is decomposed by SVD; the output h
 """
 
 EXTRACT_EXAMPLES = """examples:
-  sdlora extract --base v1-5-pruned-emaonly.safetensors --tuned my-finetune.safetensors --rank 32 -o finetune.safetensors
+  sdlora extract --base v1-5-pruned-emaonly.safetensors --tuned my-finetune.safetensors --rank 32 \\
+      -o finetune.safetensors
   sdlora extract --base sd_xl_base_1.0.safetensors --tuned sdxl-finetune.safetensors --rank 64 \\
       --components unet -o finetune-xl.safetensors
 
@@ -159,7 +160,7 @@ def add_adapter_commands(commands) -> None:
     generate.add_argument("--model", required=True, help="diffusers folder, hub id or .safetensors/.ckpt file")
     generate.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                           help="adapter file, with a strength after a colon (default 1); repeat to stack")
-    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--prompt", required=True, help="what to draw")
     generate.add_argument("--negative", help="negative prompt")
     generate.add_argument("--steps", type=positive_int, default=30, help="denoising steps (default: %(default)s)")
     generate.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: %(default)s)")
@@ -178,7 +179,7 @@ def add_adapter_commands(commands) -> None:
         "merge", help="merge adapters into one, or bake them into a model", formatter_class=raw,
         description="Merge adapter files into one adapter equal to their weighted sum, or bake them into a "
                     "base model's weights (--into).", epilog=MERGE_EXAMPLES)
-    merge.add_argument("files", nargs="+", metavar="FILE[:WEIGHT]")
+    merge.add_argument("files", nargs="+", metavar="FILE[:WEIGHT]", help="adapter files, each with its weight")
     merge.add_argument("--output", "-o", required=True, type=Path,
                        help="the adapter (*.safetensors); with --into a model folder, or a *.safetensors checkpoint")
     merge.add_argument("--rank", type=positive_int, help="cut each module to this rank by SVD (default: exact)")
@@ -190,7 +191,7 @@ def add_adapter_commands(commands) -> None:
         "resize", help="reduce an adapter's rank by SVD", formatter_class=raw,
         description="Reduce an adapter's rank module by module by SVD, to one rank or by kept energy.",
         epilog=RESIZE_EXAMPLES)
-    resize.add_argument("file", type=Path, metavar="FILE")
+    resize.add_argument("file", type=Path, metavar="FILE", help="the adapter to resize (any layout sdlora reads)")
     amount = resize.add_mutually_exclusive_group(required=True)
     amount.add_argument("--rank", type=positive_int, help="the new rank of every module")
     amount.add_argument("--energy", type=float,
@@ -204,7 +205,7 @@ def add_adapter_commands(commands) -> None:
                     "layer's change.", epilog=EXTRACT_EXAMPLES)
     extract.add_argument("--base", required=True, metavar="MODEL", help="the base model")
     extract.add_argument("--tuned", required=True, metavar="MODEL", help="the fine-tuned model")
-    extract.add_argument("--rank", required=True, type=positive_int)
+    extract.add_argument("--rank", required=True, type=positive_int, help="the rank of every extracted module")
     extract.add_argument("--output", "-o", required=True, type=Path, help="the adapter (*.safetensors)")
     extract.add_argument("--targets", default="attn-mlp", choices=sorted(target_presets()),
                          help="which layers (default: %(default)s)")

@@ -119,7 +119,8 @@ def extract_file(base_model: str, tuned_model: str, output: Path, rank: int, tar
     chosen = chosen_components(parts, component_names)
     metadata = build_metadata(
         modules, family, title=output.stem, targets={c: patterns_for(targets, c) for c in chosen},
-        extra={"extracted_from": {"base": os.fspath(base_model), "tuned": os.fspath(tuned_model)}, "extract_rank": rank},
+        extra={"extracted_from": {"base": os.fspath(base_model), "tuned": os.fspath(tuned_model)},
+               "extract_rank": rank},
         prediction_type=tuned_pipe.scheduler.config.prediction_type, resolution=native_resolution(tuned_pipe))
     write_adapter(output, kohya_state_dict(modules, SAVE_DTYPES[dtype]), metadata)
     return report, unchanged

@@ -55,6 +55,9 @@ class AdapterModules:
         return None
 
 
+GROUP_ORDER = ("UNet down", "UNet mid", "UNet up", "UNet other", "text encoder", "text encoder 2", "other")
+
+
 def group_of(name: str) -> str:
     """The part of the model a kohya module name belongs to, for reports: UNet down/mid/up, text encoder."""
     return next((group for pattern, group in _GROUPS if pattern.match(name)), "other")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .adapter import SAVE_DTYPES, write_adapter
 from .errors import AdapterFileError, ConfigError, FamilyMismatch
 from .families import Family
-from .file_modules import (AdapterModules, group_of, kohya_state_dict, output_metadata, read_modules,
+from .file_modules import (GROUP_ORDER, AdapterModules, group_of, kohya_state_dict, output_metadata, read_modules,
                            recorded_targets, widest_dtype)
 from .formats import ModuleWeights
 from .lowrank import Factored, lora_factors, rank_for_energy, spectrum, truncate, with_common_alpha
@@ -99,7 +99,7 @@ class Reduction:
         groups: dict[str, list[ModuleResult]] = {}
         for row in self.rows:
             groups.setdefault(group_of(row.name), []).append(row)
-        return {group: self.kept_fraction(rows) for group, rows in groups.items()}
+        return {group: self.kept_fraction(groups[group]) for group in GROUP_ORDER if group in groups}
 
     def error_lines(self) -> list[str]:
         worst = self.worst()
