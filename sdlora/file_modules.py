@@ -21,10 +21,12 @@ from .errors import AdapterFileError
 from .families import SD1, SDXL, Family, family_from_tensors, family_named_in_metadata
 from .formats import ModuleWeights, describe_unsupported, dotted_module_key, peft_alpha, peft_alphas, split_tensor_name
 from .keys import split_key
+from .sgm import unet_module_map
 
 # Which UNet naming a kohya name uses: the original (SGM) layout or diffusers' block names.
 _SGM_UNET = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
 _DIFFUSERS_UNET = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_")
+SDXL_BASE_TEXT_WIDTH = 2048  # what SDXL base's cross-attention reads: both text encoders, concatenated
 _GROUPS = (
     (re.compile(r"^lora_unet_(down_blocks|input_blocks)_"), "UNet down"),
     (re.compile(r"^lora_unet_(mid_block|middle_block)_"), "UNet mid"),
@@ -127,6 +129,33 @@ def kohya_state_dict(modules: dict[str, ModuleWeights], dtype: torch.dtype) -> d
         state_dict[f"{name}.lora_up.weight"] = weights.up.detach().to("cpu", dtype).contiguous()
         state_dict[f"{name}.alpha"] = torch.tensor(weights.effective_alpha, dtype=torch.float32)
     return state_dict
+
+
+def sdxl_original_names() -> dict[str, str]:
+    """kohya UNet name by diffusers path -> by the original layout, for SDXL base's UNet (from the shipped
+    config): the layout every SDXL base fine-tune shares."""
+    from .architectures import config_folder
+
+    config = json.loads((config_folder("sdxl-base") / "unet" / "config.json").read_text())
+    return {f"lora_unet_{path.replace('.', '_')}": f"lora_unet_{original.replace('.', '_')}"
+            for path, original in unet_module_map(config).items()}
+
+
+def with_original_unet_names(adapter: AdapterModules) -> AdapterModules | None:
+    """An SDXL base file's UNet modules renamed from diffusers' block names to the original layout's,
+    the names kohya and A1111 use for SDXL. None when the file may be for another UNet (the refiner's
+    cross-attention reads 1280 wide text, not 2048) or has a module outside SDXL base's layout."""
+    table = sdxl_original_names()
+    renamed = {}
+    for name, weights in adapter.modules.items():
+        if "attn2_to_k" in name and weights.down.flatten(1).shape[1] != SDXL_BASE_TEXT_WIDTH:
+            return None
+        if name.startswith("lora_unet_"):
+            if name not in table:
+                return None
+            name = table[name]
+        renamed[name] = weights
+    return AdapterModules(adapter.path, renamed, adapter.family, adapter.metadata, adapter.dtype)
 
 
 def training_facts(metadata: dict[str, str]) -> tuple[str, tuple[int, ...] | None]:

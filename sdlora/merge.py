@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from .adapter import SAVE_DTYPES, write_adapter
 from .errors import AdapterFileError, ConfigError, FamilyMismatch
-from .families import Family
+from .families import SDXL, Family
 from .file_modules import (GROUP_ORDER, AdapterModules, group_of, kohya_state_dict, output_metadata, read_modules,
-                           recorded_targets, widest_dtype)
+                           recorded_targets, widest_dtype, with_original_unet_names)
 from .formats import ModuleWeights
 from .lowrank import Factored, lora_factors, rank_for_energy, spectrum, truncate, with_common_alpha
 
@@ -157,21 +157,32 @@ def output_dtype(name: str | None, inputs: list[AdapterModules]) -> torch.dtype:
 
 
 def common_family(inputs: list[AdapterModules]) -> Family | None:
-    """The one family the files are for; refuse files of two families, or with UNet names that
-    cannot be paired without a model."""
+    """The one family the files are for; refuse files of two families."""
     stated = [adapter for adapter in inputs if adapter.family is not None]
     for other in stated[1:]:
         if other.family is not stated[0].family:
             raise FamilyMismatch(f"{stated[0].path} is an adapter for {stated[0].family.title} but {other.path} is "
                                  f"for {other.family.title}: only adapters of one model family can be merged")
-    named = [adapter for adapter in inputs if adapter.unet_naming is not None]
-    for other in named[1:]:
-        if other.unet_naming != named[0].unet_naming:
-            raise AdapterFileError(
-                f"{named[0].path} names UNet modules by the {named[0].unet_naming} layout and {other.path} by the "
-                f"{other.unet_naming} one: without a model sdlora cannot pair their modules. Bake both into the "
-                "model instead (sdlora merge ... --into MODEL)")
     return stated[0].family if stated else None
+
+
+def paired_names(inputs: list[AdapterModules], family: Family | None) -> list[AdapterModules]:
+    """The inputs with one UNet naming. Files that name UNet modules by diffusers' blocks and files that
+    use the original layout pair up for SDXL base (its layout is known); otherwise nothing without a
+    model says which modules are the same, and the merge is refused."""
+    named = [adapter for adapter in inputs if adapter.unet_naming is not None]
+    if len({adapter.unet_naming for adapter in named}) <= 1:
+        return inputs
+    if family is SDXL:
+        renamed = [with_original_unet_names(a) if a.unet_naming == "diffusers" else a for a in inputs]
+        if all(adapter is not None for adapter in renamed):
+            return renamed
+    first = named[0]
+    other = next(adapter for adapter in named if adapter.unet_naming != first.unet_naming)
+    raise AdapterFileError(
+        f"{first.path} names UNet modules by the {first.unet_naming} layout and {other.path} by the "
+        f"{other.unet_naming} one: without a model sdlora cannot pair their modules. Bake both into the "
+        "model instead (sdlora merge ... --into MODEL)")
 
 
 def _check_shapes(name: str, parts: list[tuple[AdapterModules, Update, float]]) -> None:
@@ -193,6 +204,7 @@ def merge_files(sources: list[tuple[Path, float]], output: Path, rank: int | Non
         raise ConfigError("give at least one adapter file to merge")
     inputs = [read_modules(path) for path, _ in sources]
     family = common_family(inputs)
+    inputs = paired_names(inputs, family)
     names = list(dict.fromkeys(name for adapter in inputs for name in adapter.modules))
     updates: dict[str, Update] = {}
     for name in names:

@@ -211,22 +211,44 @@ def test_merge_refuses_two_families(pipe, sdxl_dir, tmp_path, capsys):
     assert not (tmp_path / "m.safetensors").exists()
 
 
-def test_merge_refuses_unet_names_it_cannot_pair(tmp_path, capsys):
-    """One SDXL file names UNet modules by the original layout, another by diffusers' blocks: without a
-    model nothing says which are the same module, so the merge stops with both files named."""
+def lora_tensors(name: str, out: int, width: int, rank: int = 2) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(len(name) + width)
+    return {f"{name}.lora_down.weight": torch.randn(rank, width, generator=generator),
+            f"{name}.lora_up.weight": torch.randn(out, rank, generator=generator)}
+
+
+@pytest.mark.parametrize("case", ["sdxl", "refiner", "sd1"])
+def test_merge_pairs_unet_names_only_where_the_layout_is_known(tmp_path, capsys, case):
+    """One file names UNet modules by the original layout, another by diffusers' blocks. For SDXL base
+    the layout is known and the two pair up under the original names; for anything else (the SDXL
+    refiner reads 1280-wide text; SD 1.x files need not follow one layout) the merge stops, naming both."""
     from safetensors.torch import save_file
 
-    for file_name, module in (("sgm.safetensors", "lora_unet_input_blocks_4_1_proj_in"),
-                              ("diffusers.safetensors", "lora_unet_down_blocks_1_attentions_0_proj_in")):
-        save_file({f"{module}.lora_down.weight": torch.ones(2, 8), f"{module}.lora_up.weight": torch.ones(8, 2),
-                   "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(2, 8),
-                   "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(8, 2)},
-                  tmp_path / file_name)
-    assert main(["merge", str(tmp_path / "sgm.safetensors"), str(tmp_path / "diffusers.safetensors"),
-                 "-o", str(tmp_path / "m.safetensors")]) == 2
+    width = 1280 if case == "refiner" else 2048
+    header = {"ss_base_model_version": "sd_v1" if case == "sd1" else "sdxl_base_v1-0"}
+    save_file({**lora_tensors("lora_unet_input_blocks_4_1_proj_in", 640, 640),
+               **lora_tensors("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", 640, width)},
+              tmp_path / "sgm.safetensors", metadata=header)
+    save_file({**lora_tensors("lora_unet_down_blocks_1_attentions_0_proj_in", 640, 640),
+               **lora_tensors("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k", 640, width)},
+              tmp_path / "diffusers.safetensors", metadata=header)
+    out = tmp_path / "m.safetensors"
+    code = main(["merge", str(tmp_path / "sgm.safetensors"), str(tmp_path / "diffusers.safetensors"), "-o", str(out)])
+    if case == "sdxl":
+        assert code == 0
+        merged = file_deltas(out)
+        assert set(merged) == {"lora_unet_input_blocks_4_1_proj_in",
+                               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"}
+        expected = weighted((file_deltas(tmp_path / "sgm.safetensors"), 1.0),
+                            ({n.replace("down_blocks_1_attentions_0", "input_blocks_4_1"): d
+                              for n, d in file_deltas(tmp_path / "diffusers.safetensors").items()}, 1.0))
+        for name, delta in expected.items():
+            torch.testing.assert_close(merged[name], delta, atol=1e-5, rtol=1e-5)
+        return
+    assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "sgm.safetensors" in err and "diffusers.safetensors" in err
-    assert "--into" in err
+    assert "--into" in err and not out.exists()
 
 
 def test_merge_into_a_model_folder_and_a_checkpoint(pipe, tiny_dir, two_files, tmp_path, capsys):
