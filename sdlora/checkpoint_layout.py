@@ -5,7 +5,8 @@ Single-file checkpoints (`v1-5-pruned-emaonly.safetensors` and the like) hold th
 original code kept them: SD 1.x's CLIP under `cond_stage_model.transformer.` (named as transformers 4
 named it), SD 2.x's OpenCLIP under `cond_stage_model.model.` (OpenCLIP's own names, q/k/v fused),
 SDXL's pair under `conditioner.embedders.0.transformer.` and `conditioner.embedders.1.model.`.
-We only read such files in the product; this writer exists so tests can make one from a toy model.
+Tests make such files from a toy model with it, and `sdlora merge --into MODEL -o FILE.safetensors`
+writes a model with adapters baked in as one.
 It is checked against diffusers' own readers (`convert_ldm_*`, `convert_open_clip_checkpoint`) in
 tests/test_sources.py.
 """

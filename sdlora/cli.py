@@ -8,7 +8,8 @@ from pathlib import Path
 
 from . import loader
 from .training import config
-from .errors import SdloraError, TrainingDiverged, WriteFailed
+from .durable import write_file
+from .errors import AdapterFileError, ConfigError, SdloraError, TrainingDiverged, WriteFailed
 
 
 TRAIN_EXAMPLES = """examples:
@@ -67,10 +68,146 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", type=Path, default=Path("datasets/style-outline/train.toml"),
                       help="training config (default: %(default)s)")
 
+    add_adapter_commands(commands)
+
     train.add_argument("--config", type=Path, help="TOML file with any of the options below")
     train.add_argument("--quiet", action="store_true", help="no progress bar or summaries")
     config.add_arguments(train)
     return parser
+
+
+GENERATE_EXAMPLES = """examples:
+  sdlora generate --model models/toy-sd1 --lora out/demo/style-outline.safetensors --prompt "a red circle" \\
+      --steps 25 --guidance 5 --output out/red.png
+  sdlora generate --model sd_xl_base_1.0.safetensors --lora style.safetensors:0.8 --lora character.safetensors \\
+      --prompt "a portrait" --num 4 --output out/portrait.png          # out/portrait-0.png ... -3.png
+  sdlora generate --model v1-5-pruned-emaonly.safetensors --lora style.safetensors --prompt "a house" \\
+      --compare --output out/strengths.png                              # one grid, strengths 0 to 1
+
+Image j comes from seed + j. On a GPU it runs in fp16, on a CPU in fp32. The size defaults to the
+model's own (512, 768 or 1024).
+"""
+
+MERGE_EXAMPLES = """examples:
+  sdlora merge style.safetensors:0.7 detail.safetensors:0.3 -o merged.safetensors          # exact
+  sdlora merge style.safetensors:0.7 detail.safetensors:0.3 -o merged.safetensors --rank 32
+  sdlora merge style.safetensors:0.8 --into v1-5-pruned-emaonly.safetensors -o my-model/    # a diffusers folder
+  sdlora merge style.safetensors:0.8 --into models/toy-sd1 -o my-model.safetensors          # one checkpoint
+
+A weight after the last colon scales that file's update (default 1; negative subtracts). Without
+--rank the merged file holds the rank of all inputs together and equals their weighted sum exactly;
+with --rank each module's summed update is cut to that rank by SVD and the error is printed.
+"""
+
+RESIZE_EXAMPLES = """examples:
+  sdlora resize style.safetensors --rank 8 -o style-r8.safetensors
+  sdlora resize style.safetensors --energy 0.95 -o style-dynamic.safetensors   # rank chosen per module
+
+Each module's update up @ down * alpha / rank is decomposed by SVD; the output has alpha = its rank.
+"""
+
+EXTRACT_EXAMPLES = """examples:
+  sdlora extract --base v1-5-pruned-emaonly.safetensors --tuned my-finetune.safetensors --rank 32 \\
+      -o finetune.safetensors
+  sdlora extract --base sd_xl_base_1.0.safetensors --tuned sdxl-finetune.safetensors --rank 64 \\
+      --components unet -o finetune-xl.safetensors
+
+Models are loaded in fp32; on a GPU the SVDs run there. Layers the fine-tune left unchanged are left out.
+"""
+
+
+def add_adapter_commands(commands) -> None:
+    """generate, merge, resize and extract: the commands that use and reshape adapter files."""
+    raw = argparse.RawDescriptionHelpFormatter
+    generate = commands.add_parser(
+        "generate", help="generate images with adapters (or a grid over strengths)", formatter_class=raw,
+        description="Generate images with a base model and adapters, each at its strength.", epilog=GENERATE_EXAMPLES)
+    generate.add_argument("--model", required=True, help="diffusers folder, hub id or .safetensors/.ckpt file")
+    generate.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                          help="adapter file, with a strength after a colon (default 1); repeat to stack")
+    generate.add_argument("--prompt", required=True, help="what to draw")
+    generate.add_argument("--negative", help="negative prompt")
+    generate.add_argument("--steps", type=positive_int, default=30, help="denoising steps (default: %(default)s)")
+    generate.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: %(default)s)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the first image (default: %(default)s)")
+    generate.add_argument("--size", help="WIDTHxHEIGHT (default: the model's native size)")
+    generate.add_argument("--num", type=positive_int, default=1,
+                          help="images, from seeds seed, seed+1, ...; written as PATH-0.png, PATH-1.png, ... when "
+                               "more than one (with --compare: rows of the grid) (default: %(default)s)")
+    generate.add_argument("--fuse", action="store_true", help="fuse the adapters into the weights (faster steps)")
+    generate.add_argument("--compare", action="store_true",
+                          help="write one grid: the prompt at strengths 0, 0.25, 0.5, 0.75 and 1 (times each "
+                               "adapter's own), labelled; strength 0 is the base model's image")
+    generate.add_argument("--output", "-o", required=True, type=Path, metavar="PATH", help="the PNG to write")
+
+    merge = commands.add_parser(
+        "merge", help="merge adapters into one, or bake them into a model", formatter_class=raw,
+        description="Merge adapter files into one adapter equal to their weighted sum, or bake them into a "
+                    "base model's weights (--into).", epilog=MERGE_EXAMPLES)
+    merge.add_argument("files", nargs="+", metavar="FILE[:WEIGHT]", help="adapter files, each with its weight")
+    merge.add_argument("--output", "-o", required=True, type=Path,
+                       help="the adapter (*.safetensors); with --into a model folder, or a *.safetensors checkpoint")
+    merge.add_argument("--rank", type=positive_int, help="cut each module to this rank by SVD (default: exact)")
+    merge.add_argument("--into", metavar="MODEL", help="bake the adapters into this model and save the model")
+    merge.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
+                       help="tensor type written (default: the inputs' for an adapter, fp16 for a model)")
+
+    resize = commands.add_parser(
+        "resize", help="reduce an adapter's rank by SVD", formatter_class=raw,
+        description="Reduce an adapter's rank module by module by SVD, to one rank or by kept energy.",
+        epilog=RESIZE_EXAMPLES)
+    resize.add_argument("file", type=Path, metavar="FILE", help="the adapter to resize (any layout sdlora reads)")
+    amount = resize.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--rank", type=positive_int, help="the new rank of every module")
+    amount.add_argument("--energy", type=float,
+                        help="per module, the smallest rank whose squared singular values reach this fraction")
+    resize.add_argument("--output", "-o", required=True, type=Path, help="the new adapter (*.safetensors)")
+    resize.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="tensor type written (default: the input's)")
+
+    convert = commands.add_parser(
+        "convert", help="rewrite an adapter in another tool's layout (kohya, diffusers, comfy), losslessly",
+        formatter_class=raw,
+        description="Rewrite an adapter file in the layout another tool reads; the tensors are carried over "
+                    "unchanged, and converting back gives the same file contents. kohya: what A1111 and ComfyUI "
+                    "read (SDXL with the original UNet names, lora_te1_/lora_te2_, alphas); diffusers: the PEFT "
+                    "names diffusers writes, alphas in the header; comfy: ComfyUI's own (diffusion_model., "
+                    "text_encoders.clip_l.). LyCORIS kinds convert between kohya and comfy.",
+        epilog="examples:\n  sdlora convert pytorch_lora_weights.safetensors --to kohya -o for-a1111.safetensors\n"
+               "  sdlora convert style.safetensors --to diffusers -o style-diffusers.safetensors\n"
+               "  sdlora convert toy.safetensors --to comfy --model models/toy-sd1 -o toy-comfy.safetensors\n\n"
+               "Without --model, the file is read against its family's standard architecture (SD 1.5, SD 2.1, "
+               "SDXL base),\nbuilt from the configs sdlora ships; pass --model for any other.")
+    convert.add_argument("file", type=Path, metavar="FILE", help="the adapter to convert (any layout sdlora reads)")
+    convert.add_argument("--to", required=True, choices=("kohya", "diffusers", "comfy"), help="the layout to write")
+    convert.add_argument("--output", "-o", required=True, type=Path, help="the new file (*.safetensors)")
+    convert.add_argument("--model", help="the model the adapter is for, when it is not its family's standard one")
+
+    extract = commands.add_parser(
+        "extract", help="extract a LoRA from a fine-tuned model", formatter_class=raw,
+        description="Extract a LoRA from the difference of a fine-tuned model and its base, by SVD of each "
+                    "layer's change.", epilog=EXTRACT_EXAMPLES)
+    extract.add_argument("--base", required=True, metavar="MODEL", help="the base model")
+    extract.add_argument("--tuned", required=True, metavar="MODEL", help="the fine-tuned model")
+    extract.add_argument("--rank", required=True, type=positive_int, help="the rank of every extracted module")
+    extract.add_argument("--output", "-o", required=True, type=Path, help="the adapter (*.safetensors)")
+    extract.add_argument("--targets", default="attn-mlp", choices=sorted(target_presets()),
+                         help="which layers (default: %(default)s)")
+    extract.add_argument("--components", help="comma-separated, e.g. unet,text_encoder (default: all the model has)")
+    extract.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
+                         help="tensor type written (default: %(default)s)")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def target_presets() -> list[str]:
+    from .targets import PRESETS
+
+    return list(PRESETS)
 
 
 def quiet_libraries() -> None:
@@ -142,7 +279,97 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "toy": run_toy, "inspect": run_inspect}
+def run_generate(args: argparse.Namespace) -> int:
+    from . import generate
+    from .merge import parse_weighted
+
+    if args.compare and not args.lora:
+        raise ConfigError("--compare shows adapters at several strengths: give at least one --lora")
+    if args.output.suffix.lower() != ".png":
+        raise ConfigError(f"{args.output}: images are written as PNG; name the output *.png")
+    size = generate.parse_size(args.size) if args.size else None
+    loras = [parse_weighted(value) for value in args.lora]
+    settings = generate.Settings(args.prompt, args.negative, args.steps, args.guidance, args.seed, size)
+    quiet_libraries()
+    pipe, names = generate.load_with_adapters(args.model, loras, fuse=args.fuse)
+    if args.compare:
+        sheet = generate.compare(pipe, names, [strength for _, strength in loras], settings, args.num, args.fuse)
+        written = [write_file(args.output, generate.png_bytes(sheet))]
+    else:
+        found = generate.images(pipe, settings, args.num)
+        written = generate.write_images(args.output, found, settings, generate.image_size(pipe, size), loras)
+    print("\n".join(str(path) for path in written))
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_files, parse_weighted
+
+    sources = [parse_weighted(value) for value in args.files]
+    if args.into:
+        from . import bake
+        from .sources import load_pipeline
+
+        if args.rank:
+            raise ConfigError("--rank applies to merged adapter files; --into bakes the full update into the model")
+        bake.check_model_output(args.output, args.into)
+        for path, _ in sources:
+            if not path.exists():
+                raise AdapterFileError(f"{path}: no such adapter file")
+        quiet_libraries()
+        import torch
+
+        pipe = load_pipeline(args.into, torch.float32)  # baked in fp32, written in --dtype
+        bake.bake(pipe, sources)
+        bake.save_pipeline(pipe, args.output, args.dtype or "fp16")
+        print(f"wrote {args.output}: {args.into} with {len(sources)} adapter(s) baked in")
+        return 0
+    report = merge_files(sources, args.output, args.rank, args.dtype)
+    print(f"wrote {args.output}: {len(sources)} file(s) merged " + ("exactly (ranks concatenated)" if report is None
+                                                                   else f"at rank {args.rank}"))
+    if report is not None:
+        print("\n".join(report.error_lines()))
+    return 0
+
+
+def run_resize(args: argparse.Namespace) -> int:
+    from .merge import resize_file
+
+    report = resize_file(args.file, args.output, args.rank, args.energy, args.dtype)
+    print(f"wrote {args.output}")
+    print("\n".join([*report.energy_lines(), *report.error_lines(), report.rank_line()]))
+    return 0
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from .extract import extract_file
+
+    names = [name.strip() for name in args.components.split(",") if name.strip()] if args.components else None
+    quiet_libraries()
+    report, unchanged = extract_file(args.base, args.tuned, args.output, args.rank, args.targets, names, args.dtype)
+    print(f"wrote {args.output}: {len(report.rows)} module(s) at rank {args.rank}")
+    if unchanged:
+        print(f"left out {len(unchanged)} unchanged layer(s), first {unchanged[0]}")
+    print("\n".join(report.error_lines()))
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    model = None
+    if args.model:
+        from .sources import load_pipeline
+
+        quiet_libraries()
+        model = load_pipeline(args.model)
+    output = convert(args.file, args.to, args.output, model)
+    print(f"wrote {output} ({args.to} layout)")
+    return 0
+
+
+COMMANDS = {"train": run_train, "toy": run_toy, "inspect": run_inspect, "generate": run_generate,
+            "merge": run_merge, "resize": run_resize, "extract": run_extract, "convert": run_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,192 @@
+"""An adapter file's modules by the kohya names it gives them, without a model: what merging and
+resizing files work on, and how their results are written back.
+
+kohya names lose the dots of module paths, so without a model they cannot become module keys; they
+are used as they are. Dotted names (PEFT and older diffusers files) are turned into the kohya name
+of the same module, by its diffusers path. Output is the kohya layout, which every reader takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapter import build_metadata, read_adapter
+from .errors import AdapterFileError
+from .families import SD1, SDXL, Family, family_from_tensors, family_named_in_metadata
+from .formats import ModuleWeights, describe_unsupported, dotted_module_key, peft_alpha, peft_alphas, split_tensor_name
+from .keys import split_key
+from .sgm import unet_module_map
+
+# Which UNet naming a kohya name uses: the original (SGM) layout or diffusers' block names.
+_SGM_UNET = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
+_DIFFUSERS_UNET = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_")
+SDXL_BASE_TEXT_WIDTH = 2048  # what SDXL base's cross-attention reads: both text encoders, concatenated
+_GROUPS = (
+    (re.compile(r"^lora_unet_(down_blocks|input_blocks)_"), "UNet down"),
+    (re.compile(r"^lora_unet_(mid_block|middle_block)_"), "UNet mid"),
+    (re.compile(r"^lora_unet_(up_blocks|output_blocks)_"), "UNet up"),
+    (re.compile(r"^lora_unet_"), "UNet other"),
+    (re.compile(r"^lora_te2_"), "text encoder 2"),
+    (re.compile(r"^lora_te1?_"), "text encoder"),
+)
+
+
+@dataclass
+class AdapterModules:
+    """One file's modules (kohya name -> weights) and what its header and tensors say about it."""
+
+    path: Path
+    modules: dict[str, ModuleWeights]
+    family: Family | None
+    metadata: dict[str, str]
+    dtype: torch.dtype  # of its LoRA tensors (the widest when mixed)
+
+    @property
+    def unet_naming(self) -> str | None:
+        """"original" or "diffusers" for the UNet names this file uses, None when it has no UNet module."""
+        if any(_SGM_UNET.match(name) for name in self.modules):
+            return "original"
+        if any(_DIFFUSERS_UNET.match(name) for name in self.modules):
+            return "diffusers"
+        return None
+
+
+GROUP_ORDER = ("UNet down", "UNet mid", "UNet up", "UNet other", "text encoder", "text encoder 2", "other")
+
+
+def group_of(name: str) -> str:
+    """The part of the model a kohya module name belongs to, for reports: UNet down/mid/up, text encoder."""
+    return next((group for pattern, group in _GROUPS if pattern.match(name)), "other")
+
+
+def widest_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
+    distinct = set(dtypes)
+    if len(distinct) == 1:
+        return distinct.pop()
+    return torch.float32  # fp16 and bf16 together, or anything with fp32: only fp32 holds both
+
+
+def _kohya_name(name: str, family: Family | None, has_second_encoder: bool) -> str | None:
+    if name.startswith("lora_"):
+        return name
+    key = dotted_module_key(name)
+    if key is None:
+        return None
+    component, path = split_key(key)
+    family = family or (SDXL if has_second_encoder else SD1)  # SD 1.x and 2.x share their prefixes
+    return f"{family.kohya_prefixes[component]}_{path.replace('.', '_')}"
+
+
+def read_modules(path: str | os.PathLike) -> AdapterModules:
+    """Read an adapter file of any layout sdlora reads into kohya-named modules; refuse what cannot be used."""
+    path = Path(path)
+    tensors, metadata = read_adapter(path)
+    family = family_named_in_metadata(metadata) or family_from_tensors(tensors)
+    has_second_encoder = any(key.startswith("text_encoder_2.") for key in tensors)
+    configs = peft_alphas(metadata)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    dotted: dict[str, str] = {}  # kohya name -> the module key, for PEFT alphas
+    unreadable = []
+    for key, tensor in tensors.items():
+        split = split_tensor_name(key)
+        name = split and _kohya_name(split[0], family, has_second_encoder)
+        if not name:
+            unreadable.append(key)
+            continue
+        grouped.setdefault(name, {})[split[1]] = tensor
+        if not split[0].startswith("lora_"):
+            dotted[name] = dotted_module_key(split[0])
+    if unreadable:
+        raise AdapterFileError(f"{path}: {len(unreadable)} tensor(s) sdlora cannot read as LoRA, first "
+                               f"{unreadable[:3]}" + describe_unsupported(unreadable))
+    modules = {}
+    for name, roles in grouped.items():
+        if "down" not in roles or "up" not in roles:
+            raise AdapterFileError(f"{path}: module {name} has no {'up' if 'down' in roles else 'down'} "
+                                   "tensor; the file is incomplete")
+        alpha = roles["alpha"].item() if "alpha" in roles else None
+        if alpha is None and name in dotted and split_key(dotted[name])[0] in configs:
+            component, module_path = split_key(dotted[name])
+            alpha = peft_alpha(configs[component], module_path, roles["down"].shape[0])
+        modules[name] = ModuleWeights(down=roles["down"], up=roles["up"], alpha=alpha)
+    if not modules:
+        raise AdapterFileError(f"{path}: holds no LoRA tensors")
+    dtype = widest_dtype([t.dtype for m in modules.values() for t in (m.down, m.up)])
+    return AdapterModules(path, modules, family, metadata, dtype)
+
+
+def kohya_state_dict(modules: dict[str, ModuleWeights], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """kohya-named modules -> the tensors of a kohya file (alpha in fp32, as formats.to_kohya writes it)."""
+    state_dict = {}
+    for name, weights in modules.items():
+        state_dict[f"{name}.lora_down.weight"] = weights.down.detach().to("cpu", dtype).contiguous()
+        state_dict[f"{name}.lora_up.weight"] = weights.up.detach().to("cpu", dtype).contiguous()
+        state_dict[f"{name}.alpha"] = torch.tensor(weights.effective_alpha, dtype=torch.float32)
+    return state_dict
+
+
+def sdxl_original_names() -> dict[str, str]:
+    """kohya UNet name by diffusers path -> by the original layout, for SDXL base's UNet (from the shipped
+    config): the layout every SDXL base fine-tune shares."""
+    from .architectures import config_folder
+
+    config = json.loads((config_folder("sdxl-base") / "unet" / "config.json").read_text())
+    return {f"lora_unet_{path.replace('.', '_')}": f"lora_unet_{original.replace('.', '_')}"
+            for path, original in unet_module_map(config).items()}
+
+
+def with_original_unet_names(adapter: AdapterModules) -> AdapterModules | None:
+    """An SDXL base file's UNet modules renamed from diffusers' block names to the original layout's,
+    the names kohya and A1111 use for SDXL. None when the file may be for another UNet (the refiner's
+    cross-attention reads 1280 wide text, not 2048) or has a module outside SDXL base's layout."""
+    table = sdxl_original_names()
+    renamed = {}
+    for name, weights in adapter.modules.items():
+        if "attn2_to_k" in name and weights.down.flatten(1).shape[1] != SDXL_BASE_TEXT_WIDTH:
+            return None
+        if name.startswith("lora_unet_"):
+            if name not in table:
+                return None
+            name = table[name]
+        renamed[name] = weights
+    return AdapterModules(adapter.path, renamed, adapter.family, adapter.metadata, adapter.dtype)
+
+
+def training_facts(metadata: dict[str, str]) -> tuple[str, tuple[int, ...] | None]:
+    """The prediction type and resolution an input file's header states, to carry them over."""
+    v = metadata.get("modelspec.prediction_type") == "v" or metadata.get("ss_v_parameterization") == "True"
+    match = re.fullmatch(r"(\d+)x(\d+)", metadata.get("modelspec.resolution", ""))
+    return ("v_prediction" if v else "epsilon"), (tuple(int(n) for n in match.groups()) if match else None)
+
+
+def output_metadata(modules: dict[str, ModuleWeights], family: Family | None, title: str, source: dict[str, str],
+                    record: dict) -> dict[str, str]:
+    """The header of a file made from other files: their family, prediction type and resolution, and
+    `record` (what was done) in sdlora's JSON record. With no family stated by any input, none is
+    written: the header says what is known, not a guess."""
+    prediction_type, resolution = training_facts(source)
+    metadata = build_metadata(modules, family or SD1, title=title, extra=record, prediction_type=prediction_type,
+                              resolution=resolution)
+    if family is None:  # the family keys as the input had them (none, or only some), not SD 1.x's
+        for key in SD1.header(prediction_type, resolution):
+            metadata.pop(key, None)
+            if key in source:
+                metadata[key] = source[key]
+        sdlora_record = json.loads(metadata["sdlora"])
+        del sdlora_record["family"]
+        metadata["sdlora"] = json.dumps(sdlora_record, sort_keys=True)
+    return metadata
+
+
+def recorded_targets(metadata: dict[str, str]) -> dict:
+    try:
+        return json.loads(metadata.get("sdlora", "{}")).get("targets", {})
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+

@@ -1,0 +1,257 @@
+"""Merging adapter files into one, and resizing one to a lower rank.
+
+Merging is exact by concatenation along the rank: sum_i w_i up_i down_i s_i is the product of
+[w_1 s_1 up_1, w_2 s_2 up_2, ...] and [down_1; down_2; ...], a LoRA of rank sum_i r_i with scale 1.
+With a rank, and for resizing, each module's update is decomposed by SVD and truncated
+(`lowrank`). Everything here works on what a module's update is (`module_update`), so adapter
+kinds other than plain LoRA only need to provide their full update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapter import SAVE_DTYPES, write_adapter
+from .errors import AdapterFileError, ConfigError, FamilyMismatch
+from .families import SDXL, Family
+from .file_modules import (GROUP_ORDER, AdapterModules, group_of, kohya_state_dict, output_metadata, read_modules,
+                           recorded_targets, widest_dtype, with_original_unet_names)
+from .formats import ModuleWeights
+from .lowrank import Factored, lora_factors, rank_for_energy, spectrum, truncate, with_common_alpha
+
+Update = Factored | torch.Tensor
+
+
+def module_update(weights) -> Update:
+    """A module's whole update: a plain LoRA as its factors; any other kind through its `delta_weight()`."""
+    if isinstance(weights, ModuleWeights):
+        return lora_factors(weights)
+    return weights.delta_weight().float()
+
+
+def _flat_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    return shape[0], math.prod(shape[1:])
+
+
+def weighted_sum(parts: list[tuple[Update, float]]) -> Update:
+    """sum_i w_i * update_i, kept factored (concatenated along the rank) when every part is."""
+    shape = parts[0][0].shape
+    if all(isinstance(update, Factored) for update, _ in parts):
+        up = torch.cat([update.up * weight for update, weight in parts], dim=1)
+        down = torch.cat([update.down for update, _ in parts], dim=0)
+        return Factored(up, down, tuple(shape))
+    total = torch.zeros(_flat_shape(tuple(shape)))
+    for update, weight in parts:
+        full = update.full() if isinstance(update, Factored) else update
+        total += weight * full.reshape(total.shape)
+    return total.reshape(shape)
+
+
+def as_lora(update: Factored) -> ModuleWeights:
+    """A factored update as LoRA tensors in the layer's layout, alpha = rank (scale 1)."""
+    rank = update.up.shape[1]
+    if len(update.shape) == 4:
+        return ModuleWeights(down=update.down.reshape(rank, *update.shape[1:]),
+                             up=update.up.reshape(update.shape[0], rank, 1, 1), alpha=float(rank))
+    return ModuleWeights(down=update.down, up=update.up, alpha=float(rank))
+
+
+@dataclass
+class ModuleResult:
+    name: str  # kohya module name
+    rank: int
+    kept: float  # squared Frobenius norm of the update that the new rank keeps
+    tail: float  # and that it leaves out
+
+    @property
+    def error(self) -> float:
+        """Relative Frobenius error of the truncation: ||update - kept|| / ||update||."""
+        total = self.kept + self.tail
+        return math.sqrt(self.tail / total) if total else 0.0
+
+
+@dataclass
+class Reduction:
+    """What an SVD rank reduction kept, module by module."""
+
+    rows: list[ModuleResult] = field(default_factory=list)
+
+    def kept_fraction(self, rows: list[ModuleResult] | None = None) -> float:
+        rows = self.rows if rows is None else rows
+        total = sum(r.kept + r.tail for r in rows)
+        return sum(r.kept for r in rows) / total if total else 1.0
+
+    def relative_error(self) -> float:
+        """Over all modules together: sqrt(sum of what is left out / sum of squared norms)."""
+        return math.sqrt(max(0.0, 1.0 - self.kept_fraction())) if self.rows else 0.0
+
+    def worst(self) -> ModuleResult:
+        return max(self.rows, key=lambda r: r.error)
+
+    def by_group(self) -> dict[str, float]:
+        groups: dict[str, list[ModuleResult]] = {}
+        for row in self.rows:
+            groups.setdefault(group_of(row.name), []).append(row)
+        return {group: self.kept_fraction(groups[group]) for group in GROUP_ORDER if group in groups}
+
+    def error_lines(self) -> list[str]:
+        worst = self.worst()
+        return [f"relative Frobenius error: overall {self.relative_error():.8f}, "
+                f"worst {worst.error:.8f} ({worst.name})"]
+
+    def energy_lines(self) -> list[str]:
+        lines = ["kept energy (kept squared singular values / all):"]
+        lines += [f"  {group:<16}{fraction:.8f}" for group, fraction in self.by_group().items()]
+        lines.append(f"  {'overall':<16}{self.kept_fraction():.8f}")
+        return lines
+
+    def rank_line(self) -> str:
+        ranks = Counter(r.rank for r in self.rows)
+        return "ranks: " + ", ".join(f"{rank} (x{count})" for rank, count in sorted(ranks.items()))
+
+
+def reduce(updates: Iterable[tuple[str, Update]], rank: int | None = None, energy: float | None = None,
+           device: torch.device | str | None = None, desc: str = "SVD",
+           total: int | None = None) -> tuple[dict[str, ModuleWeights], Reduction]:
+    """Each update's best LoRA of rank `rank`, or of the smallest rank keeping `energy` of it.
+
+    `updates` may be a generator, so that only one full update is in memory at a time.
+    """
+    if (rank is None) == (energy is None):
+        raise ConfigError("give either a rank or an energy fraction")
+    if rank is not None and rank <= 0:
+        raise ConfigError(f"rank must be > 0, got {rank}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ConfigError(f"energy must be a fraction in (0, 1], got {energy}")
+    modules, report = {}, Reduction()
+    for name, update in tqdm(updates, desc=desc, unit="module", total=total):
+        spec = spectrum(update, device)
+        kept_rank = min(rank, len(spec.s)) if rank is not None else rank_for_energy(spec, energy)
+        modules[name] = truncate(spec, kept_rank)
+        report.rows.append(ModuleResult(name, kept_rank, spec.energy(kept_rank), spec.tail(kept_rank)))
+    return modules, report
+
+
+# ---------------------------------------------------------------- files
+
+
+def check_output(path: Path) -> None:
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"{path}: adapter files are written as .safetensors; name the output *.safetensors")
+
+
+def output_dtype(name: str | None, inputs: list[AdapterModules]) -> torch.dtype:
+    """The dtype asked for, else the inputs' own: no precision is lost or invented unasked."""
+    if name is None:
+        return widest_dtype([adapter.dtype for adapter in inputs])
+    if name not in SAVE_DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(SAVE_DTYPES)}, got {name!r}")
+    return SAVE_DTYPES[name]
+
+
+def common_family(inputs: list[AdapterModules]) -> Family | None:
+    """The one family the files are for; refuse files of two families."""
+    stated = [adapter for adapter in inputs if adapter.family is not None]
+    for other in stated[1:]:
+        if other.family is not stated[0].family:
+            raise FamilyMismatch(f"{stated[0].path} is an adapter for {stated[0].family.title} but {other.path} is "
+                                 f"for {other.family.title}: only adapters of one model family can be merged")
+    return stated[0].family if stated else None
+
+
+def paired_names(inputs: list[AdapterModules], family: Family | None) -> list[AdapterModules]:
+    """The inputs with one UNet naming. Files that name UNet modules by diffusers' blocks and files that
+    use the original layout pair up for SDXL base (its layout is known); otherwise nothing without a
+    model says which modules are the same, and the merge is refused."""
+    named = [adapter for adapter in inputs if adapter.unet_naming is not None]
+    if len({adapter.unet_naming for adapter in named}) <= 1:
+        return inputs
+    if family is SDXL:
+        renamed = [with_original_unet_names(a) if a.unet_naming == "diffusers" else a for a in inputs]
+        if all(adapter is not None for adapter in renamed):
+            return renamed
+    first = named[0]
+    other = next(adapter for adapter in named if adapter.unet_naming != first.unet_naming)
+    raise AdapterFileError(
+        f"{first.path} names UNet modules by the {first.unet_naming} layout and {other.path} by the "
+        f"{other.unet_naming} one: without a model sdlora cannot pair their modules. Bake both into the "
+        "model instead (sdlora merge ... --into MODEL)")
+
+
+def _check_shapes(name: str, parts: list[tuple[AdapterModules, Update, float]]) -> None:
+    first_file, first, _ = parts[0]
+    for adapter, update, _ in parts[1:]:
+        if _flat_shape(tuple(update.shape)) != _flat_shape(tuple(first.shape)):
+            raise AdapterFileError(f"{name} has a weight of shape {list(first.shape)} in {first_file.path} but "
+                                   f"{list(update.shape)} in {adapter.path}: the files are for different models")
+
+
+def merge_files(sources: list[tuple[Path, float]], output: Path, rank: int | None = None,
+                dtype: str | None = None) -> Reduction | None:
+    """Write one adapter equal to sum_i w_i * file_i; exact without `rank`, else SVD-truncated.
+
+    Returns the truncation report (None when exact). Modules present in only some files are kept.
+    """
+    check_output(output)
+    if not sources:
+        raise ConfigError("give at least one adapter file to merge")
+    inputs = [read_modules(path) for path, _ in sources]
+    family = common_family(inputs)
+    inputs = paired_names(inputs, family)
+    names = list(dict.fromkeys(name for adapter in inputs for name in adapter.modules))
+    updates: dict[str, Update] = {}
+    for name in names:
+        parts = [(adapter, module_update(adapter.modules[name]), weight)
+                 for adapter, (_, weight) in zip(inputs, sources) if name in adapter.modules]
+        _check_shapes(name, parts)
+        updates[name] = weighted_sum([(update, weight) for _, update, weight in parts])
+    if rank is None:
+        not_factored = [name for name, update in updates.items() if not isinstance(update, Factored)]
+        if not_factored:
+            raise AdapterFileError(f"{not_factored[0]} is not a plain LoRA in every file, so the merge cannot be "
+                                   "exact: give --rank R to merge by SVD")
+        modules = {name: as_lora(update) for name, update in tqdm(updates.items(), desc="merge", unit="module")}
+        report = None
+    else:
+        modules, report = reduce(updates.items(), rank=rank, desc="merge (SVD)", total=len(updates))
+    record = {"merged_from": [{"file": path.name, "weight": weight} for path, weight in sources],
+              "merge": "concatenated" if rank is None else f"svd rank {rank}"}
+    modules = with_common_alpha(modules)
+    metadata = output_metadata(modules, family, output.stem, inputs[0].metadata, record)
+    write_adapter(output, kohya_state_dict(modules, output_dtype(dtype, inputs)), metadata)
+    return report
+
+
+def resize_file(path: Path, output: Path, rank: int | None = None, energy: float | None = None,
+                dtype: str | None = None) -> Reduction:
+    """Write `path` at a lower rank (one rank for all modules, or per module by kept energy)."""
+    check_output(output)
+    source = read_modules(path)
+    updates = {name: module_update(weights) for name, weights in source.modules.items()}
+    modules, report = reduce(updates.items(), rank=rank, energy=energy, desc="resize", total=len(updates))
+    record = {"resized_from": Path(path).name, "resize": f"rank {rank}" if rank is not None else f"energy {energy}",
+              "targets": recorded_targets(source.metadata)}
+    modules = with_common_alpha(modules)
+    metadata = output_metadata(modules, source.family, output.stem, source.metadata, record)
+    write_adapter(output, kohya_state_dict(modules, output_dtype(dtype, [source])), metadata)
+    return report
+
+
+def parse_weighted(value: str, default: float = 1.0) -> tuple[Path, float]:
+    """`FILE:WEIGHT` -> (FILE, WEIGHT); a FILE alone gets `default`. Only a number after the last
+    colon is a weight, so a path with colons in it still works."""
+    head, colon, tail = value.rpartition(":")
+    if colon:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(value), default
+
