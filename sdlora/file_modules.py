@@ -19,7 +19,8 @@ import torch
 from .adapter import build_metadata, read_adapter
 from .errors import AdapterFileError
 from .families import SD1, SDXL, Family, family_from_tensors, family_named_in_metadata
-from .formats import ModuleWeights, describe_unsupported, dotted_module_key, peft_alpha, peft_alphas, split_tensor_name
+from .formats import (FILE_ROLES, ModuleTensors, ModuleWeights, complete_module, describe_unsupported,
+                      dotted_module_key, peft_alpha, peft_alphas, split_tensor_name)
 from .keys import split_key
 from .sgm import unet_module_map
 
@@ -107,6 +108,11 @@ def read_modules(path: str | os.PathLike) -> AdapterModules:
                                f"{unreadable[:3]}" + describe_unsupported(unreadable))
     modules = {}
     for name, roles in grouped.items():
+        payload = {FILE_ROLES.get(role, role): tensor for role, tensor in roles.items() if role != "alpha"}
+        if set(payload) != {"lora_down.weight", "lora_up.weight"} and complete_module(payload):
+            # a LyCORIS kind (LoHa, LoKr, Tucker, full, DoRA): used through its whole update
+            modules[name] = ModuleTensors(payload, roles["alpha"].item() if "alpha" in roles else None)
+            continue
         if "down" not in roles or "up" not in roles:
             raise AdapterFileError(f"{path}: module {name} has no {'up' if 'down' in roles else 'down'} "
                                    "tensor; the file is incomplete")
@@ -117,7 +123,8 @@ def read_modules(path: str | os.PathLike) -> AdapterModules:
         modules[name] = ModuleWeights(down=roles["down"], up=roles["up"], alpha=alpha)
     if not modules:
         raise AdapterFileError(f"{path}: holds no LoRA tensors")
-    dtype = widest_dtype([t.dtype for m in modules.values() for t in (m.down, m.up)])
+    dtype = widest_dtype([t.dtype for m in modules.values()
+                          for t in ((m.down, m.up) if isinstance(m, ModuleWeights) else m.tensors.values())])
     return AdapterModules(path, modules, family, metadata, dtype)
 
 
@@ -148,7 +155,8 @@ def with_original_unet_names(adapter: AdapterModules) -> AdapterModules | None:
     table = sdxl_original_names()
     renamed = {}
     for name, weights in adapter.modules.items():
-        if "attn2_to_k" in name and weights.down.flatten(1).shape[1] != SDXL_BASE_TEXT_WIDTH:
+        if "attn2_to_k" in name and isinstance(weights, ModuleWeights) and \
+                weights.down.flatten(1).shape[1] != SDXL_BASE_TEXT_WIDTH:
             return None
         if name.startswith("lora_unet_"):
             if name not in table:

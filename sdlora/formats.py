@@ -232,14 +232,14 @@ def parse_state_dict(
                 component, _, path = key.partition(".")
                 alpha = peft_alpha(configs[component], path, roles["down"].shape[0])
             modules[key] = ModuleWeights(down=roles["down"], up=roles["up"], alpha=alpha)
-        elif _complete(payload):
+        elif complete_module(payload):
             modules[key] = ModuleTensors(payload, alpha)
         else:  # half a module: a LoRA without its up, a LoHa without its second pair, ...
             unsupported.extend(sources[name])
     return Parsed(modules=modules, layout=layout, unmatched=sorted(unmatched), unsupported=sorted(unsupported))
 
 
-def _complete(roles: dict[str, torch.Tensor]) -> bool:
+def complete_module(roles: dict[str, torch.Tensor]) -> bool:
     """Whether a module's tensors make a whole adapter of some kind (DoRA's scale aside)."""
     roles = set(roles) - {"dora_scale"}
     lokr = ({"lokr_w1"} <= roles or {"lokr_w1_a", "lokr_w1_b"} <= roles) and (

@@ -24,16 +24,32 @@ from .families import SDXL, Family
 from .file_modules import (GROUP_ORDER, AdapterModules, group_of, kohya_state_dict, output_metadata, read_modules,
                            recorded_targets, widest_dtype, with_original_unet_names)
 from .formats import ModuleWeights
+from .lycoris import standalone_update
 from .lowrank import Factored, lora_factors, rank_for_energy, spectrum, truncate, with_common_alpha
 
 Update = Factored | torch.Tensor
 
 
-def module_update(weights) -> Update:
-    """A module's whole update: a plain LoRA as its factors; any other kind through its `delta_weight()`."""
+# Every conv with a kernel in a Stable Diffusion UNet is 3x3: the resnets' conv1/conv2, the resamplers,
+# conv_in and conv_out (the shortcuts and the transformers' proj_in/proj_out are 1x1).
+_KERNEL_3X3 = ("conv1", "conv2", "_conv", "_op", "conv_in", "conv_out")
+
+
+def module_update(weights, name: str = "") -> Update:
+    """A module's whole update: a plain LoRA as its factors; a LyCORIS kind (LoHa, LoKr, Tucker, full)
+    as the full update its tensors make (DoRA's rescaling needs the base weight and is refused)."""
     if isinstance(weights, ModuleWeights):
         return lora_factors(weights)
-    return weights.delta_weight().float()
+    if "dora_scale" in weights.tensors:
+        raise AdapterFileError(f"{name}: DoRA rescales the base model's weight, so its update cannot be known from "
+                               "the file alone: merge it into a model with --into, or load it as it is")
+    if "diff_b" in weights.tensors:
+        raise AdapterFileError(f"{name}: a full adapter that also changes the bias (diff_b), which no LoRA can "
+                               "hold: merge it into a model with --into, or load it as it is")
+    update = standalone_update(weights.tensors, weights.alpha)
+    if update.dim() == 2 and name.endswith(_KERNEL_3X3) and "shortcut" not in name and update.shape[1] % 9 == 0:
+        update = update.reshape(update.shape[0], update.shape[1] // 9, 3, 3)  # LoHa/LoKr store kernels flat
+    return update
 
 
 def _flat_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -208,7 +224,7 @@ def merge_files(sources: list[tuple[Path, float]], output: Path, rank: int | Non
     names = list(dict.fromkeys(name for adapter in inputs for name in adapter.modules))
     updates: dict[str, Update] = {}
     for name in names:
-        parts = [(adapter, module_update(adapter.modules[name]), weight)
+        parts = [(adapter, module_update(adapter.modules[name], name), weight)
                  for adapter, (_, weight) in zip(inputs, sources) if name in adapter.modules]
         _check_shapes(name, parts)
         updates[name] = weighted_sum([(update, weight) for _, update, weight in parts])
@@ -234,7 +250,7 @@ def resize_file(path: Path, output: Path, rank: int | None = None, energy: float
     """Write `path` at a lower rank (one rank for all modules, or per module by kept energy)."""
     check_output(output)
     source = read_modules(path)
-    updates = {name: module_update(weights) for name, weights in source.modules.items()}
+    updates = {name: module_update(weights, name) for name, weights in source.modules.items()}
     modules, report = reduce(updates.items(), rank=rank, energy=energy, desc="resize", total=len(updates))
     record = {"resized_from": Path(path).name, "resize": f"rank {rank}" if rank is not None else f"energy {energy}",
               "targets": recorded_targets(source.metadata)}

@@ -50,3 +50,28 @@ def test_dora_gives_lycoris_outputs_at_full_strength_and_blends_below(pipe, tmp_
         torch.testing.assert_close(layer.delta_weight(), 0.5 * delta, atol=1e-7, rtol=1e-6)
     sdlora.set_strength(pipe, name, 0.0)
     assert torch.equal(unet_out(pipe), base)
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr", "lokr-tucker", "locon-tucker"])
+def test_resize_goes_through_the_full_update(pipe, tmp_path, variant):
+    """`sdlora resize` on a LyCORIS file: at full energy, the LoRA it writes gives LyCORIS's own outputs."""
+    from sdlora.merge import resize_file
+
+    reference = make_reference(pipe, variant, tmp_path / f"{variant}.safetensors")
+    resize_file(reference.path, tmp_path / "resized.safetensors", energy=1.0, dtype="fp32")
+    sdlora.load(pipe, tmp_path / "resized.safetensors")
+    assert sdlora.list_adapters(pipe)[0].kinds == {"lora": sum(sdlora.list_adapters(pipe)[0].modules.values())}
+    torch.testing.assert_close(unet_out(pipe), reference.outputs["unet"][1.0], atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(te_out(pipe), reference.outputs["text_encoder"][1.0], atol=5e-5, rtol=1e-4)
+
+
+def test_what_a_lora_cannot_hold_is_refused_by_resize(pipe, tmp_path):
+    from sdlora.merge import resize_file
+
+    reference = make_reference(pipe, "full", tmp_path / "full.safetensors")  # it changes biases too
+    with pytest.raises(sdlora.AdapterFileError, match="changes the bias"):
+        resize_file(reference.path, tmp_path / "resized.safetensors", energy=1.0)
+    dora = make_reference(pipe, "locon-dora", tmp_path / "dora.safetensors")
+    with pytest.raises(sdlora.AdapterFileError, match="DoRA rescales the base model's weight"):
+        resize_file(dora.path, tmp_path / "resized.safetensors", rank=2)
+    assert not (tmp_path / "resized.safetensors").exists()
