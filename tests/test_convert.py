@@ -12,7 +12,7 @@ from sdlora.convert import convert
 from sdlora.sources import load_pipeline
 from sdlora.toy.pipelines import save_tiny_pipeline
 from conftest import randomize
-from test_families import outputs
+from test_families import diffusers_sdxl_file, outputs
 
 
 @pytest.fixture(scope="module")
@@ -41,26 +41,10 @@ def test_there_and_back_gives_the_same_tensors(sdxl_folder, tmp_path, via):
 
 
 def test_a_diffusers_sdxl_file_becomes_one_a1111_and_comfyui_read(sdxl_folder, tmp_path, reference_client):
-    from diffusers import StableDiffusionXLPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    theirs = load_pipeline(str(sdxl_folder))
-    theirs.unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                       init_lora_weights=False))
     # all four projections: diffusers cannot read back a kohya text-encoder LoRA without out_proj ("Could not
     # automatically infer state dict type"), a limit of the reference, not of the file
-    theirs.text_encoder_2.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                     "out_proj"],
-                                                 init_lora_weights=False))
-    StableDiffusionXLPipeline.save_lora_weights(
-        tmp_path / "peft", unet_lora_layers=get_peft_model_state_dict(theirs.unet),
-        text_encoder_2_lora_layers=get_peft_model_state_dict(theirs.text_encoder_2),
-        unet_lora_adapter_metadata=theirs.unet.peft_config["default"].to_dict(),
-        text_encoder_2_lora_adapter_metadata=theirs.text_encoder_2.peft_config["default"].to_dict())
-    expected = outputs(theirs)
-
-    kohya = convert(tmp_path / "peft" / "pytorch_lora_weights.safetensors", "kohya", tmp_path / "kohya.safetensors",
+    path, expected = diffusers_sdxl_file(sdxl_folder, tmp_path / "peft")
+    kohya = convert(path, "kohya", tmp_path / "kohya.safetensors",
                     model=load_pipeline(str(sdxl_folder)))
     names = list(load_file(kohya))
     assert all(n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_",

@@ -126,27 +126,32 @@ def test_files_load_in_diffusers_with_our_outputs(family_dir, tmp_path, referenc
     assert loaded == len(modules)
 
 
-def test_diffusers_and_peft_named_sdxl_files_load(tmp_path, reference_client):
-    """A file diffusers writes for SDXL (PEFT names, alpha in the header) loads in our loader with its outputs."""
+def diffusers_sdxl_file(folder: Path, out: Path, text_modules=("q_proj", "k_proj", "v_proj", "out_proj")):
+    """A LoRA file as diffusers writes it for SDXL (PEFT names, alphas in the header), and the outputs of
+    the pipeline that made it (diffusers' own, through PEFT)."""
     from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    folder = save_tiny_pipeline(tmp_path / "pipe", family="sdxl")
     theirs = load_pipe(folder)
     theirs.unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                        init_lora_weights=False))
-    theirs.text_encoder_2.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    theirs.text_encoder_2.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(text_modules),
                                                  init_lora_weights=False))
     StableDiffusionXLPipeline.save_lora_weights(
-        tmp_path / "peft", unet_lora_layers=get_peft_model_state_dict(theirs.unet),
+        out, unet_lora_layers=get_peft_model_state_dict(theirs.unet),
         text_encoder_2_lora_layers=get_peft_model_state_dict(theirs.text_encoder_2),
         unet_lora_adapter_metadata=theirs.unet.peft_config["default"].to_dict(),
         text_encoder_2_lora_adapter_metadata=theirs.text_encoder_2.peft_config["default"].to_dict())
-    expected = outputs(theirs)
+    return out / "pytorch_lora_weights.safetensors", outputs(theirs)
 
+
+def test_diffusers_and_peft_named_sdxl_files_load(tmp_path, reference_client):
+    """A file diffusers writes for SDXL (PEFT names, alpha in the header) loads in our loader with its outputs."""
+    folder = save_tiny_pipeline(tmp_path / "pipe", family="sdxl")
+    path, expected = diffusers_sdxl_file(folder, tmp_path / "peft", text_modules=("q_proj", "v_proj"))
     ours = load_pipe(folder)
-    sdlora.load(ours, tmp_path / "peft" / "pytorch_lora_weights.safetensors")
+    sdlora.load(ours, path)
     got = outputs(ours)
     for part in ("unet", "text_encoder_2"):
         torch.testing.assert_close(got[part], expected[part], atol=1e-4, rtol=1e-4, msg=part)

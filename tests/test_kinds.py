@@ -139,3 +139,22 @@ def test_a_kind_that_does_not_fit_the_layer_is_refused_before_anything_changes(p
     with pytest.raises(sdlora.AdapterFileError, match=r"\(loha\) does not fit .* hada_w1_b \[4, 32\]"):
         sdlora.load(pipe, tmp_path / "bad.safetensors")
     assert not sdlora.list_adapters(pipe) and torch.equal(unet_out(pipe), before)
+
+
+def test_kinds_stack_with_lora_and_take_per_block_strength(pipe, tmp_path):
+    """A LoHa and a LoRA on the same layer add up; per-block strength reaches LyCORIS kinds too."""
+    layer = pipe.unet.get_submodule(LINEAR.removeprefix("unet."))
+    weight = layer.weight.detach().clone()
+    loha, loha_delta = naive("loha", weight, seed=1)
+    lora = {"lora_down.weight": rand(2, 16, seed=7), "lora_up.weight": rand(16, 2, seed=8), "alpha": torch.tensor(2.0)}
+    lora_delta = lora["lora_up.weight"] @ lora["lora_down.weight"]
+    for name, tensors in (("loha", loha), ("lora", lora)):
+        save_file({f"{kohya(LINEAR)}.{role}": t for role, t in tensors.items()}, tmp_path / f"{name}.safetensors")
+    x = rand(2, 5, 16, seed=9)
+    sdlora.load(pipe, tmp_path / "loha.safetensors", strength={"unet": {"down": [0.5, 1.0], "up": 1.0}})
+    sdlora.load(pipe, tmp_path / "lora.safetensors", strength=0.3)
+    wrapped = pipe.unet.get_submodule(LINEAR.removeprefix("unet."))  # in down block 0: the LoHa at 0.5
+    expected = F.linear(x, weight + 0.5 * loha_delta + 0.3 * lora_delta, layer.bias)
+    torch.testing.assert_close(wrapped(x), expected, atol=1e-5, rtol=1e-5)
+    sdlora.set_strength(pipe, "loha", {"unet": {"down": [0.0, 1.0]}})
+    torch.testing.assert_close(wrapped(x), F.linear(x, weight + 0.3 * lora_delta, layer.bias), atol=1e-5, rtol=1e-5)
