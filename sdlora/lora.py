@@ -34,7 +34,10 @@ class Adapter(nn.Module):
       operation with the delta weight. Kinds with a cheaper path (LoRA: up(down(x))) override it.
     - `file_tensors()`: the tensors a file holds for this module, by role (`lora_down.weight`,
       `hada_w1_a`, `dora_scale`, ...); `alpha` is kept as an attribute (None for kinds without one).
-    A kind whose update is not linear in the strength (DoRA) says so in `delta_weight`.
+    A kind whose update is not linear in the strength (DoRA) says so in `delta_weight`. A frozen kind
+    whose update is a whole weight (LoHa, LoKr, full, DoRA) may also offer `weight_update(base, dtype)`,
+    its update at strength 1, built once: the layer then adds it to its weight for each call instead of
+    running a second product as large as its own.
     """
 
     kind = "adapter"
@@ -182,15 +185,25 @@ class AdaptedLayer(nn.Module):
         del self.strengths[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        for name, adapter in self.adapters.items():
-            strength = self.strengths[name]
-            if strength == 0.0 or name in self.fused:
-                continue
+        active = [(name, adapter) for name, adapter in self.adapters.items()
+                  if self.strengths[name] != 0.0 and name not in self.fused]
+        # Kinds whose update is a whole weight (LoHa, LoKr, full, DoRA) are added to the base weight for
+        # this call: one elementwise add instead of a second product as large as the layer's own.
+        whole = [(name, adapter) for name, adapter in active if hasattr(adapter, "weight_update")]
+        if whole:
+            weight, bias = self.base.weight, self.base.bias
+            for name, adapter in whole:
+                weight = weight + adapter.weight_update(self.base, x.dtype) * self.strengths[name]
+                if (bias_update := adapter.delta_bias(bias, self.strengths[name])) is not None:
+                    bias = bias + bias_update.to(bias.dtype)
+            y = layer_op(self.base, x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        else:
+            y = self.base(x)
+        for name, adapter in active:
             if isinstance(adapter, LoRA):  # the common case, in one fused multiply-add
-                y = torch.add(y, adapter.forward_unscaled(x).to(y.dtype), alpha=strength * adapter.scale)
-            else:
-                y = y + adapter.output(x, self.base, strength).to(y.dtype)
+                y = torch.add(y, adapter.forward_unscaled(x).to(y.dtype), alpha=self.strengths[name] * adapter.scale)
+            elif not hasattr(adapter, "weight_update"):
+                y = y + adapter.output(x, self.base, self.strengths[name]).to(y.dtype)
         return y
 
     def delta_weight(self, names: list[str] | None = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .lora import Adapter, LoRA, layer_op
+from .lora import Adapter, LoRA
 
 
 def _buffer_dict(module: nn.Module, tensors: dict[str, torch.Tensor], like: torch.Tensor) -> None:
@@ -49,12 +49,13 @@ class _FileKind(Adapter):
         delta = self.update()
         return delta * strength if strength != 1.0 else delta
 
-    def output(self, x: torch.Tensor, base: nn.Linear | nn.Conv2d, strength: float) -> torch.Tensor:
-        # These kinds are loaded, never trained: rebuild the update once per device and dtype, not every step.
-        if getattr(self, "_cached", None) is None or self._cached.device != x.device or self._cached.dtype != x.dtype:
-            self._cached = self.update().to(x.dtype)
-        bias = self.delta_bias(base.bias)
-        return layer_op(base, x, self._cached * strength, None if bias is None else (bias * strength).to(x.dtype))
+    def weight_update(self, base: nn.Linear | nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
+        """The update at strength 1 in `dtype`, built once per device and dtype: these kinds are loaded,
+        never trained, so the layer adds it to its weight rather than rebuilding it every step."""
+        cached = getattr(self, "_cached", None)
+        if cached is None or cached.device != base.weight.device or cached.dtype != dtype:
+            self._cached = cached = self.update().to(base.weight.device, dtype)
+        return cached
 
 
 def rebuild_tucker(core: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -185,12 +186,13 @@ class DoRA(Adapter):
         rescaled = merged * (magnitude.reshape(shape) / rows.reshape(shape))
         return (rescaled - base) * strength
 
-    def output(self, x: torch.Tensor, base: nn.Linear | nn.Conv2d, strength: float) -> torch.Tensor:
-        # The update at strength 1 depends only on frozen tensors (the base weight is not fused while this
-        # runs): build it once per device and dtype.
-        if getattr(self, "_cached", None) is None or self._cached.device != x.device or self._cached.dtype != x.dtype:
-            self._cached = self.delta_weight(base.weight).to(x.dtype)
-        return layer_op(base, x, self._cached * strength)
+    def weight_update(self, base: nn.Linear | nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
+        """W' - W at strength 1 in `dtype`, built once per device and dtype (the base weight is not fused
+        while the layer runs unfused)."""
+        cached = getattr(self, "_cached", None)
+        if cached is None or cached.device != base.weight.device or cached.dtype != dtype:
+            self._cached = cached = self.delta_weight(base.weight).to(base.weight.device, dtype)
+        return cached
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {**self.inner.file_tensors(), "dora_scale": self.magnitude}
