@@ -1,9 +1,13 @@
 """Pure functions between adapter state dicts in other tools' layouts and module keys.
 
-Layouts read: kohya/A1111 (`lora_unet_…​.lora_down.weight`, `.lora_up.weight`, `.alpha`), PEFT as
-diffusers saves it (`unet.….lora_A.weight` / `.lora_B.weight`, alpha in the `lora_adapter_metadata`
-header), and older diffusers (`.lora.down.weight`, `.lora_linear_layer.down.weight`, and the
-attention-processor form `….processor.to_q_lora.down.weight`). Layout written: kohya.
+Layouts read: kohya/A1111 (`lora_unet_…​.lora_down.weight`, `.lora_up.weight`, `.alpha`; UNet names in
+diffusers' or the original block layout), PEFT as diffusers saves it (`unet.….lora_A.weight` /
+`.lora_B.weight`, alpha in the `lora_adapter_metadata` header), older diffusers (`.lora.down.weight`,
+`.lora_linear_layer.down.weight`, and the attention-processor form `….processor.to_q_lora.down.weight`),
+ComfyUI's own (`diffusion_model.<original path>`, `text_encoders.clip_l.transformer.…`) and SimpleTuner's
+LyCORIS names (`lycoris_<UNet path>`). Per module, plain LoRA or a LyCORIS kind (`hada_*`, `lokr_*`,
+`lora_mid`, `diff`, `dora_scale`; built by sdlora/lycoris.py). Layout written: kohya (convert.py
+writes the others).
 No I/O here, and every key is accounted for: a key left over is reported, never dropped silently.
 """
 

@@ -237,7 +237,8 @@ def load(target, path: str | os.PathLike, strength: Strength = 1.0, name: str | 
          strict: bool = True) -> str:
     """Apply an adapter file to a pipeline (or a bare UNet / text encoder); returns its name.
 
-    Reads sdlora and kohya/A1111 files and both layouts that diffusers writes. With strict=False,
+    Reads sdlora, kohya/A1111, diffusers, PEFT, ComfyUI and SimpleTuner files, plain LoRA or a LyCORIS
+    kind (LoCon, LoHa, LoKr, full, with or without DoRA); see sdlora/formats.py. With strict=False,
     tensors that name no layer of this model are skipped and reported instead of refused.
     Nothing is modified unless the whole file checks out.
     """
