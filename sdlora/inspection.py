@@ -40,6 +40,7 @@ class Report:
     layout: str
     kinds: dict[str, int]
     components: dict[str, int]
+    targets: dict[str, int]  # which layers: attention, MLP, conv, ... -> modules (or the patterns an sdlora file records)
     ranks: dict[str, int]  # rank -> modules
     alphas: dict[str, int]  # alpha -> modules
     dtypes: dict[str, int]
@@ -89,6 +90,22 @@ def _component(name: str) -> str | None:
     if name.startswith("text_encoders."):
         return "text_encoder"
     return component_of_file_key(name) or ("unet" if re.match(r"(down_blocks|up_blocks|mid_block)", name) else None)
+
+
+# What kind of layer a module name is, by how its path ends (any layout, dots or underscores).
+_LAYER_KINDS = (
+    ("attention", r"(to_q|to_k|to_v|to_out_0|q_proj|k_proj|v_proj|out_proj)$"),
+    ("MLP", r"(ff_net_0_proj|ff_net_2|fc1|fc2|proj_in|proj_out|text_projection)$"),
+    ("conv", r"(conv1|conv2|conv_shortcut|conv|op|skip_connection|in_layers_2|out_layers_3)$"),
+)
+
+
+def _layer_kind(name: str, component: str | None) -> str:
+    flat = name.replace(".", "_")
+    for kind, pattern in _LAYER_KINDS:
+        if re.search(pattern, flat):
+            return f"{'text encoder' if component and component.startswith('text_encoder') else 'UNet'} {kind}"
+    return "other"
 
 
 def _number(value: float | None) -> str:
@@ -150,12 +167,22 @@ def inspect(path: str | Path) -> Report:
         family=family.title if family else None, family_from="header" if stated else "tensors" if family else None,
         layout=file_layout(list(grouped), tensors),
         kinds=dict(Counter(m["kind"] for m in modules)), components=dict(Counter(str(m["component"]) for m in modules)),
+        targets=_recorded_targets(metadata) or dict(Counter(_layer_kind(m["name"], m["component"]) for m in modules)),
         ranks=dict(Counter(str(m["rank"]) for m in modules)), alphas=dict(Counter(_number(m["alpha"]) for m in modules)),
         dtypes=dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())),
         block_norms={block: value ** 0.5 for block, value in sorted(norms.items(), key=lambda kv: _order(kv[0]))},
         facts={label: metadata[key] for key, label in FACTS.items() if key in metadata},
         anomalies=anomalies, modules=modules,
     )
+
+
+def _recorded_targets(metadata: dict[str, str]) -> dict[str, str]:
+    """The target patterns an sdlora file records, per component."""
+    try:
+        targets = json.loads(metadata.get("sdlora", "{}")).get("targets") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+    return {component: " | ".join(patterns) for component, patterns in targets.items()}
 
 
 def _unreachable(tensors: dict, metadata: dict, family: Family) -> list[str]:
@@ -189,6 +216,7 @@ def render(report: Report, per_module: bool = False) -> str:
         f"layout:      {report.layout}",
         f"kinds:       {counts(report.kinds)}",
         f"modules:     {counts(report.components)}",
+        f"targets:     {counts(report.targets) if all(isinstance(v, int) for v in report.targets.values()) else '; '.join(f'{k}: {v}' for k, v in report.targets.items())}",
         f"ranks:       {counts(report.ranks)}",
         f"alphas:      {counts(report.alphas)}",
         f"dtypes:      {counts(report.dtypes)}",

@@ -48,7 +48,9 @@ def test_anomalies_are_flagged(tmp_path):
                "lora_unet_no_such_module.lora_down.weight": torch.full((2, 3), float("nan")),
                "lora_unet_no_such_module.lora_up.weight": torch.ones(3, 2)},
               tmp_path / "odd.safetensors", metadata={"ss_base_model_version": "sd_v1"})
-    anomalies = "\n".join(inspect(tmp_path / "odd.safetensors").anomalies)
+    report = inspect(tmp_path / "odd.safetensors")
+    assert report.targets == {"UNet attention": 2, "other": 1}  # from the names: the file records none
+    anomalies = "\n".join(report.anomalies)
     assert "1 module(s) have all-zero up weights" in anomalies
     assert "1 module(s) whose down and up ranks differ" in anomalies
     assert "NaN or infinite" in anomalies
