@@ -101,3 +101,19 @@ def test_nothing_is_dropped_silently(pipe, tmp_path):
     with pytest.raises(sdlora.AdapterFileError, match="would be lost in conversion"):
         convert(tmp_path / "odd.safetensors", "diffusers", tmp_path / "d.safetensors", model=pipe)
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_the_command_converts_and_refuses_in_one_line(tmp_path, tiny_dir, capsys):
+    from sdlora.cli import main
+
+    pipe = load_pipeline(str(tiny_dir))
+    sdlora.add_adapter(pipe, "a", rank=2, targets="attn")
+    randomize(pipe, "a", seed=1)
+    original = sdlora.save(pipe, tmp_path / "a.safetensors", "a", dtype="fp32")
+    assert main(["convert", str(original), "--to", "peft", "--model", str(tiny_dir), "-o",
+                 str(tmp_path / "peft.safetensors")]) == 0
+    assert all(".lora_A." in key or ".lora_B." in key for key in load_file(tmp_path / "peft.safetensors"))
+    assert main(["convert", str(tmp_path / "missing.safetensors"), "--to", "kohya", "-o",
+                 str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdlora: error:") and "Traceback" not in err
