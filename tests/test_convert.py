@@ -113,6 +113,7 @@ def test_the_command_converts_and_refuses_in_one_line(tmp_path, tiny_dir, capsys
     assert main(["convert", str(original), "--to", "peft", "--model", str(tiny_dir), "-o",
                  str(tmp_path / "peft.safetensors")]) == 0
     assert all(".lora_A." in key or ".lora_B." in key for key in load_file(tmp_path / "peft.safetensors"))
+    capsys.readouterr()
     assert main(["convert", str(tmp_path / "missing.safetensors"), "--to", "kohya", "-o",
                  str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
