@@ -86,6 +86,14 @@ def read_adapter(path: str | os.PathLike, check_finite: bool = True) -> tuple[di
     return tensors, dict(header.get("__metadata__") or {})
 
 
+def recorded_targets(metadata: dict[str, str]) -> dict[str, list[str]]:
+    """component -> the target patterns an sdlora file records in its header; other tools' files do not say."""
+    try:
+        return json.loads(metadata.get("sdlora", "{}")).get("targets") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+
+
 def write_adapter(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":

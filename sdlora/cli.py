@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Describe adapter .safetensors files without loading a model: family, layout (kohya, "
                     "diffusers, ComfyUI, ...), adapter kinds, ranks and alphas, components, the size of the update "
                     "per UNet block, training facts from the header, and anything that looks wrong.",
-        epilog="example: sdlora inspect style.safetensors --modules", formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog="example: sdlora inspect style.safetensors --modules",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     inspect.add_argument("files", nargs="+", type=Path, metavar="FILE")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON (one object per file)")
     inspect.add_argument("--modules", action="store_true", help="also list every module with its rank and norm")

@@ -30,7 +30,6 @@ from .sgm import unet_module_map
 from .targets import adaptable_modules
 
 LAYOUTS = ("kohya", "diffusers", "comfy")
-STANDARD_ARCHITECTURE = {"sd1": "sd15", "sd2": "sd21-v", "sdxl": "sdxl-base"}
 
 
 def standard_parts(family: Family) -> dict[str, nn.Module]:
@@ -41,7 +40,7 @@ def standard_parts(family: Family) -> dict[str, nn.Module]:
 
     from . import architectures
 
-    folder = architectures.config_folder(STANDARD_ARCHITECTURE[family.name])
+    folder = architectures.config_folder(architectures.STANDARD[family.name])
     with init_empty_weights():
         parts = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))}
         for name in family.text_encoders:
@@ -58,8 +57,9 @@ def module_keys(parts: dict[str, nn.Module]) -> list[str]:
             for path in adaptable_modules(model)]
 
 
-def read_for_conversion(path: Path, model=None) -> tuple[Parsed, dict[str, str], Family, dict[str, nn.Module]]:
-    """A file's modules by module key, read against `model` (a pipeline) or the family's standard one."""
+def read_for_conversion(path: Path, model=None) -> tuple[Parsed, dict[str, str], Family, dict[str, str]]:
+    """A file's modules by module key, read against `model` (a pipeline) or the family's standard one;
+    with the header, the family, and the model's UNet paths in the original layout."""
     tensors, metadata = read_adapter(path)
     if model is not None:
         parts = components(model)
@@ -77,7 +77,7 @@ def read_for_conversion(path: Path, model=None) -> tuple[Parsed, dict[str, str],
         raise AdapterFileError(f"{path}: {len(problems)} tensor(s) would be lost in conversion, first {problems[:3]}: "
                                "they name no module of this model" + ("" if model is not None else
                                f" ({family.title}'s standard architecture; pass --model for another)"))
-    return parsed, metadata, family, parts
+    return parsed, metadata, family, original
 
 
 def _role_tensors(weights: ModuleWeights | ModuleTensors) -> dict[str, torch.Tensor]:
@@ -128,8 +128,7 @@ def convert(path: str | Path, layout: str, output: str | Path, model=None) -> Pa
     if layout not in LAYOUTS:
         raise AdapterFileError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     path, output = Path(path), Path(output)
-    parsed, metadata, family, parts = read_for_conversion(path, model)
-    original = unet_module_map(dict(parts["unet"].config))
+    parsed, metadata, family, original = read_for_conversion(path, model)
     keep = {k: v for k, v in metadata.items() if k != "lora_adapter_metadata"}
     if layout == "kohya":
         state_dict = to_kohya(parsed.modules, family, None, original)

@@ -230,6 +230,7 @@ def family_from_tensors(state_dict: dict[str, torch.Tensor]) -> Family | None:
         return SDXL
     for name, tensor in state_dict.items():
         flat = name.replace(".", "_")
-        if "attn2_to_k" in flat and flat.endswith(("lora_down_weight", "lora_A_weight", "lora_linear_layer_down_weight")):
+        down = ("lora_down_weight", "lora_A_weight", "lora_linear_layer_down_weight")
+        if "attn2_to_k" in flat and flat.endswith(down):
             return _CONTEXT_WIDTHS.get(tensor.shape[-1])
     return None

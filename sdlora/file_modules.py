@@ -20,7 +20,7 @@ from .adapter import build_metadata, read_adapter
 from .errors import AdapterFileError
 from .families import SD1, SDXL, Family, family_from_tensors, family_named_in_metadata
 from .formats import (FILE_ROLES, ModuleTensors, ModuleWeights, complete_module, describe_unsupported,
-                      dotted_module_key, peft_alpha, peft_alphas, split_tensor_name)
+                      dotted_module_key, module_state_dict, peft_alpha, peft_alphas, split_tensor_name)
 from .keys import split_key
 from .sgm import unet_module_map
 
@@ -130,22 +130,17 @@ def read_modules(path: str | os.PathLike) -> AdapterModules:
 
 def kohya_state_dict(modules: dict[str, ModuleWeights], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """kohya-named modules -> the tensors of a kohya file (alpha in fp32, as formats.to_kohya writes it)."""
-    state_dict = {}
-    for name, weights in modules.items():
-        state_dict[f"{name}.lora_down.weight"] = weights.down.detach().to("cpu", dtype).contiguous()
-        state_dict[f"{name}.lora_up.weight"] = weights.up.detach().to("cpu", dtype).contiguous()
-        state_dict[f"{name}.alpha"] = torch.tensor(weights.effective_alpha, dtype=torch.float32)
-    return state_dict
+    return {key: tensor for name, weights in modules.items()
+            for key, tensor in module_state_dict(name, weights, dtype).items()}
 
 
 def sdxl_original_names() -> dict[str, str]:
     """kohya UNet name by diffusers path -> by the original layout, for SDXL base's UNet (from the shipped
     config): the layout every SDXL base fine-tune shares."""
-    from .architectures import config_folder
+    from .architectures import unet_config
 
-    config = json.loads((config_folder("sdxl-base") / "unet" / "config.json").read_text())
     return {f"lora_unet_{path.replace('.', '_')}": f"lora_unet_{original.replace('.', '_')}"
-            for path, original in unet_module_map(config).items()}
+            for path, original in unet_module_map(unet_config("sdxl-base")).items()}
 
 
 def with_original_unet_names(adapter: AdapterModules) -> AdapterModules | None:
@@ -191,10 +186,4 @@ def output_metadata(modules: dict[str, ModuleWeights], family: Family | None, ti
         metadata["sdlora"] = json.dumps(sdlora_record, sort_keys=True)
     return metadata
 
-
-def recorded_targets(metadata: dict[str, str]) -> dict:
-    try:
-        return json.loads(metadata.get("sdlora", "{}")).get("targets", {})
-    except (json.JSONDecodeError, AttributeError):
-        return {}
 

@@ -266,13 +266,17 @@ def to_kohya(modules: dict[str, ModuleWeights | ModuleTensors], family: Family, 
     """
     state_dict: dict[str, torch.Tensor] = {}
     for key, weights in modules.items():
-        name = kohya_name(family, key, original_paths)
-        if isinstance(weights, ModuleWeights):
-            roles = {"lora_down.weight": weights.down, "lora_up.weight": weights.up}
-        else:
-            roles = weights.tensors
-        for role, tensor in roles.items():
-            state_dict[f"{name}.{role}"] = tensor.detach().to("cpu", dtype).contiguous()
-        if weights.effective_alpha is not None:
-            state_dict[f"{name}.alpha"] = torch.tensor(weights.effective_alpha, dtype=torch.float32)
+        state_dict |= module_state_dict(kohya_name(family, key, original_paths), weights, dtype)
+    return state_dict
+
+
+def module_state_dict(name: str, weights: ModuleWeights | ModuleTensors,
+                      dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """One module's tensors under its file name `name`: each role, cast to `dtype` (None: as they are), and
+    alpha in fp32 when the module has one."""
+    roles = ({"lora_down.weight": weights.down, "lora_up.weight": weights.up} if isinstance(weights, ModuleWeights)
+             else weights.tensors)
+    state_dict = {f"{name}.{role}": tensor.detach().to("cpu", dtype).contiguous() for role, tensor in roles.items()}
+    if weights.effective_alpha is not None:
+        state_dict[f"{name}.alpha"] = torch.tensor(weights.effective_alpha, dtype=torch.float32)
     return state_dict

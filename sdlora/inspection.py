@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import read_adapter
+from .adapter import read_adapter, recorded_targets
 from .families import Family, family_from_tensors, family_named_in_metadata
 from .formats import ModuleTensors, file_layout, split_tensor_name
 from .keys import component_of_file_key
@@ -40,7 +40,8 @@ class Report:
     layout: str
     kinds: dict[str, int]
     components: dict[str, int]
-    targets: dict[str, int]  # which layers: attention, MLP, conv, ... -> modules (or the patterns an sdlora file records)
+    # which layers: attention, MLP, conv, ... -> modules (or, for an sdlora file, the patterns it records)
+    targets: dict[str, int | str]
     ranks: dict[str, int]  # rank -> modules
     alphas: dict[str, int]  # alpha -> modules
     dtypes: dict[str, int]
@@ -55,13 +56,11 @@ def _original_names(family: Family | None) -> dict[str, str]:
     names in the original layout (`input_blocks_4_1_…`) are shown by diffusers block (`down 1`)."""
     if family is None:
         return {}
-    from . import architectures
-    from .convert import STANDARD_ARCHITECTURE
+    from .architectures import STANDARD, unet_config
     from .sgm import unet_module_map
 
-    config = json.loads((architectures.config_folder(STANDARD_ARCHITECTURE[family.name]) / "unet" / "config.json")
-                        .read_text())
-    return {original.replace(".", "_"): path for path, original in unet_module_map(config).items()}
+    mapping = unet_module_map(unet_config(STANDARD[family.name]))
+    return {original.replace(".", "_"): path for path, original in mapping.items()}
 
 
 def _block(name: str, component: str | None, original: dict[str, str]) -> str:
@@ -150,7 +149,8 @@ def inspect(path: str | Path) -> Report:
             try:
                 entry["norm"] = float(standalone_update(payload, alpha).norm())
             except (RuntimeError, KeyError, IndexError):
-                anomalies.append(f"{name}: its tensors ({', '.join(sorted(payload))}) do not make a whole {weights.kind}")
+                anomalies.append(f"{name}: its tensors ({', '.join(sorted(payload))}) do not make a whole "
+                                 f"{weights.kind}")
         if entry["norm"] is not None:
             norms[entry["block"]] = norms.get(entry["block"], 0.0) + entry["norm"] ** 2
         modules.append(entry)
@@ -167,22 +167,15 @@ def inspect(path: str | Path) -> Report:
         family=family.title if family else None, family_from="header" if stated else "tensors" if family else None,
         layout=file_layout(list(grouped), tensors),
         kinds=dict(Counter(m["kind"] for m in modules)), components=dict(Counter(str(m["component"]) for m in modules)),
-        targets=_recorded_targets(metadata) or dict(Counter(_layer_kind(m["name"], m["component"]) for m in modules)),
-        ranks=dict(Counter(str(m["rank"]) for m in modules)), alphas=dict(Counter(_number(m["alpha"]) for m in modules)),
+        targets={component: " | ".join(patterns) for component, patterns in recorded_targets(metadata).items()}
+        or dict(Counter(_layer_kind(m["name"], m["component"]) for m in modules)),
+        ranks=dict(Counter(str(m["rank"]) for m in modules)),
+        alphas=dict(Counter(_number(m["alpha"]) for m in modules)),
         dtypes=dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())),
         block_norms={block: value ** 0.5 for block, value in sorted(norms.items(), key=lambda kv: _order(kv[0]))},
         facts={label: metadata[key] for key, label in FACTS.items() if key in metadata},
         anomalies=anomalies, modules=modules,
     )
-
-
-def _recorded_targets(metadata: dict[str, str]) -> dict[str, str]:
-    """The target patterns an sdlora file records, per component."""
-    try:
-        targets = json.loads(metadata.get("sdlora", "{}")).get("targets") or {}
-    except (json.JSONDecodeError, AttributeError):
-        return {}
-    return {component: " | ".join(patterns) for component, patterns in targets.items()}
 
 
 def _unreachable(tensors: dict, metadata: dict, family: Family) -> list[str]:
@@ -192,7 +185,8 @@ def _unreachable(tensors: dict, metadata: dict, family: Family) -> list[str]:
     from .sgm import unet_module_map
 
     parts = standard_parts(family)
-    parsed = parse_state_dict(tensors, metadata, family, module_keys(parts), unet_module_map(dict(parts["unet"].config)))
+    original = unet_module_map(dict(parts["unet"].config))
+    parsed = parse_state_dict(tensors, metadata, family, module_keys(parts), original)
     if not parsed.unmatched:
         return []
     return [f"{len(parsed.unmatched)} tensor(s) name no module of {family.title}'s standard architecture (a loader "
@@ -209,6 +203,8 @@ def render(report: Report, per_module: bool = False) -> str:
     def counts(values: dict) -> str:
         return ", ".join(f"{key} (x{n})" for key, n in sorted(values.items())) or "-"
 
+    recorded = any(isinstance(value, str) for value in report.targets.values())  # an sdlora file's patterns
+    targets = "; ".join(f"{k}: {v}" for k, v in report.targets.items()) if recorded else counts(report.targets)
     lines = [
         f"file:        {report.path} ({report.size_bytes / 1024:.1f} KiB, {report.tensor_count} tensors)",
         f"family:      {report.family or 'not stated, and the tensors do not tell'}"
@@ -216,7 +212,7 @@ def render(report: Report, per_module: bool = False) -> str:
         f"layout:      {report.layout}",
         f"kinds:       {counts(report.kinds)}",
         f"modules:     {counts(report.components)}",
-        f"targets:     {counts(report.targets) if all(isinstance(v, int) for v in report.targets.values()) else '; '.join(f'{k}: {v}' for k, v in report.targets.items())}",
+        f"targets:     {targets}",
         f"ranks:       {counts(report.ranks)}",
         f"alphas:      {counts(report.alphas)}",
         f"dtypes:      {counts(report.dtypes)}",

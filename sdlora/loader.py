@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import SAVE_DTYPES, build_metadata, read_adapter, write_adapter
+from .adapter import SAVE_DTYPES, build_metadata, read_adapter, recorded_targets, write_adapter
 from .formats import ModuleTensors, ModuleWeights, describe_unsupported, parse_state_dict, to_kohya
 from .errors import AdapterFileError, FamilyMismatch
 from .families import FAMILIES, detect_family, family_from_tensors, family_named_in_metadata
@@ -194,14 +193,6 @@ def _check_family(path: Path, tensors: dict, family) -> None:
                              f"on a {made_for.title} model, or use an adapter trained on {family.title}")
 
 
-def _recorded_targets(metadata: dict[str, str]) -> dict[str, list[str]]:
-    """The target patterns an sdlora file records; other tools' files do not say."""
-    try:
-        return json.loads(metadata.get("sdlora", "{}")).get("targets", {})
-    except (json.JSONDecodeError, AttributeError):
-        return {}
-
-
 def _check_parsed(path: Path, parsed, tensors: dict, metadata: dict, layers: dict, parts: dict, family,
                   strict: bool) -> None:
     """Refuse a file that cannot be applied whole; report what strict=False skips."""
@@ -256,7 +247,7 @@ def load(target, path: str | os.PathLike, strength: Strength = 1.0, name: str | 
     _check_parsed(path, parsed, tensors, metadata, layers, parts, family, strict)
 
     info = AdapterInfo(name=name, source=str(path), strength=strength, family=family.name, layout=parsed.layout,
-                       targets=_recorded_targets(metadata))
+                       targets=recorded_targets(metadata))
     for key, weights in parsed.modules.items():
         component, model_path, _ = layers[key]
         wrapper = _wrap(parts[component], model_path)

@@ -162,6 +162,7 @@ class AdaptedLayer(nn.Module):
         self.fused: list[str] = []
         self._original_weight: torch.Tensor | None = None
         self._original_bias: torch.Tensor | None = None
+        self._has_whole = False  # whether any adapter here is a whole-weight kind (kept by add and remove)
 
     # Code elsewhere (diffusers processors, transformers) reads these off the layer it replaced.
     @property
@@ -177,34 +178,41 @@ class AdaptedLayer(nn.Module):
             raise ValueError(f"this layer already has an adapter named {name!r}")
         self.adapters[name] = adapter
         self.strengths[name] = float(strength)
+        self._has_whole = any(hasattr(a, "weight_update") for a in self.adapters.values())
 
     def remove(self, name: str) -> None:
         if name in self.fused:
             raise RuntimeError(f"adapter {name!r} is fused into this layer: unfuse first")
         del self.adapters[name]
         del self.strengths[name]
+        self._has_whole = any(hasattr(a, "weight_update") for a in self.adapters.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        active = [(name, adapter) for name, adapter in self.adapters.items()
-                  if self.strengths[name] != 0.0 and name not in self.fused]
-        # Kinds whose update is a whole weight (LoHa, LoKr, full, DoRA) are added to the base weight for
-        # this call: one elementwise add instead of a second product as large as the layer's own.
-        whole = [(name, adapter) for name, adapter in active if hasattr(adapter, "weight_update")]
-        if whole:
-            weight, bias = self.base.weight, self.base.bias
-            for name, adapter in whole:
-                weight = weight + adapter.weight_update(self.base, x.dtype) * self.strengths[name]
-                if (bias_update := adapter.delta_bias(bias, self.strengths[name])) is not None:
-                    bias = bias + bias_update.to(bias.dtype)
-            y = layer_op(self.base, x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-        else:
-            y = self.base(x)
-        for name, adapter in active:
+        y = self._base_output(x)
+        for name, adapter in self.adapters.items():
+            strength = self.strengths[name]
+            if strength == 0.0 or name in self.fused or hasattr(adapter, "weight_update"):
+                continue
             if isinstance(adapter, LoRA):  # the common case, in one fused multiply-add
-                y = torch.add(y, adapter.forward_unscaled(x).to(y.dtype), alpha=self.strengths[name] * adapter.scale)
-            elif not hasattr(adapter, "weight_update"):
-                y = y + adapter.output(x, self.base, self.strengths[name]).to(y.dtype)
+                y = torch.add(y, adapter.forward_unscaled(x).to(y.dtype), alpha=strength * adapter.scale)
+            else:
+                y = y + adapter.output(x, self.base, strength).to(y.dtype)
         return y
+
+    def _base_output(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x); kinds whose update is a whole weight (LoHa, LoKr, full, DoRA) are added to the base weight
+        for this call: one elementwise add instead of a second product as large as the layer's own."""
+        whole = [name for name, adapter in self.adapters.items() if hasattr(adapter, "weight_update")
+                 and self.strengths[name] != 0.0 and name not in self.fused] if self._has_whole else ()
+        if not whole:
+            return self.base(x)
+        weight, bias = self.base.weight, self.base.bias
+        for name in whole:
+            adapter, strength = self.adapters[name], self.strengths[name]
+            weight = weight + adapter.weight_update(self.base, x.dtype) * strength
+            if (bias_update := adapter.delta_bias(bias, strength)) is not None:
+                bias = bias + bias_update.to(bias.dtype)
+        return layer_op(self.base, x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def delta_weight(self, names: list[str] | None = None) -> torch.Tensor:
         """The summed strength-scaled update of the named adapters (all by default), fp32. Each is

@@ -50,12 +50,17 @@ class _FileKind(Adapter):
         return delta * strength if strength != 1.0 else delta
 
     def weight_update(self, base: nn.Linear | nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
-        """The update at strength 1 in `dtype`, built once per device and dtype: these kinds are loaded,
-        never trained, so the layer adds it to its weight rather than rebuilding it every step."""
-        cached = getattr(self, "_cached", None)
-        if cached is None or cached.device != base.weight.device or cached.dtype != dtype:
-            self._cached = cached = self.update().to(base.weight.device, dtype)
-        return cached
+        """The update at strength 1 in `dtype`: these kinds are loaded, never trained, so the layer adds it
+        to its weight rather than rebuilding it every step."""
+        return _built_once(self, base, dtype, self.update)
+
+
+def _built_once(adapter: Adapter, base: nn.Module, dtype: torch.dtype, build) -> torch.Tensor:
+    """`build()` on the base layer's device in `dtype`, kept on the adapter until either changes."""
+    cached = getattr(adapter, "_cached", None)
+    if cached is None or cached.device != base.weight.device or cached.dtype != dtype:
+        adapter._cached = cached = build().to(base.weight.device, dtype)
+    return cached
 
 
 def rebuild_tucker(core: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -187,12 +192,8 @@ class DoRA(Adapter):
         return (rescaled - base) * strength
 
     def weight_update(self, base: nn.Linear | nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
-        """W' - W at strength 1 in `dtype`, built once per device and dtype (the base weight is not fused
-        while the layer runs unfused)."""
-        cached = getattr(self, "_cached", None)
-        if cached is None or cached.device != base.weight.device or cached.dtype != dtype:
-            self._cached = cached = self.delta_weight(base.weight).to(base.weight.device, dtype)
-        return cached
+        """W' - W at strength 1 in `dtype` (the base weight is not fused while the layer runs unfused)."""
+        return _built_once(self, base, dtype, lambda: self.delta_weight(base.weight))
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {**self.inner.file_tensors(), "dora_scale": self.magnitude}

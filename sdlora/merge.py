@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import SAVE_DTYPES, write_adapter
+from .adapter import SAVE_DTYPES, recorded_targets, write_adapter
 from .errors import AdapterFileError, ConfigError, FamilyMismatch
 from .families import SDXL, Family
 from .file_modules import (GROUP_ORDER, AdapterModules, group_of, kohya_state_dict, output_metadata, read_modules,
-                           recorded_targets, widest_dtype, with_original_unet_names)
+                           widest_dtype, with_original_unet_names)
 from .formats import ModuleWeights
 from .lycoris import standalone_update
 from .lowrank import Factored, lora_factors, rank_for_energy, spectrum, truncate, with_common_alpha

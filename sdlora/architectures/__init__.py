@@ -11,6 +11,7 @@ parameter counts against the real models'.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -35,10 +36,19 @@ class UnknownArchitecture(ValueError):
     """The checkpoint is not one of ARCHITECTURES; the message says why and what to pass instead."""
 
 
+# The architecture a model family's files are read against when no model is given (sdlora.families names).
+STANDARD = {"sd1": "sd15", "sd2": "sd21-v", "sdxl": "sdxl-base"}
+
+
 def config_folder(name: str) -> Path:
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; shipped: {', '.join(ARCHITECTURES)}")
     return Path(str(resources.files(__name__) / name))
+
+
+def unet_config(name: str) -> dict:
+    """A shipped architecture's UNet config, as a dict."""
+    return json.loads((config_folder(name) / "unet" / "config.json").read_text())
 
 
 def _shape(shapes: Mapping[str, tuple[int, ...]], key: str) -> tuple[int, ...] | None:

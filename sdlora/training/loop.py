@@ -171,7 +171,8 @@ class Trainer:
         self.resume_folder = resolve_resume(config.resume, self.paths.checkpoints) if config.resume else None
         earlier = checkpoint_folders(self.paths.checkpoints)
         if earlier and not config.resume:  # a fresh run would mix its checkpoints with these and prune them
-            raise ConfigError(f"{self.paths.checkpoints} holds checkpoints of an earlier run (newest {earlier[-1].name}): "
+            raise ConfigError(f"{self.paths.checkpoints} holds checkpoints of an earlier run (newest "
+                              f"{earlier[-1].name}): "
                               "continue it with --resume latest, or choose another --output-dir")
         self.prompts = ([line.strip() for line in Path(config.sample_prompts).read_text().splitlines()
                          if line.strip()] if config.sample_prompts else [])
@@ -525,7 +526,8 @@ class Trainer:
                 generator = step_generator(config.seed, step, micro, accelerator.process_index)
                 syncing = micro == config.gradient_accumulation - 1
                 with nullcontext() if syncing else accelerator.no_sync(self.wrapped_unet):
-                    loss = self.micro_batch_loss(epoch, indices, generator, pixels=images) / config.gradient_accumulation
+                    loss = self.micro_batch_loss(epoch, indices, generator, pixels=images)
+                    loss = loss / config.gradient_accumulation
                     if faults.nan_at(step + 1):
                         loss = loss * float("nan")
                     if not torch.isfinite(loss):
