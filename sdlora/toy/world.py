@@ -252,8 +252,13 @@ TIP_PROMINENCE = 0.07  # a tip stands out of the outline by at least this share 
 SHAPE_RULES: dict[str, tuple[tuple[int, ...], tuple[float, float], tuple[float, float]]] = {
     # Up to three shallow bumps (a sample's wobble) still make a circle; a pentagon has five.
     "circle": ((0, 1, 2, 3), (0.85, 1.01), (0.94, 1.01)),
-    "triangle": ((3,), (0.5, 0.8), (0.92, 1.01)),  # sides bowed in: lower solidity and dip
-    "square": ((4,), (0.7, 0.9), (0.92, 1.01)),  # a 4-point star: lower dip and solidity
+    # Three tips make a triangle even with sides bowed in (as the character adapter draws them; the
+    # independent count that found "only triangles survive" counted those as triangles).
+    # Bowed in so far that the dips reach below 0.44 of the tips, it is a three-point star: not a triangle.
+    "triangle": ((3,), (0.44, 0.8), (0.78, 1.01)),
+    # A square's side middles sit at 0.71-0.77 of its corner radius; a rounded pentagon read as four
+    # tips sits above 0.8, a squat 4-point star below 0.7 with a lower solidity.
+    "square": ((4,), (0.68, 0.8), (0.9, 1.01)),
     STAR: ((5,), (0.0, 0.78), (0.0, 0.86)),  # a pentagon: dip ~0.85, solidity ~0.99
 }
 
