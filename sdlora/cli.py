@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
     evaluate.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default: %(default)s)")
     evaluate.add_argument("--grid", type=Path, help="write a PNG grid: one row per prompt set and strength")
+    evaluate.add_argument("--save-images", type=Path, metavar="DIR",
+                          help="also write every generated image, as DIR/PROMPTS-STRENGTH/NNN-PROMPT.png, to score "
+                               "or inspect again later")
     demo = toy_commands.add_parser(
         "demo", help="train the style adapter on the bundled model and data, then score it",
         description="Train an outline-style adapter on datasets/style-outline with the bundled toy model on the "
@@ -267,6 +270,9 @@ def run_toy(args: argparse.Namespace) -> int:
     if args.grid:
         toy_eval.grid(result).save(args.grid)
         print(f"grid: {args.grid}")
+    if args.save_images:
+        count = toy_eval.save_images(result, args.save_images)
+        print(f"images: {count} in {args.save_images}")
     return 0
 
 

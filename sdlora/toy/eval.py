@@ -48,6 +48,7 @@ class Evaluation:
     per_prompt: int
     rows: list[Row] = field(default_factory=list)
     images: dict[tuple[str, float], list] = field(default_factory=dict)
+    prompts: dict[str, list[str]] = field(default_factory=dict)
 
     def row(self, prompts: str, strength: float) -> Row:
         return next(r for r in self.rows if r.prompts == prompts and r.strength == strength)
@@ -92,7 +93,7 @@ def evaluate(pipe, adapters: list[str], strengths=DEFAULT_STRENGTHS, per_prompt:
              seed: int = 0) -> Evaluation:
     """Generate and score every prompt set with all `adapters` (already loaded) at each strength."""
     prompt_sets = prompt_sets or {"content": content_prompts()}
-    result = Evaluation(per_prompt)
+    result = Evaluation(per_prompt, prompts=dict(prompt_sets))
     for strength in strengths:
         for name in adapters:
             loader.set_strength(pipe, name, strength)
@@ -115,6 +116,21 @@ def grid(evaluation: Evaluation, strengths=None, scale: int = 3):
         for x, image in enumerate(images):
             canvas.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (x * cell, y * cell))
     return canvas
+
+
+def save_images(evaluation: Evaluation, folder: str | Path) -> int:
+    """Write every image as FOLDER/PROMPTS-STRENGTH/NNN-PROMPT.png (NNN: its place in the prompt set's list,
+    so image j of prompt i is NNN = i * per_prompt + j, drawn from seed + j); returns how many."""
+    count = 0
+    for (prompt_set, strength), images in evaluation.images.items():
+        sub = Path(folder) / f"{prompt_set}-{strength:g}"
+        sub.mkdir(parents=True, exist_ok=True)
+        prompts = evaluation.prompts.get(prompt_set, [])
+        for index, image in enumerate(images):
+            prompt = prompts[index // evaluation.per_prompt] if prompts else prompt_set
+            image.save(sub / f"{index:03d}-{prompt.replace(' ', '_')}.png")
+            count += 1
+    return count
 
 
 def load_toy_pipeline(model: str | Path):

@@ -213,18 +213,24 @@ def write_datasets(root: str | Path = "datasets") -> list[Path]:
 # --- Scoring -----------------------------------------------------------------------------------
 
 
+OTHER = "other"  # the scorer's word for a shape that is none of ALL_SHAPES (a pentagon, a 4-point star, ...)
+
+
 @dataclass(frozen=True)
 class Scores:
-    """What the scorer sees in one image. colour/shape/style are None when no shape was found."""
+    """What the scorer sees in one image. colour/shape/style are None when no shape was found; shape is
+    OTHER when a shape was found but it is none of the world's shapes."""
 
     colour: str | None
     shape: str | None
     style: str | None
-    # Diagnostics (the shape itself is decided by template matching):
+    # Diagnostics:
     fill: float = 0.0  # silhouette area / bounding-box area: square ~1, circle ~0.79, triangle ~0.5
-    solidity: float = 0.0  # silhouette area / convex-hull area: convex shapes ~0.9-1, star ~0.6
-    hollow: float = 0.0  # how much the silhouette's interior shows background: outline ~0.2-0.7, filled ~0
+    solidity: float = 0.0  # outline area / its convex hull's: convex shapes ~0.95-1, star ~0.6
+    hollow: float = 0.0  # median strength (0 background .. 1 the shape's colour) of the outline's hole; 1: no hole
     area: float = 0.0  # silhouette area as a share of the image
+    tips: int = 0  # corners or points that stand out of the outline (radius from the centre)
+    dip: float = 0.0  # mean radius between the tips / mean radius at them: star ~0.5-0.65, pentagon ~0.85
 
     @property
     def star(self) -> bool:
@@ -236,9 +242,25 @@ class Scores:
 
 
 ANALYSIS_SIZE = 32  # every image is scored at this size, so the pixel thresholds mean the same thing
-# Outlined stars are the least hollow (~0.1-0.4: their arms are almost all stroke); filled shapes ~0-0.02,
-# blurred or decoded by the toy VAE too.
-HOLLOW_MIN = 0.06
+# An outline's hole must be close to the background and even: its median strength (share of the way from
+# the background to the shape's colour) below HOLE_MEDIAN and its 90th percentile below HOLE_P90. A pale
+# or mottled middle is a filled shape, however thick its rim.
+HOLE_MEDIAN = 0.2
+HOLE_P90 = 0.4
+TIP_PROMINENCE = 0.07  # a tip stands out of the outline by at least this share of the largest radius
+# What each shape's outline must look like (tips, dip range, solidity range); anything else is OTHER.
+SHAPE_RULES: dict[str, tuple[tuple[int, ...], tuple[float, float], tuple[float, float]]] = {
+    # Up to three shallow bumps (a sample's wobble) still make a circle; a pentagon has five.
+    "circle": ((0, 1, 2, 3), (0.85, 1.01), (0.94, 1.01)),
+    # Three tips make a triangle even with sides bowed in (as the character adapter draws them; the
+    # independent count that found "only triangles survive" counted those as triangles).
+    # Bowed in so far that the dips reach below 0.44 of the tips, it is a three-point star: not a triangle.
+    "triangle": ((3,), (0.44, 0.8), (0.78, 1.01)),
+    # A square's side middles sit at 0.71-0.77 of its corner radius; a rounded pentagon read as four
+    # tips sits above 0.8, a squat 4-point star below 0.7 with a lower solidity.
+    "square": ((4,), (0.68, 0.8), (0.9, 1.01)),
+    STAR: ((5,), (0.0, 0.78), (0.0, 0.86)),  # a pentagon: dip ~0.85, solidity ~0.99
+}
 
 
 def score(image: Image.Image | np.ndarray) -> Scores:
@@ -253,73 +275,152 @@ def score(image: Image.Image | np.ndarray) -> Scores:
     # The shape's own distance from the background: the median over clearly-shape pixels is not
     # pulled up by noise the way a maximum is.
     strongest = float(np.median(distance[distance > peak / 2]))
+    strength = distance / strongest
     # Half-way between background and shape colour is where the true edge is, however blurred.
-    mask = _largest_component(distance > strongest / 2)
-    silhouette = _fill_holes(mask)
+    mask = _largest_component(strength > 0.5)
+    # The silhouette: the mask with its holes filled, and gaps of up to 2 px in an outline's stroke closed
+    # (dilate by one pixel, fill, erode back).
+    silhouette = _fill_holes(mask) | _erode8(_fill_holes(_dilate8(mask)))
     area = float(silhouette.sum())
     if area < 6:
         return Scores(None, None, None)
-    # Hollowness is read on the interior (the silhouette less its edge pixels, which are blends with the
-    # background either way) as the mean shortfall from the shape's full strength, so a hole that the
-    # blur of a small outline half fills still counts.
-    interior = _erode(silhouette)
-    if not interior.any():
-        interior = silhouette
-    hollow = float(np.mean(1 - np.clip(distance[interior] / strongest, 0, 1)))
-    style = "outline" if hollow > HOLLOW_MIN else "filled"
+
+    # Style, read layer by layer inwards from the silhouette's edge: an outline's stroke is a few strong
+    # layers, then the layers turn weak (the hole). Everything inside the first weak layer (a blend of the
+    # stroke's inner edge and the hole) must be close to the background and even; a pale or mottled middle
+    # is a filled shape, however thick its rim. A hole too small to have an inside (a small outlined star)
+    # must show at least one pixel close to the background, and be weak on average.
+    depth = _depths(silhouette)
+    hollow, spread = 1.0, 1.0
+    for layer in range(2, int(depth.max()) + 1):
+        if strength[depth == layer].mean() < 0.5:
+            inside = depth > layer
+            if inside.sum() >= 3:
+                hollow, spread = float(np.median(strength[inside])), float(np.percentile(strength[inside], 90))
+            else:
+                rest = strength[depth >= layer]
+                hollow, spread = float(rest.min()), float(rest.mean())
+            break
+    style = "outline" if hollow < HOLE_MEDIAN and spread < HOLE_P90 else "filled"
 
     # Colour: median of the shape's core pixels (edges are blends with the background).
-    core = mask & (distance > strongest * 0.75)
-    median = np.median(pixels[core if core.any() else mask], axis=0)
+    solid = mask & (strength > 0.75)
+    median = np.median(pixels[solid if solid.any() else mask], axis=0)
     colour = min(COLOURS, key=lambda name: float(np.sum((np.array(COLOURS[name]) - median) ** 2)))
 
-    # Shape: compare the soft silhouette (anti-aliased edges kept) with each shape drawn to fill the
-    # same box. Template matching stays right when blur rounds a square's corners, where a simple
-    # area/box ratio starts calling it a circle.
-    near = silhouette
-    for _ in range(2):
-        near = _shift_union(near)
+    # Shape: the outline's radius from the centre all round, at sub-pixel precision (from the soft
+    # silhouette: anti-aliased edges kept, an outline's hole and gaps counted as shape). Its tips, how deep
+    # the outline dips between them and how convex it is decide the shape.
+    near = _shift_union(_shift_union(silhouette))
     floor = float(np.median(distance[~near])) if (~near).any() else 0.0
     alpha = np.clip((distance - floor) / max(strongest - floor, 1e-6), 0, 1) * near
-    alpha[silhouette & ~mask] = 1.0  # the inside of an outline counts as shape
-    (cx, width), (cy, height) = _extent(alpha.max(axis=0)), _extent(alpha.max(axis=1))
-    errors = {shape: float(np.abs(alpha - _template(shape, cx, cy, width, height)).sum() / alpha.sum())
-              for shape in ALL_SHAPES}
-    shape = min(errors, key=errors.get)
+    alpha[silhouette & ~mask] = 1.0
+    radii = _radial_profile(alpha)
+    tips, dip = _tips(radii)
+    solidity = _solidity(radii)
+    shape = OTHER
+    for name, (counts, (dip_low, dip_high), (solid_low, solid_high)) in SHAPE_RULES.items():
+        if tips in counts and dip_low <= dip < dip_high and solid_low <= solidity < solid_high:
+            shape = name
+            break
 
     rows, cols = np.nonzero(silhouette)
     fill = area / ((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1))
-    solidity = area / _hull_area(silhouette)
-    return Scores(colour, shape, style, float(fill), float(solidity), float(hollow), area / silhouette.size)
+    return Scores(colour, shape, style, float(fill), float(solidity), float(hollow), area / silhouette.size,
+                  tips, float(dip))
 
 
-def _extent(profile: np.ndarray) -> tuple[float, float]:
-    """Centre and width (pixels) of a shape from its max-alpha profile along one axis; the edges are the
-    sub-pixel 50% crossings, found from how much of the first and last covered pixel the shape fills."""
-    covered = np.nonzero(profile > 0.5)[0]
-    first, last = int(covered[0]), int(covered[-1])
-    left = first + 0.5 - (min(profile[first], 1.0) - 0.5)
-    right = last + 0.5 + (min(profile[last], 1.0) - 0.5)
-    return (left + right) / 2, right - left
+ANGLES = 144  # rays of the radial profile (2.5 degrees apart)
+NOTCH = 4  # rays: dents narrower than about 2 x 4 x 2.5 = 20 degrees are not dips between tips
 
 
-def _template(shape: str, cx: float, cy: float, width: float, height: float) -> np.ndarray:
-    """Anti-aliased alpha (0..1) of `shape` stretched to fill the box centred on (cx, cy)."""
-    big = ANALYSIS_SIZE * SUPERSAMPLE
-    image = Image.new("L", (big, big), 0)
-    draw = ImageDraw.Draw(image)
-    x0, y0 = (cx - width / 2) * SUPERSAMPLE, (cy - height / 2) * SUPERSAMPLE
-    x1, y1 = (cx + width / 2) * SUPERSAMPLE, (cy + height / 2) * SUPERSAMPLE
-    if shape == "circle":
-        draw.ellipse([x0, y0, x1, y1], fill=255)
-    elif shape == "square":
-        draw.rectangle([x0, y0, x1, y1], fill=255)
-    else:
-        points, _, _ = _polygon(shape, 0.0, 0.0, 1.0)
-        xs, ys = [p[0] for p in points], [p[1] for p in points]
-        left, top, w, h = min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)
-        draw.polygon([(x0 + (x - left) / w * (x1 - x0), y0 + (y - top) / h * (y1 - y0)) for x, y in points], fill=255)
-    return np.asarray(image.resize((ANALYSIS_SIZE, ANALYSIS_SIZE), Image.Resampling.BOX), dtype=np.float64) / 255
+def _radial_profile(alpha: np.ndarray) -> np.ndarray:
+    """Distance (pixels) from the alpha-weighted centre to the outermost 50% crossing along each ray."""
+    total = alpha.sum()
+    ys, xs = np.indices(alpha.shape)
+    cy, cx = (alpha * ys).sum() / total, (alpha * xs).sum() / total
+    theta = np.linspace(0, 2 * np.pi, ANGLES, endpoint=False)
+    steps = np.arange(0, alpha.shape[0] * 0.75, 0.125)
+    y = cy + np.sin(theta)[:, None] * steps[None]
+    x = cx + np.cos(theta)[:, None] * steps[None]
+    values = _bilinear(alpha, y, x)
+    inside = values >= 0.5
+    last = np.where(inside.any(axis=1), inside.shape[1] - 1 - np.argmax(inside[:, ::-1], axis=1), 0)
+    following = np.minimum(last + 1, steps.size - 1)
+    rows = np.arange(ANGLES)
+    a, b = values[rows, last], values[rows, following]
+    fraction = np.where(a > b, (a - 0.5) / np.maximum(a - b, 1e-9), 0.0)
+    return steps[last] + np.clip(fraction, 0, 1) * (steps[1] - steps[0])
+
+
+def _bilinear(image: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    h, w = image.shape
+    y, x = np.clip(y, 0, h - 1.001), np.clip(x, 0, w - 1.001)
+    y0, x0 = np.floor(y).astype(int), np.floor(x).astype(int)
+    dy, dx = y - y0, x - x0
+    return (image[y0, x0] * (1 - dy) * (1 - dx) + image[y0 + 1, x0] * dy * (1 - dx)
+            + image[y0, x0 + 1] * (1 - dy) * dx + image[y0 + 1, x0 + 1] * dy * dx)
+
+
+def _tips(radii: np.ndarray) -> tuple[int, float]:
+    """(number of tips, mean radius of the dips between them / mean radius of the tips) of a closed radial
+    profile. Wiggles smaller than TIP_PROMINENCE x the largest radius are smoothed away first: the
+    profile's maxima and minima alternate, and the pair with the smallest rise is merged until every rise
+    is larger (persistence simplification)."""
+    # A closing over +-NOTCH rays first fills narrow notches (where a gap cuts an outline's stroke, the
+    # outline dents) while the wide dips between a star's arms stay.
+    shifts = range(-NOTCH, NOTCH + 1)
+    closed = np.min([np.roll(np.max([np.roll(radii, k) for k in shifts], axis=0), k) for k in shifts], axis=0)
+    smooth = (np.roll(closed, 1) + 2 * closed + np.roll(closed, -1)) / 4
+    rising = np.sign(np.roll(smooth, -1) - smooth)
+    # Extrema in circular order: where the slope changes sign (flat runs take the sign after them).
+    for _ in range(len(rising)):
+        if not (rising == 0).any():
+            break
+        rising = np.where(rising == 0, np.roll(rising, -1), rising)
+    change = np.nonzero(rising != np.roll(rising, 1))[0]
+    if change.size < 2:
+        return 0, 1.0
+    extrema = [(int(i), bool(rising[i] < 0), float(smooth[i])) for i in change]  # (index, is_max, radius)
+    threshold = TIP_PROMINENCE * float(radii.max())
+    while len(extrema) > 2:
+        rises = [abs(extrema[k][2] - extrema[(k + 1) % len(extrema)][2]) for k in range(len(extrema))]
+        k = int(np.argmin(rises))
+        if rises[k] >= threshold:
+            break
+        # Drop extrema k and k+1 (a max and a min): the profile keeps the higher max and the lower min.
+        second = (k + 1) % len(extrema)
+        for index in sorted((k, second), reverse=True):
+            extrema.pop(index)
+    if len(extrema) <= 2 and (len(extrema) < 2 or abs(extrema[0][2] - extrema[1][2]) < threshold):
+        return 0, 1.0
+    peaks = [r for _, is_max, r in extrema if is_max]
+    dips = [r for _, is_max, r in extrema if not is_max]
+    return len(peaks), float(np.mean(dips) / np.mean(peaks))
+
+
+def _solidity(radii: np.ndarray) -> float:
+    """Area of the radial outline / area of its convex hull."""
+    theta = np.linspace(0, 2 * np.pi, ANGLES, endpoint=False)
+    points = np.stack([radii * np.cos(theta), radii * np.sin(theta)], axis=1)
+    area = _shoelace(points)
+    order = sorted(map(tuple, points.tolist()))
+
+    def half(seq):
+        chain: list[tuple[float, float]] = []
+        for p in seq:
+            while len(chain) >= 2 and _cross(chain[-2], chain[-1], p) <= 0:
+                chain.pop()
+            chain.append(p)
+        return chain[:-1]
+
+    hull = np.array(half(order) + half(reversed(order)))
+    return area / max(_shoelace(hull), 1e-9)
+
+
+def _shoelace(points: np.ndarray) -> float:
+    x, y = points[:, 0], points[:, 1]
+    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))) / 2
 
 
 def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -339,6 +440,35 @@ def _shift_union(mask: np.ndarray) -> np.ndarray:
     grown[:, 1:] |= mask[:, :-1]
     grown[:, :-1] |= mask[:, 1:]
     return grown
+
+
+def _depths(mask: np.ndarray) -> np.ndarray:
+    """Each pixel's layer in mask, counted inwards (1: on its edge; 0: outside), by repeated 4-erosion."""
+    depth = np.zeros(mask.shape, dtype=int)
+    current, layer = mask, 0
+    while current.any():
+        layer += 1
+        inner = _erode(current)
+        depth[current & ~inner] = layer
+        current = inner
+    return depth
+
+
+def _dilate8(mask: np.ndarray) -> np.ndarray:
+    """mask OR its 8 neighbours (a 3x3 dilation)."""
+    grown = _shift_union(mask)
+    grown[1:, 1:] |= mask[:-1, :-1]
+    grown[1:, :-1] |= mask[:-1, 1:]
+    grown[:-1, 1:] |= mask[1:, :-1]
+    grown[:-1, :-1] |= mask[1:, 1:]
+    return grown
+
+
+def _erode8(mask: np.ndarray) -> np.ndarray:
+    """Pixels of mask whose 8 neighbours are all in it too (a 3x3 erosion; outside the image counts as out)."""
+    inner = ~_dilate8(~mask)
+    inner[0] = inner[-1] = inner[:, 0] = inner[:, -1] = False
+    return inner
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:
@@ -381,26 +511,7 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return ~outside
 
 
-def _hull_area(mask: np.ndarray) -> float:
-    """Area of the convex hull of the mask's pixel squares (monotone chain + shoelace)."""
-    rows, cols = np.nonzero(mask)
-    corners = {(x + dx, y + dy) for y, x in zip(rows.tolist(), cols.tolist()) for dx in (0, 1) for dy in (0, 1)}
-    points = sorted(corners)
-
-    def half(seq):
-        chain: list[tuple[int, int]] = []
-        for p in seq:
-            while len(chain) >= 2 and _cross(chain[-2], chain[-1], p) <= 0:
-                chain.pop()
-            chain.append(p)
-        return chain[:-1]
-
-    hull = half(points) + half(reversed(points))
-    twice = sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in zip(hull, hull[1:] + hull[:1]))
-    return abs(twice) / 2
-
-
-def _cross(o, a, b) -> int:
+def _cross(o, a, b) -> float:
     return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
 
 
@@ -417,7 +528,7 @@ def presence_rates(images: Iterable[Image.Image | np.ndarray | Scores]) -> dict[
         counts[f"colour:{s.colour}"] += 1
         counts[f"shape:{s.shape}"] += 1
         counts[f"style:{s.style}"] += 1
-    keys = ["none", *(f"colour:{c}" for c in COLOURS), *(f"shape:{s}" for s in ALL_SHAPES),
+    keys = ["none", *(f"colour:{c}" for c in COLOURS), *(f"shape:{s}" for s in (*ALL_SHAPES, OTHER)),
             *(f"style:{s}" for s in STYLES)]
     return {key: counts[key] / len(scores) for key in keys}
 
