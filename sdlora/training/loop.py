@@ -34,10 +34,11 @@ from ..targets import PRESETS
 from .caching import LatentCache, TextCache, encode_pixels, sample_latents
 from .checkpoint import (checkpoint_folders, load_state, resolve_resume, rng_states, save_checkpoint,
                          set_rng_states)
-from .config import TrainConfig, to_toml, validate
+from .config import TrainConfig, class_prompt_list, to_toml, validate
 from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, bucket_histogram,
                    collate, find_images, truncated_captions)
 from .loss import diffusion_loss, rows_of
+from .prior import ClassBatch, class_batch_keys, prepare_class_images
 from .runlog import RunLog
 
 ADAPTER = "lora"  # the adapter's name inside the pipeline while training
@@ -168,6 +169,9 @@ class Trainer:
         self.log: RunLog | None = None  # opened by run(), on the main process
         scan = find_images(config.data, config.caption_extension)
         self.train_scan, self.val_scan = split_validation(scan, config.validation_split, config.seed)
+        # Class images for prior preservation: a folder is scanned now, before any model loads; generated
+        # ones are made by _load_model, from the base model before the adapter is attached.
+        self.class_scan = find_images(config.reg_data, config.caption_extension) if config.reg_data else None
         self.resume_folder = resolve_resume(config.resume, self.paths.checkpoints) if config.resume else None
         earlier = checkpoint_folders(self.paths.checkpoints)
         if earlier and not config.resume:  # a fresh run would mix its checkpoints with these and prune them
@@ -177,6 +181,8 @@ class Trainer:
         self.prompts = ([line.strip() for line in Path(config.sample_prompts).read_text().splitlines()
                          if line.strip()] if config.sample_prompts else [])
         self.say(scan.summary())
+        if self.class_scan:
+            self.say("class images (prior preservation): " + self.class_scan.summary())
 
         # accelerate keeps its settings process-wide; a second run in one process (a notebook) may
         # ask for another precision. The distributed part (PartialState) is kept.
@@ -223,6 +229,8 @@ class Trainer:
             raise ConfigError("zero_terminal_snr needs v_prediction, and this model predicts "
                               f"{self.prediction_type}: add --prediction-type v_prediction (and train long enough "
                               "for the model to adapt) or drop --zero-terminal-snr")
+        if config.class_prompts:  # the base model as it is: its own sampler, no adapter, weights unchanged
+            self._generate_class_images(pipe)
         # The training schedule, and the sampler's when it changes: ZTSNR samples from the last step.
         rescale = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if config.zero_terminal_snr else {}
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, **rescale)
@@ -242,10 +250,27 @@ class Trainer:
         for name, encoder in zip(self.family.text_encoders, self.text_encoders):
             encoder.train(name in self.trained_encoders)
 
-    def _dataset(self, scan: DatasetScan, training: bool) -> ImageCaptionDataset:
+    def _generate_class_images(self, pipe) -> None:
+        config = self.config
+        folder = Path(config.class_data_dir or self.paths.root / "class-images")
+        pipe.to(self.device)
+        # The main process generates; the others then find the folder complete, with the same fingerprint.
+        with self.accelerator.main_process_first():
+            prepare_class_images(pipe, folder, class_prompt_list(config.class_prompts), config.num_class_images,
+                                 self.resolution, config.seed, config.sample_steps, config.sample_guidance,
+                                 config.batch_size, autocast=self.accelerator.autocast,
+                                 progress=not self.quiet and self.accelerator.is_main_process, say=self.say)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # what generation held is not needed for training
+        self.class_scan = find_images(folder, ".txt")
+
+    def _dataset(self, scan: DatasetScan, training: bool, class_images: bool = False) -> ImageCaptionDataset:
+        """The dataset of `scan`. Class images get no caption prefix or suffix, which name the instance
+        concept (a trigger word in the class captions would teach the class prompts the concept: the leak
+        prior preservation is there to stop), and a seed of their own for flips and caption processing."""
         config = self.config
         captions = CaptionOptions(
-            prefix=config.caption_prefix, suffix=config.caption_suffix,
+            prefix="" if class_images else config.caption_prefix, suffix="" if class_images else config.caption_suffix,
             shuffle_tags=config.shuffle_tags and training, keep_tokens=config.keep_tokens,
             caption_dropout=config.caption_dropout if training else 0.0,
             tag_dropout=config.tag_dropout if training else 0.0,
@@ -253,7 +278,8 @@ class Trainer:
         sides = {} if config.buckets else {"min_side": self.resolution, "max_side": self.resolution}
         return ImageCaptionDataset(scan, self.resolution, allow_upscale=config.allow_upscale,
                                    flip_prob=config.flip if training else 0.0, random_crop=config.random_crop,
-                                   caption_options=captions, seed=config.seed, **sides)
+                                   caption_options=captions, seed=f"{config.seed}:class" if class_images else
+                                   config.seed, **sides)
 
     def _build_data(self) -> None:
         config = self.config
@@ -285,9 +311,24 @@ class Trainer:
             if cache_dir:
                 self.say(f"latent cache: {self.latents.reused} of {len(self.latents.entries)} reused from {cache_dir}")
         self.val_dataset = self._dataset(self.val_scan, training=False) if self.val_scan else None
+        self.class_dataset = self.class_sampler = self.class_latents = None
+        self.prior_loss_weight = 1.0 if config.prior_loss_weight is None else config.prior_loss_weight
+        if self.class_scan:
+            self.class_dataset = self._dataset(self.class_scan, training=True, class_images=True)
+            # Batches of batch_size class images, from one bucket each, in an order of their own seed.
+            self.class_sampler = BucketBatchSampler(self.class_dataset.sample_buckets, config.batch_size,
+                                                    seed=f"{config.seed}:class")
+            self.say(f"prior preservation: {len(self.class_dataset)} class images, up to {config.batch_size} per "
+                     f"micro-batch, prior_loss_weight {self.prior_loss_weight:g}; buckets:\n"
+                     + bucket_histogram(self.class_dataset.sample_buckets))
+            if self.latents is not None:
+                self.class_latents = LatentCache(self.vae, self.class_dataset, flips=config.flip > 0,
+                                                 cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+                                                 progress=not self.quiet and self.accelerator.is_main_process)
         self.text_cache = None
         if config.cache_text and not self.trained_encoders and not self.captions_vary:
-            datasets = [self.dataset, *([self.val_dataset] if self.val_dataset else [])]
+            datasets = [self.dataset, *([self.val_dataset] if self.val_dataset else []),
+                        *([self.class_dataset] if self.class_dataset else [])]
             captions = [data.caption(i, 0) for data in datasets for i in range(len(data))]
             self.text_cache = TextCache(self._encode_text, captions)
             if not self.prompts:  # nothing else needs the text encoders: free the accelerator's memory
@@ -338,34 +379,47 @@ class Trainer:
             return self.text_cache.batch(captions).to(self.device)
         return self._encode_text(captions, training)
 
-    def _pixel_batches(self, epoch: int, position: int):
-        """Images for the batches that `batch_keys` yields from here on, loaded ahead by num_workers
+    def _pixel_batches(self, dataset: ImageCaptionDataset, keys):
+        """Images of `dataset` for the (epoch, indices) batches that `keys` yields, loaded ahead by num_workers
         processes (only for runs whose latents are not cached)."""
-        accelerator = self.accelerator
-        keys = batch_keys(self.sampler, epoch, position, accelerator.num_processes, accelerator.process_index)
-        batches = ([(epoch, index) for index in indices] for epoch, _, indices in keys)
+        batches = ([(epoch, index) for index in indices] for epoch, indices in keys)
         workers = self.config.num_workers
-        return iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate,
+        return iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                                 num_workers=workers, prefetch_factor=2 if workers else None))
 
-    def _latents(self, epoch: int, indices: list[int], generator: torch.Generator, pixels=None) -> torch.Tensor:
-        if self.latents is not None:
-            mean, std = self.latents.batch(self.dataset, indices, epoch, self.device)
+    def _latents(self, dataset: ImageCaptionDataset, cache: LatentCache | None, epoch: int, indices: list[int],
+                 generator: torch.Generator, pixels=None) -> torch.Tensor:
+        if cache is not None:
+            mean, std = cache.batch(dataset, indices, epoch, self.device)
         else:
             if pixels is None:
-                pixels = collate([self.dataset[(epoch, i)] for i in indices])["pixel_values"]
+                pixels = collate([dataset[(epoch, i)] for i in indices])["pixel_values"]
             mean, std = encode_pixels(self.vae, pixels)
         return sample_latents(self.vae.config, mean, std, generator)
 
     def micro_batch_loss(self, epoch: int, indices: list[int], generator: torch.Generator,
                          dataset: ImageCaptionDataset | None = None, training: bool = True,
-                         pixels: torch.Tensor | None = None) -> torch.Tensor:
+                         pixels: torch.Tensor | None = None, prior: ClassBatch | None = None) -> torch.Tensor:
         """The loss of one micro-batch: a training batch (the adapter's wrapped models, cached latents)
-        or, with training=False, an evaluation batch of `dataset` (plain models, images encoded now)."""
+        or, with training=False, an evaluation batch of `dataset` (plain models, images encoded now).
+
+        With `prior` (class images), DreamBooth's prior-preservation loss: the instance loss plus
+        prior_loss_weight times the class loss. The class batch draws its randomness after the instance
+        batch, from the same generator, so the instance half sees the draws it would see without it.
+        """
+        loss = self._images_loss(epoch, indices, generator, dataset or self.dataset, self.latents, training, pixels)
+        if prior is None:
+            return loss
+        class_loss = self._images_loss(prior.epoch, prior.indices, generator, self.class_dataset, self.class_latents,
+                                       training, prior.pixels)
+        return loss + self.prior_loss_weight * class_loss
+
+    def _images_loss(self, epoch: int, indices: list[int], generator: torch.Generator, dataset: ImageCaptionDataset,
+                     cache: LatentCache | None, training: bool, pixels: torch.Tensor | None) -> torch.Tensor:
+        """The diffusion loss of one batch of `dataset`'s images (instance or class)."""
         config = self.config
-        dataset = dataset or self.dataset
         if training:
-            latents = self._latents(epoch, indices, generator, pixels)
+            latents = self._latents(dataset, cache, epoch, indices, generator, pixels)
         else:  # validation images are few and never cached
             pixels = collate([dataset[(epoch, i)] for i in indices])["pixel_values"]
             latents = sample_latents(self.vae.config, *encode_pixels(self.vae, pixels), generator)
@@ -418,7 +472,8 @@ class Trainer:
         state = load_state(folder)
         saved = json.loads(state["config"])
         for key in ("rank", "alpha", "targets", "train_text_encoder", "train_text_encoder_2", "seed", "batch_size",
-                    "gradient_accumulation", "resolution", "data", "clip_skip", "max_token_length"):
+                    "gradient_accumulation", "resolution", "data", "clip_skip", "max_token_length", "reg_data",
+                    "class_prompts", "num_class_images"):
             # a checkpoint from before an option existed was trained with its default
             was = saved.get(key, TrainConfig.__dataclass_fields__[key].default)
             if was != getattr(self.config, key):
@@ -443,6 +498,7 @@ class Trainer:
             "ss_max_token_length": str(config.max_token_length or 75),
             "ss_zero_terminal_snr": str(config.zero_terminal_snr),
             "ss_seed": str(config.seed), "ss_training_comment": "trained with sdlora",
+            "ss_num_reg_images": str(len(self.class_dataset) if self.class_dataset else 0),
         }
         record = {"training": asdict(config), "steps": step, "resolution": self.resolution,
                   "prediction_type": self.prediction_type}
@@ -513,8 +569,19 @@ class Trainer:
                  f"{self.family.title} model ({self.prediction_type}) on {self.device}, weights {self.weight_dtype}; "
                  f"{self.total_steps} steps, {self.steps_per_epoch} per epoch"
                  + (f"; resuming at step {step}" if step else ""))
-        keys = batch_keys(self.sampler, epoch, position, accelerator.num_processes, accelerator.process_index)
-        pixels = self._pixel_batches(epoch, position) if self.latents is None else None
+        processes, process = accelerator.num_processes, accelerator.process_index
+        keys = batch_keys(self.sampler, epoch, position, processes, process)
+        pixels = None
+        if self.latents is None:
+            pixels = self._pixel_batches(self.dataset, ((e, batch) for e, _, batch in batch_keys(
+                self.sampler, epoch, position, processes, process)))
+        prior_keys = prior_pixels = None
+        if self.class_dataset:  # micro-batch number n of the whole run takes class batch n (see class_batch_keys)
+            first = step * config.gradient_accumulation * processes + process
+            prior_keys = class_batch_keys(self.class_sampler, first, processes)
+            if self.class_latents is None:
+                prior_pixels = self._pixel_batches(self.class_dataset,
+                                                   class_batch_keys(self.class_sampler, first, processes))
         bar = tqdm(total=self.total_steps, initial=step, desc="training", unit="step",
                    disable=self.quiet or not accelerator.is_main_process)
         started, smoothed = time.time(), None
@@ -523,10 +590,13 @@ class Trainer:
             for micro in range(config.gradient_accumulation):
                 epoch, position, indices = next(keys)
                 images = next(pixels)["pixel_values"] if pixels is not None else None
+                prior = None
+                if prior_keys is not None:
+                    prior = ClassBatch(*next(prior_keys), next(prior_pixels)["pixel_values"] if prior_pixels else None)
                 generator = step_generator(config.seed, step, micro, accelerator.process_index)
                 syncing = micro == config.gradient_accumulation - 1
                 with nullcontext() if syncing else accelerator.no_sync(self.wrapped_unet):
-                    loss = self.micro_batch_loss(epoch, indices, generator, pixels=images)
+                    loss = self.micro_batch_loss(epoch, indices, generator, pixels=images, prior=prior)
                     loss = loss / config.gradient_accumulation
                     if faults.nan_at(step + 1):
                         loss = loss * float("nan")
