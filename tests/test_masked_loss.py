@@ -268,3 +268,10 @@ def test_cached_and_uncached_masked_runs_give_the_same_adapter(tiny_dir, masked_
     plain = train(config(tiny_dir, masked_images, tmp_path / "plain", flip=0.5), quiet=True)
     with pytest.raises(AssertionError):  # and the masks did change what was learnt
         assert_adapters_close(cached_path, plain, atol=1e-5)
+
+
+def test_an_unreadable_mask_is_named(tmp_path):
+    grey_image(tmp_path / "data" / "a.png")
+    (tmp_path / "data" / "a.mask.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"mask a.mask.png is unreadable .*: save it as a grayscale PNG"):
+        attach_masks(find_images(tmp_path / "data"))

@@ -552,6 +552,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     ) -> None:
         _check_probability("flip_prob", flip_prob)
         self.items = list(scan.items)
+        self.has_masks = any(item.mask is not None for item in self.items)  # see attach_masks
         self.buckets = make_buckets(resolution, min_side, max_side, step)
         self.flip_prob, self.random_crop, self.seed = flip_prob, random_crop, seed
         self.caption_options = caption_options or CaptionOptions()
@@ -601,10 +602,6 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         out = ImageOps.mirror(cropped.image) if flipped else cropped.image
         pixels = torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0
         return pixels, cropped
-
-    @property
-    def has_masks(self) -> bool:
-        return any(item.mask is not None for item in self.items)
 
     def item_mask(self, item_index: int, bucket: tuple[int, int], flipped: bool,
                   crop_top_left: tuple[int, int]) -> torch.Tensor:
