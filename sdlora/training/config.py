@@ -90,7 +90,13 @@ class TrainConfig:
                                              "family's own, SDXL's is 2)", "data")
     max_token_length: typing.Optional[int] = option(None, "caption length in tokens: 75 (one window; longer "
                                                     "captions are cut, with a warning), 150 or 225 (two or three "
-                                                    "windows, as A1111 reads long prompts)", "data")    # training
+                                                    "windows, as A1111 reads long prompts)", "data")
+    masked_loss: bool = option(False, "weigh each image's loss by the grayscale NAME.mask.png beside it (white: "
+                               "learnt, black: ignored, grey: in between; the image's size); every image needs "
+                               "one (an all-white mask trains the whole image)", "data")
+    alpha_mask: bool = option(False, "weigh each image's loss by its own alpha channel (opaque: learnt, "
+                              "transparent: ignored); every image needs one", "data")
+    # training
     batch_size: int = option(1, "images per step (per process)", "training")
     max_steps: typing.Optional[int] = option(None, "optimizer steps to train (or give --epochs)", "training")
     epochs: typing.Optional[int] = option(None, "passes over the data (default 10 when --max-steps is not "
@@ -282,6 +288,8 @@ def validate(config: TrainConfig) -> None:
     if config.zero_terminal_snr and config.prediction_type == "epsilon":
         raise ConfigError("zero_terminal_snr needs v_prediction: at the last step the noisy image is pure noise, so "
                           "predicting the noise is trivial and the image is never learnt")
+    if config.masked_loss and config.alpha_mask:
+        raise ConfigError("give --masked-loss (NAME.mask.png files) or --alpha-mask (the images' alpha), not both")
     if config.max_steps is not None and config.epochs is not None:
         raise ConfigError("give --max-steps or --epochs, not both")
     for key in ("caption_dropout", "tag_dropout", "flip"):

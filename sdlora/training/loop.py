@@ -31,12 +31,12 @@ from ..models import components, native_resolution
 from ..sources import load_pipeline
 from ..runlock import RunLock
 from ..targets import PRESETS
-from .caching import LatentCache, TextCache, encode_pixels, sample_latents
+from .caching import LatentCache, TextCache, encode_pixels, latent_mask, sample_latents
 from .checkpoint import (checkpoint_folders, load_state, resolve_resume, rng_states, save_checkpoint,
                          set_rng_states)
 from .config import TrainConfig, to_toml, validate
-from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, bucket_histogram,
-                   collate, find_images, truncated_captions)
+from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, attach_masks,
+                   bucket_histogram, collate, find_images, truncated_captions)
 from .loss import diffusion_loss, rows_of
 from .runlog import RunLog
 
@@ -167,6 +167,8 @@ class Trainer:
         self.paths = RunPaths(Path(config.output_dir), config.name)
         self.log: RunLog | None = None  # opened by run(), on the main process
         scan = find_images(config.data, config.caption_extension)
+        if config.masked_loss or config.alpha_mask:
+            scan = attach_masks(scan, alpha=config.alpha_mask)
         self.train_scan, self.val_scan = split_validation(scan, config.validation_split, config.seed)
         self.resume_folder = resolve_resume(config.resume, self.paths.checkpoints) if config.resume else None
         earlier = checkpoint_folders(self.paths.checkpoints)
@@ -374,13 +376,24 @@ class Trainer:
         geometry = [ImageGeometry(*dataset.geometry(i, epoch)) for i in indices]
         inputs = self.family.unet_inputs(text, geometry)
         preserve = self._base_prediction(captions, inputs, geometry) if config.preserve_outside_window else None
+        weight = self._loss_weight(dataset, epoch, indices, latents, cached=training and self.latents is not None)
         with self.accelerator.autocast():
             return diffusion_loss(self.wrapped_unet if training else self.unet, self.scheduler, latents, inputs,
                                   generator,
                                   prediction_type=self.prediction_type, noise_offset=config.noise_offset,
                                   min_snr_gamma=config.min_snr_gamma,
                                   timestep_range=(config.timestep_min, config.timestep_max),
-                                  base_prediction=preserve)
+                                  base_prediction=preserve, weight=weight)
+
+    def _loss_weight(self, dataset: ImageCaptionDataset, epoch: int, indices: list[int], latents: torch.Tensor,
+                     cached: bool) -> torch.Tensor | None:
+        """The batch's masks at the latents' size, [B, 1, h, w], or None when the images have none."""
+        if not dataset.has_masks:
+            return None
+        if cached:
+            return self.latents.mask_batch(dataset, indices, epoch, self.device)
+        masks = torch.stack([dataset.mask(i, epoch) for i in indices])
+        return latent_mask(masks, tuple(latents.shape[-2:])).to(self.device)
 
     def _base_prediction(self, captions: list[str], inputs: dict, geometry: list[ImageGeometry]):
         """The target outside the timestep window: the frozen model's output, adapter off (text included)."""
