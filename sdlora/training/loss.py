@@ -27,7 +27,7 @@ class TimestepSampling:
 
 
 def window_fractions(sampling: TimestepSampling, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """Positions in [0, 1) across the timestep window, one per sample: sigmoid of a normal draw.
+    """Positions in (0, 1) across the timestep window, one per sample: sigmoid of a normal draw.
 
     logit_normal is SD3's (Esser et al. 2024): sigmoid(mean + std * z); sigmoid is kohya's flux option,
     sigmoid(scale * z). Both put most draws mid-window; a larger std or scale spreads them towards the ends.
@@ -35,7 +35,9 @@ def window_fractions(sampling: TimestepSampling, batch: int, generator: torch.Ge
     z = torch.randn(batch, generator=generator, dtype=torch.float64)
     if sampling.kind == "logit_normal":
         return torch.sigmoid(sampling.logit_mean + sampling.logit_std * z)
-    return torch.sigmoid(sampling.sigmoid_scale * z)
+    if sampling.kind == "sigmoid":
+        return torch.sigmoid(sampling.sigmoid_scale * z)
+    raise ValueError(f"unknown timestep sampling {sampling.kind!r}")
 
 
 def sample_timesteps(sampling: TimestepSampling, batch: int, low: int, high: int,
@@ -76,6 +78,8 @@ def huber_threshold(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, huber
         return torch.full(timesteps.shape, huber_c, device=timesteps.device)
     if schedule == "exponential":
         return huber_c ** (timesteps.float() / len(alphas_cumprod))
+    if schedule != "snr":
+        raise ValueError(f"unknown Huber schedule {schedule!r}")
     alphas = alphas_cumprod.to(timesteps.device)[timesteps]
     sigmas = ((1 - alphas) / alphas).sqrt()
     return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
@@ -86,10 +90,12 @@ def pixel_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: str,
     """The loss of every element: squared error, or pseudo-Huber with per-sample c.
 
     huber: 2c (sqrt(d^2 + c^2) - c), about d^2 for |d| << c and 2c|d| beyond;
-    smooth_l1: 2 (sqrt(d^2 + c^2) - c), the same curve divided by c, so about |d| beyond c.
+    smooth_l1: 2 (sqrt(d^2 + c^2) - c), the same curve divided by c, so about 2|d| beyond c.
     """
     if loss_type == "l2":
         return F.mse_loss(prediction, target, reduction="none")
+    if loss_type not in ("huber", "smooth_l1"):
+        raise ValueError(f"unknown loss type {loss_type!r}")
     c = huber_c.to(prediction).view(-1, *[1] * (prediction.dim() - 1))
     excess = ((prediction - target) ** 2 + c ** 2).sqrt() - c
     return 2 * c * excess if loss_type == "huber" else 2 * excess
