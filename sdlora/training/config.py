@@ -31,6 +31,9 @@ CHOICES = {
     "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
     "prediction_type": ("epsilon", "v_prediction"),
     "save_dtype": ("fp16", "bf16", "fp32"),
+    "loss_type": ("l2", "huber", "smooth_l1"),
+    "huber_schedule": ("constant", "exponential", "snr"),
+    "timestep_sampling": ("uniform", "logit_normal", "sigmoid"),
 }
 
 
@@ -123,6 +126,27 @@ class TrainConfig:
     min_snr_gamma: typing.Optional[float] = option(None, "min-SNR-gamma loss weighting (5 is usual; off by "
                                                    "default)", "training")
     noise_offset: float = option(0.0, "noise offset (0.05-0.1 helps very dark/bright images)", "training")
+    debiased_estimation: bool = option(False, "debiased estimation loss weighting (Yu et al. 2023, as kohya's "
+                                       "--debiased_estimation_loss): each sample's loss times 1/sqrt(SNR) (v "
+                                       "targets: 1/(SNR+1)), SNR capped at 1000; multiplies with min-SNR-gamma",
+                                       "training")
+    loss_type: str = option("l2", "l2 (mean squared error), huber or smooth_l1 (kohya's scheduled pseudo-Huber "
+                            "losses: quadratic for small errors, linear for large, so outliers pull less)",
+                            "training")
+    huber_c: float = option(0.1, "the Huber loss's threshold c, in (0, 1]; with a schedule, its value at high "
+                            "noise", "training")
+    huber_schedule: str = option("snr", "how c changes with the timestep: constant, exponential (1 at t=0 down "
+                                 "to huber_c) or snr (about 1 at low noise, huber_c at high noise)", "training")
+    timestep_sampling: str = option("uniform", "how timesteps are drawn from the window: uniform, logit_normal "
+                                    "(sigmoid(logit_mean + logit_std * z), SD3's) or sigmoid (sigmoid("
+                                    "sigmoid_scale * z), kohya's flux option); both favour the middle",
+                                    "training")
+    logit_mean: float = option(0.0, "logit_normal sampling: mean of the normal (> 0 favours noisier timesteps)",
+                               "training")
+    logit_std: float = option(1.0, "logit_normal sampling: standard deviation of the normal (larger spreads "
+                              "draws towards the window's ends)", "training")
+    sigmoid_scale: float = option(1.0, "sigmoid sampling: scale of the normal (larger spreads draws towards the "
+                                  "window's ends)", "training")
     timestep_min: int = option(0, "lowest training timestep", "training")
     timestep_max: int = option(1000, "one past the highest training timestep", "training")
     preserve_outside_window: bool = option(
@@ -300,6 +324,14 @@ def validate(config: TrainConfig) -> None:
     if not 0 <= config.timestep_min < config.timestep_max <= 1000:
         raise ConfigError(f"need 0 <= timestep_min < timestep_max <= 1000, got {config.timestep_min}, "
                           f"{config.timestep_max}")
+    if not 0.0 < config.huber_c <= 1.0:
+        raise ConfigError(f"huber_c must be in (0, 1], got {config.huber_c}: 0.1 is usual")
+    for key in ("logit_std", "sigmoid_scale"):
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(config, key)}: 1.0 is usual")
+    _check_acts(config, ("huber_c", "huber_schedule"), "loss_type", ("huber", "smooth_l1"))
+    _check_acts(config, ("logit_mean", "logit_std"), "timestep_sampling", ("logit_normal",))
+    _check_acts(config, ("sigmoid_scale",), "timestep_sampling", ("sigmoid",))
     if config.preserve_outside_window and (config.timestep_min, config.timestep_max) == (0, 1000):
         raise ConfigError("preserve_outside_window needs a timestep window: set timestep_min above 0 or "
                           "timestep_max below 1000")
@@ -320,6 +352,16 @@ def validate(config: TrainConfig) -> None:
     if config.optimizer == "prodigy":
         _require("prodigyopt", "prodigy", "pip install 'sdlora[prodigy]'")
     _check_writable(Path(config.output_dir))
+
+
+def _check_acts(config: TrainConfig, keys: tuple[str, ...], switch: str, acting: tuple[str, ...]) -> None:
+    """An option changed from its default must be one that acts with the chosen `switch`."""
+    if getattr(config, switch) in acting:
+        return
+    for key in keys:
+        if getattr(config, key) != TrainConfig.__dataclass_fields__[key].default:
+            raise ConfigError(f"{key} is set but acts only with {switch} {' or '.join(acting)} (this run has "
+                              f"{switch} {getattr(config, switch)}): set {switch} or drop {key}")
 
 
 def _require(module: str, what: str, install: str) -> None:

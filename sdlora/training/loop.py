@@ -37,7 +37,7 @@ from .checkpoint import (checkpoint_folders, load_state, resolve_resume, rng_sta
 from .config import TrainConfig, to_toml, validate
 from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, attach_masks,
                    bucket_histogram, collate, find_images, truncated_captions)
-from .loss import diffusion_loss, rows_of
+from .loss import TimestepSampling, diffusion_loss, rows_of
 from .runlog import RunLog
 
 ADAPTER = "lora"  # the adapter's name inside the pipeline while training
@@ -381,8 +381,12 @@ class Trainer:
             return diffusion_loss(self.wrapped_unet if training else self.unet, self.scheduler, latents, inputs,
                                   generator,
                                   prediction_type=self.prediction_type, noise_offset=config.noise_offset,
-                                  min_snr_gamma=config.min_snr_gamma,
+                                  min_snr_gamma=config.min_snr_gamma, debiased_estimation=config.debiased_estimation,
+                                  loss_type=config.loss_type, huber_c=config.huber_c,
+                                  huber_schedule=config.huber_schedule,
                                   timestep_range=(config.timestep_min, config.timestep_max),
+                                  timestep_sampling=TimestepSampling(config.timestep_sampling, config.logit_mean,
+                                                                     config.logit_std, config.sigmoid_scale),
                                   base_prediction=preserve, weight=weight)
 
     def _loss_weight(self, dataset: ImageCaptionDataset, epoch: int, indices: list[int], latents: torch.Tensor,
@@ -455,6 +459,8 @@ class Trainer:
             "ss_clip_skip": str(config.clip_skip or self.family.default_clip_skip),
             "ss_max_token_length": str(config.max_token_length or 75),
             "ss_zero_terminal_snr": str(config.zero_terminal_snr),
+            "ss_debiased_estimation": str(config.debiased_estimation), "ss_loss_type": config.loss_type,
+            "ss_huber_c": str(config.huber_c), "ss_huber_schedule": config.huber_schedule,
             "ss_seed": str(config.seed), "ss_training_comment": "trained with sdlora",
         }
         record = {"training": asdict(config), "steps": step, "resolution": self.resolution,
