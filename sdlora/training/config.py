@@ -63,6 +63,9 @@ class TrainConfig:
     rank: int = option(16, "LoRA rank", "adapter")
     alpha: typing.Optional[float] = option(None, "LoRA alpha; the update is scaled by alpha/rank "
                                            "(default: alpha = rank, scale 1)", "adapter")
+    dora: bool = option(False, "train DoRA: each layer W' = m (W + s BA) / ||W + s BA||, the norm per input column, the "
+                        "magnitude m trained too; written as lora_up/lora_down/alpha plus dora_scale = m, which "
+                        "A1111, ComfyUI and LyCORIS read (diffusers drops dora_scale); convs included", "adapter")
     targets: str = option("attn", "layers to adapt: attn, attn-mlp (kohya's default set), full (+ convs, "
                           "LoCon), convs (UNet convs only), or a regular expression searched in module paths",
                           "adapter")
@@ -107,6 +110,12 @@ class TrainConfig:
     lr: float = option(1e-4, "learning rate (UNet LoRA)", "training")
     text_encoder_lr: typing.Optional[float] = option(None, "text-encoder LoRA learning rate (default: --lr)",
                                                      "training")
+    loraplus_ratio: typing.Optional[float] = option(None, "LoRA+: train the up (B) matrices at this multiple of "
+                                                    "the learning rate (16 is the paper's usual; off by default)",
+                                                    "training")
+    ema_decay: typing.Optional[float] = option(None, "also keep an exponential moving average of the adapter "
+                                               "weights (0.999, say) and write it as OUTPUT_DIR/NAME.ema.safetensors "
+                                               "(off by default)", "training")
     optimizer: str = option("adamw", "adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt)",
                             "training")
     weight_decay: float = option(1e-2, "AdamW weight decay", "training")
@@ -295,6 +304,12 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     if config.lr <= 0 or (config.text_encoder_lr is not None and config.text_encoder_lr <= 0):
         raise ConfigError("learning rates must be > 0")
+    if config.loraplus_ratio is not None and config.loraplus_ratio < 1:
+        raise ConfigError(f"loraplus_ratio multiplies the learning rate of the up matrices and must be at least 1 "
+                          f"(16 is usual), got {config.loraplus_ratio}; leave it unset to train without LoRA+")
+    if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay must be between 0 and 1 (0.999 is usual), got {config.ema_decay}; leave it "
+                          "unset for no EMA")
     if config.targets not in PRESETS:
         try:
             re.compile(config.targets)
