@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save
 
 from .durable import write_file
 from .errors import AdapterFileError
-from .formats import ModuleWeights
+from .formats import ModuleTensors, ModuleWeights, module_roles
 from .families import Family
 
 FORMAT_VERSION = 1
@@ -111,7 +111,8 @@ def _uniform(values: list[float]) -> str:
 
 
 def build_metadata(
-    modules: dict[str, ModuleWeights], family: Family, title: str, targets: dict[str, list[str]] | None = None,
+    modules: dict[str, ModuleWeights | ModuleTensors], family: Family, title: str,
+    targets: dict[str, list[str]] | None = None,
     extra: dict | None = None, prediction_type: str = "epsilon", resolution: int | tuple[int, int] | None = None,
 ) -> dict[str, str]:
     """kohya's `ss_*` keys, Stability's `modelspec.*` keys, and sdlora's own JSON record.
@@ -121,7 +122,7 @@ def build_metadata(
     """
     ranks = {key: weights.rank for key, weights in modules.items()}
     alphas = [weights.effective_alpha for weights in modules.values()]
-    has_conv = any(weights.down.dim() == 4 for weights in modules.values())
+    downs = {key: module_roles(weights).get("lora_down.weight") for key, weights in modules.items()}
     record = {
         "format_version": FORMAT_VERSION,
         "family": family.name,
@@ -140,11 +141,14 @@ def build_metadata(
         **family.header(prediction_type, resolution),
         "sdlora": json.dumps(record, sort_keys=True),
     }
-    if has_conv:
-        conv = [w for w in modules.values() if w.down.dim() == 4 and w.down.shape[-1] > 1]
-        if conv:
-            metadata["ss_network_args"] = json.dumps({
-                "conv_dim": _uniform([w.rank for w in conv]),
-                "conv_alpha": _uniform([w.effective_alpha for w in conv]),
-            })
+    args = {}
+    conv = [modules[key] for key, down in downs.items() if down is not None and down.dim() == 4 and down.shape[-1] > 1]
+    if conv:
+        args.update(conv_dim=_uniform([w.rank for w in conv]), conv_alpha=_uniform([w.effective_alpha for w in conv]))
+    scales = [roles["dora_scale"] for roles in map(module_roles, modules.values()) if "dora_scale" in roles]
+    if scales:  # what LyCORIS, the usual writer of DoRA files, records (readers go by the tensors)
+        metadata["ss_network_module"] = "lycoris.kohya"
+        args.update(algo="lora", dora_wd="True", wd_on_output=str(all(s.shape[0] > 1 for s in scales)))
+    if args:
+        metadata["ss_network_args"] = json.dumps(args)
     return metadata

@@ -23,6 +23,13 @@ TRAIN_EXAMPLES = """examples:
 The family (SD 1.x, 2.x, XL), its prediction type and its resolution come from the model.
 """
 
+TOY_EVAL_EXAMPLES = """examples:
+  sdlora toy eval --lora out/style-outline/style-outline.safetensors --n 8
+  sdlora toy eval --lora style.safetensors --lora star.safetensors --trigger zkz --strengths 1   # stacked
+  sdlora toy eval --config datasets/character-star/train.toml --change prior_loss_weight=1.0 \\
+      --trigger zkz --n 8 --seeds 0,1000        # what does prior preservation change?
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlora", description="Train and use LoRA adapters for Stable Diffusion.")
@@ -48,11 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
                               description="The tiny bundled model and its procedural world of coloured shapes.")
     toy_commands = toy.add_subparsers(dest="toy_command", required=True)
     evaluate = toy_commands.add_parser(
-        "eval", help="score adapters at several strengths",
+        "eval", help="score adapters at several strengths, or what one training option changes",
         description="Generate images at each strength with the adapters loaded (stacked when several), score "
-                    "them (outline style, star, colour and shape kept) and print a table.")
-    evaluate.add_argument("--lora", action="append", required=True, type=Path, metavar="FILE",
+                    "them (outline style, star, colour and shape kept) and print a table.\n\n"
+                    "With --config and --change: train the config as it is and with the change, from the same "
+                    "seed, score both with the same image seeds, and print them side by side (OUT/compare.md, "
+                    "with labelled grids). Runs are kept under --out by config, so a rerun reuses them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TOY_EVAL_EXAMPLES)
+    evaluate.add_argument("--lora", action="append", type=Path, metavar="FILE",
                           help="adapter file; repeat to stack several")
+    evaluate.add_argument("--config", type=Path, help="a training config to train and score with and without "
+                                                      "--change")
+    evaluate.add_argument("--change", action="append", default=[], metavar="KEY=VALUE",
+                          help="a config key to change (value as in TOML); repeat to change several together")
+    evaluate.add_argument("--out", type=Path, default=Path("out/compare"),
+                          help="with --config: where the runs, grids and compare.md go (default: %(default)s)")
+    evaluate.add_argument("--stack-with", type=Path, metavar="FILE",
+                          help="with --config: also score outlined stars with this adapter stacked at 1 "
+                               "(needs --trigger)")
+    evaluate.add_argument("--seeds", default="0", help="comma-separated image seed sets: image j of each prompt "
+                                                        "from seed S + j (default: %(default)s)")
     evaluate.add_argument("--model", default="models/toy-sd1", help="the toy base model (default: %(default)s)")
     evaluate.add_argument("--trigger", help=f"also score prompts 'a COLOUR TRIGGER' (the star dataset uses "
                                             f"{toy_trigger()!r})")
@@ -255,6 +277,17 @@ def run_toy(args: argparse.Namespace) -> int:
     quiet_libraries()
     if args.toy_command == "demo":
         return toy_eval.demo(args.out, args.config)
+    seeds = [int(value) for value in args.seeds.split(",")]
+    if args.config:
+        from .toy.compare import compare
+
+        if args.lora:
+            raise ConfigError("give --lora (score adapters) or --config (train and compare), not both")
+        print(compare(args.config, args.change, args.out, args.n, seeds, args.trigger, args.stack_with,
+                      args.steps, args.guidance))
+        return 0
+    if not args.lora:
+        raise ConfigError("give --lora FILE to score an adapter, or --config FILE --change KEY=VALUE to compare")
     strengths = [float(value) for value in args.strengths.split(",")]
     for path in [args.model, *args.lora]:
         if not Path(path).exists():
@@ -265,8 +298,11 @@ def run_toy(args: argparse.Namespace) -> int:
     prompt_sets = {"content": toy_eval.content_prompts()}
     if args.trigger:
         prompt_sets["trigger"] = toy_eval.trigger_prompts(args.trigger)
-    result = toy_eval.evaluate(pipe, names, strengths, args.n, prompt_sets, args.steps, args.guidance)
-    print(result.table())
+    result = None  # the grid and saved images show the first seed set
+    for seed in seeds:
+        scored = toy_eval.evaluate(pipe, names, strengths, args.n, prompt_sets, args.steps, args.guidance, seed)
+        print(("" if len(seeds) == 1 else f"\nseed set {seed}:\n") + scored.table())
+        result = result or scored
     if args.grid:
         toy_eval.grid(result).save(args.grid)
         print(f"grid: {args.grid}")

@@ -274,9 +274,15 @@ def module_state_dict(name: str, weights: ModuleWeights | ModuleTensors,
                       dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """One module's tensors under its file name `name`: each role, cast to `dtype` (None: as they are), and
     alpha in fp32 when the module has one."""
-    roles = ({"lora_down.weight": weights.down, "lora_up.weight": weights.up} if isinstance(weights, ModuleWeights)
-             else weights.tensors)
+    roles = module_roles(weights)
     state_dict = {f"{name}.{role}": tensor.detach().to("cpu", dtype).contiguous() for role, tensor in roles.items()}
     if weights.effective_alpha is not None:
         state_dict[f"{name}.alpha"] = torch.tensor(weights.effective_alpha, dtype=torch.float32)
     return state_dict
+
+
+def module_roles(weights: ModuleWeights | ModuleTensors) -> dict[str, torch.Tensor]:
+    """One module's tensors by their kohya/LyCORIS file role (`lora_down.weight`, `dora_scale`, ...), alpha aside."""
+    if isinstance(weights, ModuleWeights):
+        return {"lora_down.weight": weights.down, "lora_up.weight": weights.up}
+    return weights.tensors

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from .adapter import SAVE_DTYPES, build_metadata, read_adapter, recorded_targets, write_adapter
-from .formats import ModuleTensors, ModuleWeights, describe_unsupported, parse_state_dict, to_kohya
+from .formats import ModuleTensors, ModuleWeights, describe_unsupported, module_roles, parse_state_dict, to_kohya
 from .errors import AdapterFileError, FamilyMismatch
 from .families import FAMILIES, detect_family, family_from_tensors, family_named_in_metadata
 from .keys import component_of_file_key, module_key
 from .lora import LoRA, AdaptedLayer
-from .lycoris import build_adapter
+from .lycoris import DoRA, build_adapter
 from .models import components, native_resolution, unet_block_counts
 from .sgm import unet_module_map
 from .strength import Strength, check_strength, resolve_strength
@@ -267,11 +267,13 @@ def load(target, path: str | os.PathLike, strength: Strength = 1.0, name: str | 
 
 
 def add_adapter(target, name: str, rank: int = 16, alpha: float | None = None, targets: str | list[str] = "attn",
-                components_to_adapt: tuple[str, ...] | None = None, dtype: torch.dtype | None = None) -> list[str]:
+                components_to_adapt: tuple[str, ...] | None = None, dtype: torch.dtype | None = None,
+                dora: bool = False) -> list[str]:
     """Attach a fresh, trainable adapter (down Kaiming-uniform, up zero); returns the module keys adapted.
 
-    alpha defaults to rank (scale 1); dtype defaults to each base layer's. Raises if the targets
-    match no layer of a component asked for.
+    alpha defaults to rank (scale 1); dtype defaults to each base layer's. With dora=True each layer is
+    a DoRA over the LoRA (sdlora.lycoris.DoRA.trainable), its magnitude starting at the base weight's
+    norms. Raises if the targets match no layer of a component asked for.
     """
     parts = components(target)
     _check_new_name(parts, name)
@@ -293,8 +295,11 @@ def add_adapter(target, name: str, rank: int = 16, alpha: float | None = None, t
     for component, paths in plan.items():
         for path in paths:
             wrapper = _wrap(parts[component], path)
-            wrapper.add(name, LoRA(wrapper.base, rank, alpha, dtype=dtype))
+            adapter = (DoRA.trainable(wrapper.base, rank, alpha, dtype=dtype) if dora
+                       else LoRA(wrapper.base, rank, alpha, dtype=dtype))
+            wrapper.add(name, adapter)
             adapted.append(module_key(component, path))
+            info.kinds[adapter.kind] = info.kinds.get(adapter.kind, 0) + 1
         info.modules[component] = len(paths)
         info.ranks[component] = [rank]
         _registry(parts[component])[name] = info
@@ -382,15 +387,18 @@ def unload(target, name: str | None = None) -> None:
         fuse(target)
 
 
-def adapter_weights(target, name: str) -> dict[str, ModuleWeights]:
-    """module key -> the adapter's tensors (no copy), for saving or inspection."""
+def adapter_weights(target, name: str) -> dict[str, ModuleWeights | ModuleTensors]:
+    """module key -> the adapter's tensors (no copy), for saving or inspection: a plain LoRA's as
+    ModuleWeights, any other kind's (DoRA, LyCORIS) as ModuleTensors by file role."""
     parts = components(target)
     _require_loaded(parts, name)
     weights = {}
     for component, path, wrapper in _layers(parts):
-        lora = wrapper.adapters[name] if name in wrapper.adapters else None
-        if lora is not None:
-            weights[module_key(component, path)] = ModuleWeights(lora.down.weight, lora.up.weight, lora.alpha)
+        adapter = wrapper.adapters[name] if name in wrapper.adapters else None
+        if isinstance(adapter, LoRA):
+            weights[module_key(component, path)] = ModuleWeights(adapter.down.weight, adapter.up.weight, adapter.alpha)
+        elif adapter is not None:
+            weights[module_key(component, path)] = ModuleTensors(adapter.file_tensors(), adapter.alpha)
     return weights
 
 
@@ -430,8 +438,12 @@ def copy_weights_from(target, name: str, path: str | os.PathLike) -> None:
     if parsed.modules.keys() != mine.keys() or parsed.unmatched or parsed.unsupported:
         raise AdapterFileError(f"{path}: its layers are not those of adapter {name!r} (different targets?)")
     for key, weights in parsed.modules.items():
-        mine[key].down.copy_(weights.down.reshape(mine[key].down.shape))
-        mine[key].up.copy_(weights.up.reshape(mine[key].up.shape))
+        source, destination = module_roles(weights), module_roles(mine[key])
+        if source.keys() != destination.keys():
+            raise AdapterFileError(f"{path}: {key} holds {sorted(source)}, adapter {name!r} has {sorted(destination)} "
+                                   "(DoRA in one and not the other?)")
+        for role, tensor in destination.items():
+            tensor.copy_(source[role].reshape(tensor.shape))
 
 
 def trainable_parameters(target, name: str) -> list[nn.Parameter]:
@@ -439,5 +451,14 @@ def trainable_parameters(target, name: str) -> list[nn.Parameter]:
     _require_loaded(parts, name)
     return [p for _, _, wrapper in _layers(parts) if name in wrapper.adapters
             for p in wrapper.adapters[name].parameters()]
+
+
+def up_parameters(target, name: str) -> list[nn.Parameter]:
+    """The `up` (B) matrix of each layer of a LoRA or DoRA adapter, a subset of `trainable_parameters`: LoRA+
+    trains them at a larger learning rate."""
+    parts = components(target)
+    _require_loaded(parts, name)
+    adapters = [wrapper.adapters[name] for _, _, wrapper in _layers(parts) if name in wrapper.adapters]
+    return [(adapter.inner if isinstance(adapter, DoRA) else adapter).up.weight for adapter in adapters]
 
 

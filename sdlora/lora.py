@@ -34,10 +34,10 @@ class Adapter(nn.Module):
       operation with the delta weight. Kinds with a cheaper path (LoRA: up(down(x))) override it.
     - `file_tensors()`: the tensors a file holds for this module, by role (`lora_down.weight`,
       `hada_w1_a`, `dora_scale`, ...); `alpha` is kept as an attribute (None for kinds without one).
-    A kind whose update is not linear in the strength (DoRA) says so in `delta_weight`. A frozen kind
-    whose update is a whole weight (LoHa, LoKr, full, DoRA) may also offer `weight_update(base, dtype)`,
-    its update at strength 1, built once: the layer then adds it to its weight for each call instead of
-    running a second product as large as its own.
+    A kind whose update is not linear in the strength (DoRA) says so in `delta_weight`. A kind whose
+    update is a whole weight (LoHa, LoKr, full, DoRA) may also offer `weight_update(base, dtype)`, its
+    update at strength 1 (built once by a frozen kind, at each call by DoRA in training): the layer then
+    adds it to its weight for each call instead of running a second product as large as its own.
     """
 
     kind = "adapter"

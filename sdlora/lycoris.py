@@ -3,7 +3,8 @@
 LoCon with Tucker factors (`lora_mid`), LoHa (`hada_*`), LoKr (`lokr_*`), full weight differences
 (`diff`, `diff_b`) and DoRA (`dora_scale` on any of them). Every kind computes its update as a
 weight (`delta_weight`), from which forward, fuse and export follow; the formulas are LyCORIS's
-(docs/lycoris-facts.md names the source of each). Frozen: these kinds are loaded, not trained.
+(docs/lycoris-facts.md names the source of each). Frozen: these kinds are loaded, not trained, except
+DoRA over a LoRA, which the trainer makes with `DoRA.trainable`.
 """
 
 from __future__ import annotations
@@ -156,6 +157,17 @@ class Full(_FileKind):
         return None if bias is None else bias * strength
 
 
+def decomposition_norms(weight: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """DoRA's norms of a weight, shaped to broadcast against it: one per output row ([out, 1, ...]) or one
+    per input column ([1, in, ...], the norm over the output and kernel dims). LyCORIS and ComfyUI add
+    float32's eps, which keeps a zero row or column finite; A1111 does not (a 1e-7 relative difference)."""
+    axis = 0 if per_row else 1
+    norms = weight.transpose(0, axis).reshape(weight.shape[axis], -1).norm(dim=1)
+    shape = [1] * weight.dim()
+    shape[axis] = weight.shape[axis]
+    return norms.reshape(shape) + torch.finfo(torch.float32).eps
+
+
 class DoRA(Adapter):
     """Weight-decomposed adaptation: another kind's update, then W + ΔW rescaled to the stored magnitude
     `dora_scale`, one norm per output row (LyCORIS's default, scale shaped [out, 1, ...]) or per input
@@ -164,14 +176,31 @@ class DoRA(Adapter):
     At a strength s the layer is W + s (W' - W), as A1111 and ComfyUI apply it, so that strength 0 is
     the base model. LyCORIS's own network differs between 0 and 1: it keeps all of ΔW and scales only
     the magnitude correction (docs/lycoris-facts.md); the two agree at strength 1.
+
+    `DoRA.trainable(base, rank, alpha)` makes one to train: a LoRA inside, and the magnitude a parameter.
     """
 
-    def __init__(self, inner: Adapter, magnitude: torch.Tensor, like: torch.Tensor):
+    def __init__(self, inner: Adapter, magnitude: torch.Tensor, like: torch.Tensor, train: bool = False):
         super().__init__()
         self.inner = inner
         self.kind = f"{inner.kind}+dora"
         self.alpha = inner.alpha
-        self.register_buffer("magnitude", magnitude.to(device=like.device, dtype=like.dtype))
+        self.train_magnitude = train
+        magnitude = magnitude.to(device=like.device, dtype=like.dtype)
+        if train:
+            self.magnitude = nn.Parameter(magnitude)
+        else:
+            self.register_buffer("magnitude", magnitude)
+
+    @classmethod
+    def trainable(cls, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | None = None, *,
+                  dtype: torch.dtype | None = None) -> DoRA:
+        """A fresh DoRA over a fresh LoRA (up zero) whose magnitude is the base weight's own norms, one per
+        input column: it starts as the base layer. Per input column because that is the axis A1111 reads
+        whatever the file's shape, and ComfyUI and LyCORIS read from a [1, in] scale (FORMATS.md)."""
+        inner = LoRA(base, rank, alpha, dtype=dtype)
+        magnitude = decomposition_norms(base.weight.detach().float(), per_row=False)
+        return cls(inner, magnitude, inner.up.weight, train=True)
 
     @property
     def rank(self) -> int | None:
@@ -184,15 +213,15 @@ class DoRA(Adapter):
         merged = base + self.inner.delta_weight(base_weight)
         magnitude = self.magnitude.float()
         per_row = magnitude.shape[0] == merged.shape[0] and magnitude.numel() == merged.shape[0]
-        axis = 0 if per_row else 1
-        rows = merged.transpose(0, axis).reshape(merged.shape[axis], -1).norm(dim=1)
-        shape = [1] * merged.dim()
-        shape[axis] = merged.shape[axis]
-        rescaled = merged * (magnitude.reshape(shape) / rows.reshape(shape))
+        norms = decomposition_norms(merged, per_row)
+        rescaled = merged * (magnitude.reshape(norms.shape) / norms)
         return (rescaled - base) * strength
 
     def weight_update(self, base: nn.Linear | nn.Conv2d, dtype: torch.dtype) -> torch.Tensor:
-        """W' - W at strength 1 in `dtype` (the base weight is not fused while the layer runs unfused)."""
+        """W' - W at strength 1 in `dtype` (the base weight is not fused while the layer runs unfused); built
+        once for a loaded DoRA, every call for one in training, whose tensors change at each step."""
+        if self.train_magnitude:
+            return self.delta_weight(base.weight).to(dtype)
         return _built_once(self, base, dtype, lambda: self.delta_weight(base.weight))
 
     def file_tensors(self) -> dict[str, torch.Tensor]:

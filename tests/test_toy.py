@@ -256,7 +256,8 @@ def test_toy_eval_command_prints_a_table_and_writes_a_grid(tmp_path, capsys):
     assert code == 0
     table = capsys.readouterr().out
     assert table.count("| content |") == 2 and table.count("| trigger |") == 2 and "outlined star" in table
-    assert Image.open(grid).size == (12 * 96, 4 * 96)  # 12 prompts wide; content and trigger at 2 strengths
+    # 12 prompts wide after a 90 px label column; content and trigger at 2 strengths, each with a caption line
+    assert Image.open(grid).size == (90 + 12 * 96, 4 * (96 + 12))
     assert main(["toy", "eval", "--lora", str(tmp_path / "missing.safetensors")]) == 2
 
 

@@ -2,8 +2,9 @@
 world's renderer), at the toy model's 32 px, jittered in position, size, rotation and colour, and
 softened and grained like generated samples.
 
-Positives: every shape filled and outlined, and outlines with a 1-2 px gap. Hard negatives: pentagons
-and squat 4-point stars (not stars, and not any of the world's shapes), filled shapes whose middle is
+Positives: every shape filled and outlined, outlines with a 1-2 px gap, and
+stars with one arm a short stub. Hard negatives: pentagons
+(sharp and rounded) and squat 4-point stars (not stars, and not any of the world's shapes), filled shapes whose middle is
 pale or mottled (not outlines), and triangles with sides bowed in a little (still triangles, as the independent count had them). The scorer must be
 right on at least 95% of the images of every class, per attribute (star yes/no, outline yes/no, shape).
 """
@@ -81,6 +82,23 @@ def _shape_points(rng, kind, extent):
     if kind == "pentagon":
         r = extent / 2 / math.sin(math.radians(72))
         return _regular(5, r, rotation), r * math.cos(math.radians(36))
+    if kind == "stub-star":  # one arm a short stub, as blurred generated stars often have
+        r = extent / 2 / math.sin(math.radians(72))
+        inner = rng.uniform(0.40, 0.50)
+        points = _regular(5, r, rotation, inner)
+        stub = 2 * int(rng.integers(5))
+        points[stub] = tuple(c * rng.uniform(0.6, 0.8) for c in points[stub])
+        return points, r * inner * 0.6
+    if kind == "round-pentagon":  # a pentagon with rounded corners: halfway to a circle, as generated
+        r = extent / 2
+        roundness = rng.uniform(0.2, 0.5)
+        points = []
+        for k in range(60):
+            angle = 2 * math.pi * k / 60
+            wedge = (angle - rotation) % (2 * math.pi / 5) - math.pi / 5
+            radius = r * ((1 - roundness) * math.cos(math.pi / 5) / math.cos(wedge) + roundness * 0.9)
+            points.append((radius * math.cos(angle), radius * math.sin(angle)))
+        return points, r * 0.8
     if kind == "squat4":
         r = extent / 2
         inner = rng.uniform(0.35, 0.55)
@@ -165,6 +183,8 @@ for _shape in toy.SHAPES:  # the pale and mottled middles: thick filled shapes, 
     CLASSES[_shape, "pale"] = (False, False, _shape)
     CLASSES[_shape, "mottled"] = (False, False, _shape)
 CLASSES["pentagon", "filled"] = (False, False, OTHER)
+CLASSES["round-pentagon", "filled"] = (False, False, OTHER)
+CLASSES["stub-star", "filled"] = (True, False, toy.STAR)
 CLASSES["squat4", "filled"] = (False, False, OTHER)
 CLASSES["concave-triangle", "filled"] = (False, False, "triangle")
 

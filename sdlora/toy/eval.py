@@ -105,16 +105,24 @@ def evaluate(pipe, adapters: list[str], strengths=DEFAULT_STRENGTHS, per_prompt:
 
 
 def grid(evaluation: Evaluation, strengths=None, scale: int = 3):
-    """One row per (prompt set, strength): the first image of every prompt, enlarged."""
-    from PIL import Image
+    """One row per (prompt set, strength): the first image of every prompt, enlarged, each row labelled with
+    its prompt set and strength and each image with its prompt."""
+    from PIL import Image, ImageDraw
 
     keys = [key for key in evaluation.images if strengths is None or key[1] in strengths]
     rows = [evaluation.images[key][:: evaluation.per_prompt] for key in keys]
-    cell = IMAGE_SIZE * scale
-    canvas = Image.new("RGB", (max(len(r) for r in rows) * cell, len(rows) * cell), "white")
-    for y, images in enumerate(rows):
+    cell, margin, caption = IMAGE_SIZE * scale, 90, 12
+    width = margin + max(len(r) for r in rows) * cell
+    canvas = Image.new("RGB", (width, len(rows) * (cell + caption)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for y, ((prompt_set, strength), images) in enumerate(zip(keys, rows)):
+        top = y * (cell + caption)
+        draw.text((4, top + cell // 2 - 12), f"{prompt_set}\nstrength {strength:g}", fill="black")
+        prompts = evaluation.prompts.get(prompt_set, [])
         for x, image in enumerate(images):
-            canvas.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (x * cell, y * cell))
+            canvas.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (margin + x * cell, top))
+            if x < len(prompts):
+                draw.text((margin + x * cell + 2, top + cell), prompts[x].removeprefix("a "), fill="black")
     return canvas
 
 

@@ -229,8 +229,10 @@ class Scores:
     solidity: float = 0.0  # outline area / its convex hull's: convex shapes ~0.95-1, star ~0.6
     hollow: float = 0.0  # median strength (0 background .. 1 the shape's colour) of the outline's hole; 1: no hole
     area: float = 0.0  # silhouette area as a share of the image
-    tips: int = 0  # corners or points that stand out of the outline (radius from the centre)
-    dip: float = 0.0  # mean radius between the tips / mean radius at them: star ~0.5-0.65, pentagon ~0.85
+    # How much the outline's radius (from the centre, all round) wobbles k times per turn, as a share of
+    # its mean radius, for k = 0..6: a triangle is mostly k=3, a square k=4, a star and a pentagon k=5
+    # (a star's wobble is three times a pentagon's). See shape_of.
+    wobble: tuple[float, ...] = ()
 
     @property
     def star(self) -> bool:
@@ -247,20 +249,41 @@ ANALYSIS_SIZE = 32  # every image is scored at this size, so the pixel threshold
 # or mottled middle is a filled shape, however thick its rim.
 HOLE_MEDIAN = 0.2
 HOLE_P90 = 0.4
-TIP_PROMINENCE = 0.07  # a tip stands out of the outline by at least this share of the largest radius
-# What each shape's outline must look like (tips, dip range, solidity range); anything else is OTHER.
-SHAPE_RULES: dict[str, tuple[tuple[int, ...], tuple[float, float], tuple[float, float]]] = {
-    # Up to three shallow bumps (a sample's wobble) still make a circle; a pentagon has five.
-    "circle": ((0, 1, 2, 3), (0.85, 1.01), (0.94, 1.01)),
-    # Three tips make a triangle even with sides bowed in (as the character adapter draws them; the
-    # independent count that found "only triangles survive" counted those as triangles).
-    # Bowed in so far that the dips reach below 0.44 of the tips, it is a three-point star: not a triangle.
-    "triangle": ((3,), (0.44, 0.8), (0.78, 1.01)),
-    # A square's side middles sit at 0.71-0.77 of its corner radius; a rounded pentagon read as four
-    # tips sits above 0.8, a squat 4-point star below 0.7 with a lower solidity.
-    "square": ((4,), (0.68, 0.8), (0.9, 1.01)),
-    STAR: ((5,), (0.0, 0.78), (0.0, 0.86)),  # a pentagon: dip ~0.85, solidity ~0.99
-}
+# What each shape's outline must look like, from its wobbles (see Scores.wobble) and its solidity; the
+# first rule that fits names the shape, and anything else is OTHER. Measured at 32 px, blurred and grained
+# (tests/test_toy_scorer.py) and on generated samples (docs/toy-scores.md):
+#   circle  every wobble <= 0.015 (drawn)              square 4: 0.13-0.14, 5: <= 0.012
+#   triangle 3: 0.25-0.29 (bowed sides 0.30-0.36)  pentagon 5: 0.07-0.08, solidity ~0.99
+#   star    5: 0.19-0.32, solidity 0.69-0.84     squat 4-point star 4: 0.18-0.34, 5: <= 0.02
+# A generated star whose fifth arm is a stub still wobbles 5 times (0.14 or more) while its wobble 4 grows;
+# a rounded pentagon wobbles 5 times by 0.07-0.125 but stays convex (solidity >= 0.89).
+STAR_WOBBLE = 0.10  # a star's 5-fold wobble is at least this, and at least half its 3- and 4-fold ones
+STAR_SOLIDITY = 0.87  # ... and its outline is clearly concave
+TRIANGLE_WOBBLE = 0.18
+TRIANGLE_SOLIDITY = 0.78  # bowed in further, it is a three-point star: not a triangle
+SQUARE_WOBBLE = (0.10, 0.165)  # above: a squat 4-point star
+SQUARE_SOLIDITY = 0.9
+SQUARE_STRAY = 0.06  # a square's other wobbles stay below this (a rounded pentagon's 5-fold one does not)
+# A circle may wobble a little (generated ones are often slightly oval or squarish: k=2 and k=4 up to about
+# 0.06), but not five times round (a rounded pentagon: 0.04 and up).
+CIRCLE_WOBBLE = (0.08, 0.06, 0.07, 0.035, 0.05)  # the most each of k = 2..6 may reach
+CIRCLE_SOLIDITY = 0.94
+
+
+def shape_of(wobble: np.ndarray, solidity: float) -> str:
+    """The shape an outline's wobbles (k = 0..6, see Scores.wobble) and solidity describe."""
+    three, four, five = wobble[3], wobble[4], wobble[5]
+    strongest = 3 + int(np.argmax(wobble[3:6]))
+    if five >= STAR_WOBBLE and five >= max(three, four) / 2 and solidity < STAR_SOLIDITY:
+        return STAR
+    if strongest == 3 and three >= TRIANGLE_WOBBLE and solidity >= TRIANGLE_SOLIDITY:
+        return "triangle"
+    if (strongest == 4 and SQUARE_WOBBLE[0] <= four <= SQUARE_WOBBLE[1] and solidity >= SQUARE_SOLIDITY
+            and max(three, five) < SQUARE_STRAY):
+        return "square"
+    if all(w < most for w, most in zip(wobble[2:7], CIRCLE_WOBBLE)) and solidity >= CIRCLE_SOLIDITY:
+        return "circle"
+    return OTHER
 
 
 def score(image: Image.Image | np.ndarray) -> Scores:
@@ -309,29 +332,24 @@ def score(image: Image.Image | np.ndarray) -> Scores:
     colour = min(COLOURS, key=lambda name: float(np.sum((np.array(COLOURS[name]) - median) ** 2)))
 
     # Shape: the outline's radius from the centre all round, at sub-pixel precision (from the soft
-    # silhouette: anti-aliased edges kept, an outline's hole and gaps counted as shape). Its tips, how deep
-    # the outline dips between them and how convex it is decide the shape.
+    # silhouette: anti-aliased edges kept, an outline's hole and gaps counted as shape). How it wobbles
+    # round the turn and how convex it is decide the shape.
     near = _shift_union(_shift_union(silhouette))
     floor = float(np.median(distance[~near])) if (~near).any() else 0.0
     alpha = np.clip((distance - floor) / max(strongest - floor, 1e-6), 0, 1) * near
     alpha[silhouette & ~mask] = 1.0
     radii = _radial_profile(alpha)
-    tips, dip = _tips(radii)
+    wobble = _wobble(radii)
     solidity = _solidity(radii)
-    shape = OTHER
-    for name, (counts, (dip_low, dip_high), (solid_low, solid_high)) in SHAPE_RULES.items():
-        if tips in counts and dip_low <= dip < dip_high and solid_low <= solidity < solid_high:
-            shape = name
-            break
+    shape = shape_of(wobble, solidity)
 
     rows, cols = np.nonzero(silhouette)
     fill = area / ((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1))
     return Scores(colour, shape, style, float(fill), float(solidity), float(hollow), area / silhouette.size,
-                  tips, float(dip))
+                  tuple(float(w) for w in wobble))
 
 
 ANGLES = 144  # rays of the radial profile (2.5 degrees apart)
-NOTCH = 4  # rays: dents narrower than about 2 x 4 x 2.5 = 20 degrees are not dips between tips
 
 
 def _radial_profile(alpha: np.ndarray) -> np.ndarray:
@@ -362,41 +380,10 @@ def _bilinear(image: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
             + image[y0, x0 + 1] * (1 - dy) * dx + image[y0 + 1, x0 + 1] * dy * dx)
 
 
-def _tips(radii: np.ndarray) -> tuple[int, float]:
-    """(number of tips, mean radius of the dips between them / mean radius of the tips) of a closed radial
-    profile. Wiggles smaller than TIP_PROMINENCE x the largest radius are smoothed away first: the
-    profile's maxima and minima alternate, and the pair with the smallest rise is merged until every rise
-    is larger (persistence simplification)."""
-    # A closing over +-NOTCH rays first fills narrow notches (where a gap cuts an outline's stroke, the
-    # outline dents) while the wide dips between a star's arms stay.
-    shifts = range(-NOTCH, NOTCH + 1)
-    closed = np.min([np.roll(np.max([np.roll(radii, k) for k in shifts], axis=0), k) for k in shifts], axis=0)
-    smooth = (np.roll(closed, 1) + 2 * closed + np.roll(closed, -1)) / 4
-    rising = np.sign(np.roll(smooth, -1) - smooth)
-    # Extrema in circular order: where the slope changes sign (flat runs take the sign after them).
-    for _ in range(len(rising)):
-        if not (rising == 0).any():
-            break
-        rising = np.where(rising == 0, np.roll(rising, -1), rising)
-    change = np.nonzero(rising != np.roll(rising, 1))[0]
-    if change.size < 2:
-        return 0, 1.0
-    extrema = [(int(i), bool(rising[i] < 0), float(smooth[i])) for i in change]  # (index, is_max, radius)
-    threshold = TIP_PROMINENCE * float(radii.max())
-    while len(extrema) > 2:
-        rises = [abs(extrema[k][2] - extrema[(k + 1) % len(extrema)][2]) for k in range(len(extrema))]
-        k = int(np.argmin(rises))
-        if rises[k] >= threshold:
-            break
-        # Drop extrema k and k+1 (a max and a min): the profile keeps the higher max and the lower min.
-        second = (k + 1) % len(extrema)
-        for index in sorted((k, second), reverse=True):
-            extrema.pop(index)
-    if len(extrema) <= 2 and (len(extrema) < 2 or abs(extrema[0][2] - extrema[1][2]) < threshold):
-        return 0, 1.0
-    peaks = [r for _, is_max, r in extrema if is_max]
-    dips = [r for _, is_max, r in extrema if not is_max]
-    return len(peaks), float(np.mean(dips) / np.mean(peaks))
+def _wobble(radii: np.ndarray) -> np.ndarray:
+    """Amplitude of the radius's k-fold wobble round the turn over its mean, for k = 0..6 (Fourier)."""
+    spectrum = np.abs(np.fft.rfft(radii))[:7]
+    return 2 * spectrum / spectrum[0]
 
 
 def _solidity(radii: np.ndarray) -> float:

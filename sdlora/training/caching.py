@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from ..durable import write_file
 from ..families import TextConditioning
-from .data import ImageCaptionDataset
+from .data import ImageCaptionDataset, crop_box
 
 
 @torch.no_grad()
@@ -35,6 +36,14 @@ def sample_latents(vae_config, mean: torch.Tensor, std: torch.Tensor, generator:
     return (latents - shift) * vae_config.scaling_factor
 
 
+def latent_mask(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, 1, H, W] pixel masks averaged over each latent's H/h x W/w pixels: [B, 1, h, w] loss weights."""
+    height, width = masks.shape[-2:]
+    # The VAE's scale factor, read off the latents rather than assumed (8 for SD, 2 for the toy model).
+    assert height % size[0] == 0 and width % size[1] == 0, (masks.shape, size)
+    return F.avg_pool2d(masks, (height // size[0], width // size[1]))
+
+
 def vae_fingerprint(vae) -> str:
     """Identifies a VAE's weights cheaply enough to key a disk cache with."""
     digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
@@ -45,11 +54,16 @@ def vae_fingerprint(vae) -> str:
 
 
 class LatentCache:
-    """(item, flipped) -> (mean, std) for every image the run can see, encoded before training."""
+    """(item, flipped) -> (mean, std) for every image the run can see, encoded before training.
+
+    With masks, `masks` holds each one at the latents' size too (not on disk: it is cheap to make,
+    and a disk entry is keyed by the image alone).
+    """
 
     def __init__(self, vae, dataset: ImageCaptionDataset, flips: bool, cache_dir: Path | None,
                  progress: bool = True):
         self.entries: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.masks: dict[tuple[int, bool], torch.Tensor] = {}
         fingerprint = vae_fingerprint(vae) if cache_dir else ""
         wanted = [(item, flipped) for item in range(len(dataset.items)) for flipped in ((False, True) if flips else
                                                                                        (False,))]
@@ -73,12 +87,23 @@ class LatentCache:
                 tensors = {"mean": mean[0].cpu().contiguous(), "std": std[0].cpu().contiguous()}
                 write_file(disk_path, save(tensors))
         self.reused = reused
+        if dataset.has_masks:
+            for (item, flipped), (mean, _) in self.entries.items():
+                # Cached latents are centre crops: random crops are never cached.
+                image = dataset.items[item]
+                _, top_left = crop_box((image.width, image.height), buckets[item])
+                mask = dataset.item_mask(item, buckets[item], flipped, top_left)
+                self.masks[item, flipped] = latent_mask(mask[None], tuple(mean.shape[-2:]))[0]
 
     def batch(self, dataset: ImageCaptionDataset, indices: list[int], epoch: int, device) -> tuple[torch.Tensor, ...]:
         pairs = [self.entries[dataset.item_of[i], dataset.flipped(i, epoch)] for i in indices]
         mean = torch.stack([m for m, _ in pairs]).to(device)
         std = torch.stack([s for _, s in pairs]).to(device)
         return mean, std
+
+    def mask_batch(self, dataset: ImageCaptionDataset, indices: list[int], epoch: int, device) -> torch.Tensor:
+        """The batch's latent-sized masks, [B, 1, h, w]."""
+        return torch.stack([self.masks[dataset.item_of[i], dataset.flipped(i, epoch)] for i in indices]).to(device)
 
 
 class TextCache:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -28,6 +29,7 @@ from ..errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CONCEPT_DIR = re.compile(r"^(\d+)_(.+)$")  # kohya's "N_concept words" folders
+MASK_SUFFIX = ".mask.png"  # NAME.mask.png beside NAME.png weighs its loss; never a training image itself
 _EXIF_ORIENTATION = 0x0112
 # Pillow's own guard warns above 89 MP and refuses 179 MP, close to the 100-150 MP of medium-format
 # cameras. 200 MP (600 MB decoded) admits any single-shot photo and still skips decompression bombs
@@ -37,7 +39,11 @@ MAX_IMAGE_PIXELS = 200_000_000
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One usable image: its caption, repeats per epoch and size after EXIF orientation."""
+    """One usable image: its caption, repeats per epoch and size after EXIF orientation.
+
+    `mask` is the grayscale file that weighs the image's loss, or the image itself when its alpha
+    channel does (see `attach_masks`); None trains every pixel alike.
+    """
 
     path: Path
     caption: str
@@ -45,6 +51,7 @@ class ImageItem:
     width: int
     height: int
     concept: str | None = None
+    mask: Path | None = None
 
 
 @dataclass
@@ -57,6 +64,7 @@ class DatasetScan:
     missing_captions: int = 0
     root: Path | None = None
     notes: list[tuple[Path, str]] = field(default_factory=list)
+    mask_files: int = 0
 
     def summary(self) -> str:
         """A few printable lines describing the scan."""
@@ -70,6 +78,9 @@ class DatasetScan:
             lines.append(f"Used, but check these {len(self.notes)} files:")
             lines += [f"  {shown_path(path, self.root)}: {note}" for path, note in self.notes]
         lines.append(f"Captions missing: {self.missing_captions} (these train with an empty caption).")
+        if self.mask_files:
+            lines.append(f"Mask files ({MASK_SUFFIX}, read with --masked-loss, never trained on as images): "
+                         f"{self.mask_files}.")
         return "\n".join(lines)
 
 
@@ -179,6 +190,7 @@ def find_images(root: Path | str, caption_extension: str = ".txt") -> DatasetSca
     table: dict[str, str] = {}  # the same from captions.csv files
     skipped: list[tuple[Path, str]] = []
     notes: list[tuple[Path, str]] = []
+    mask_files = 0
     # Linked folders are followed (datasets are often assembled from links); each real folder is
     # scanned once, keyed by (device, inode), so a link to an ancestor cannot loop.
     top = root.stat()
@@ -199,9 +211,10 @@ def find_images(root: Path | str, caption_extension: str = ".txt") -> DatasetSca
             jsonl.update(_read_metadata_jsonl(folder / "metadata.jsonl", notes))
         if "captions.csv" in filenames:
             table.update(_read_captions_csv(folder / "captions.csv", notes))
-        image_paths += [
-            folder / n for n in sorted(filenames) if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)
-        ]
+        found = [n for n in sorted(filenames) if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+        masks = [n for n in found if n.lower().endswith(MASK_SUFFIX)]
+        mask_files += len(masks)
+        image_paths += [folder / n for n in found if n not in masks]
 
     items: list[ImageItem] = []
     missing = 0
@@ -231,7 +244,106 @@ def find_images(root: Path | str, caption_extension: str = ".txt") -> DatasetSca
     if not items:
         bad = f"; unreadable: {', '.join(p.name for p, _ in skipped[:10])}" if skipped else ""
         raise DataError(f"no usable images in {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)}){bad}")
-    return DatasetScan(items, skipped, missing, root, notes)
+    return DatasetScan(items, skipped, missing, root, notes, mask_files)
+
+
+# --- Masks -------------------------------------------------------------------------------------
+
+# Single-channel modes a mask file may have: 1-bit, 8-bit, and 16-bit (PNG opens as I;16 or I).
+MASK_MODES = ("1", "L", "I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+MASK_HINT = "save it as a grayscale PNG (white: learnt, black: ignored, grey: in between)"
+
+
+def mask_path(image: Path) -> Path:
+    """Where the mask of `image` lies: NAME.mask.png beside NAME.png (or NAME.jpg, ...)."""
+    return image.with_name(image.stem + MASK_SUFFIX)
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    width, height = img.size
+    return (height, width) if img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
+
+
+def _mask_problem(item: ImageItem, path: Path, root: Path | None) -> str | None:
+    """Why the mask file `path` cannot weigh `item`, or None. Reads the header, and the pixels of a colour file."""
+    shown, image = shown_path(path, root), shown_path(item.path, root)
+    try:
+        with _open_image(path) as img:
+            size = _oriented_size(img)
+            if size != (item.width, item.height):
+                rotated = " (it matches the image before its EXIF rotation: rotate the mask as the image is shown)" \
+                    if size == (item.height, item.width) else ""
+                return (f"mask {shown} is {size[0]}x{size[1]} but its image {image} is {item.width}x{item.height}: a "
+                        f"mask must have its image's size{rotated}")
+            if img.mode in MASK_MODES:
+                return None
+            # A grey mask saved as RGB (or a grey palette) is common and unambiguous; a coloured one is not.
+            if img.mode in ("RGB", "P") and "transparency" not in img.info:
+                rgb = np.asarray(img.convert("RGB"))
+                if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all():
+                    return None
+                return f"mask {shown} has colour (mode {img.mode}, its channels differ): {MASK_HINT}"
+            return f"mask {shown} has mode {img.mode}, not a single grey channel: {MASK_HINT}"
+    except DataError as e:
+        return f"mask {shown}: {e}"
+    except Exception as e:  # PIL raises many types for bad data
+        return f"mask {shown} is unreadable ({type(e).__name__}: {e}): {MASK_HINT}"
+
+
+def _has_alpha(path: Path) -> bool:
+    with _open_image(path) as img:  # the mode and the tRNS chunk are in the header
+        return img.mode in ALPHA_MODES or "transparency" in img.info
+
+
+def _listed(paths: list[Path], root: Path | None, most: int = 5) -> str:
+    names = ", ".join(str(shown_path(path, root)) for path in paths[:most])
+    return names + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
+
+def attach_masks(scan: DatasetScan, alpha: bool = False) -> DatasetScan:
+    """The scan with every item's mask: NAME.mask.png beside it, or (alpha) its own alpha channel.
+
+    Every image must have one: a missing mask, one of another size, or one that is not a single
+    grey channel is a DataError naming the file. An all-white mask trains the whole image.
+    """
+    items, root = scan.items, scan.root
+    if alpha:
+        plain = [item.path for item in items if not _has_alpha(item.path)]
+        if plain:
+            raise DataError(f"{len(plain)} of {len(items)} images have no alpha channel for --alpha-mask: "
+                            f"{_listed(plain, root)}. Save them with transparency (RGBA PNG), or give NAME.mask.png "
+                            "files and use --masked-loss")
+        masked = [dataclasses.replace(item, mask=item.path) for item in items]
+    else:
+        missing = [item.path for item in items if not mask_path(item.path).is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} of {len(items)} images have no mask NAME{MASK_SUFFIX} "
+                            f"beside them: {_listed(missing, root)}. Add one for each (an all-white mask trains "
+                            "the whole image), or drop --masked-loss")
+        problems = [problem for item in items if (problem := _mask_problem(item, mask_path(item.path), root))]
+        if problems:
+            more = f" (and {len(problems) - 1} more masks with problems)" if len(problems) > 1 else ""
+            raise DataError(problems[0] + more)
+        masked = [dataclasses.replace(item, mask=mask_path(item.path)) for item in items]
+    return dataclasses.replace(scan, items=masked)
+
+
+def load_mask(item: ImageItem) -> Image.Image:
+    """An item's mask as a float image (mode F) in [0, 1], EXIF orientation applied as to its image."""
+    with _open_image(item.mask) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    if item.mask == item.path:  # the image's own alpha channel
+        alpha = img.getchannel("A") if img.mode in ("RGBA", "LA") else img.convert("RGBA").getchannel("A")
+        values = np.asarray(alpha, dtype=np.float32) / 255.0
+    elif img.mode in ("1", "L"):
+        values = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    elif img.mode.startswith("I"):  # 16-bit grey
+        values = np.asarray(img, dtype=np.float32) / 65535.0
+    else:  # grey stored as RGB or a palette, checked by attach_masks
+        values = np.asarray(img.convert("RGB"), dtype=np.float32)[..., 0] / 255.0
+    return Image.fromarray(np.clip(values, 0.0, 1.0))  # float32: mode F
 
 
 # --- Loading -----------------------------------------------------------------------------------
@@ -440,6 +552,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     ) -> None:
         _check_probability("flip_prob", flip_prob)
         self.items = list(scan.items)
+        self.has_masks = any(item.mask is not None for item in self.items)  # see attach_masks
         self.buckets = make_buckets(resolution, min_side, max_side, step)
         self.flip_prob, self.random_crop, self.seed = flip_prob, random_crop, seed
         self.caption_options = caption_options or CaptionOptions()
@@ -489,6 +602,36 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         out = ImageOps.mirror(cropped.image) if flipped else cropped.image
         pixels = torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0
         return pixels, cropped
+
+    def item_mask(self, item_index: int, bucket: tuple[int, int], flipped: bool,
+                  crop_top_left: tuple[int, int]) -> torch.Tensor:
+        """An item's mask through its image's geometry (resized to cover `bucket`, cut at `crop_top_left`,
+        maybe mirrored), as a [1, H, W] weight in [0, 1]."""
+        item = self.items[item_index]
+        try:
+            mask = load_mask(item)
+        except Exception as e:
+            raise DataError(f"could not load the mask {item.mask} ({e}); it was readable at start-up, was it "
+                            "changed?") from e
+        (bw, bh), (top, left) = bucket, crop_top_left
+        (new_w, new_h), _ = crop_box(mask.size, bucket)  # the image's own size: attach_masks checked it
+        if (new_w, new_h) != mask.size:
+            # BOX averages the pixels each output pixel covers: a weight stays a weighted mean, in [0, 1].
+            mask = mask.resize((new_w, new_h), Image.Resampling.BOX)
+        mask = mask.crop((left, top, left + bw, top + bh))
+        if flipped:
+            mask = ImageOps.mirror(mask)
+        return torch.from_numpy(np.array(mask, dtype=np.float32))[None].clamp(0.0, 1.0)
+
+    def mask(self, index: int, epoch: int = 0) -> torch.Tensor:
+        """The mask of sample `index` in an epoch, aligned with its `pixel_values`; [1, H, W] in [0, 1].
+
+        Its crop and flip come from `geometry` and `flipped`, the same pure functions of (seed, epoch,
+        index) that crop and flip the image, so the mask is found without loading the image.
+        """
+        _, crop_top_left, _ = self.geometry(index, epoch)
+        return self.item_mask(self.item_of[index], self.sample_buckets[index], self.flipped(index, epoch),
+                              crop_top_left)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         """A sample by (epoch, index): the epoch travels with the key, so prefetching workers never guess."""

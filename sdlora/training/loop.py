@@ -16,7 +16,7 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,13 +31,13 @@ from ..models import components, native_resolution
 from ..sources import load_pipeline
 from ..runlock import RunLock
 from ..targets import PRESETS
-from .caching import LatentCache, TextCache, encode_pixels, sample_latents
+from .caching import LatentCache, TextCache, encode_pixels, latent_mask, sample_latents
 from .checkpoint import (checkpoint_folders, load_state, resolve_resume, rng_states, save_checkpoint,
                          set_rng_states)
 from .config import TrainConfig, class_prompt_list, to_toml, validate
-from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, bucket_histogram,
-                   collate, find_images, truncated_captions)
-from .loss import diffusion_loss, rows_of
+from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, attach_masks,
+                   bucket_histogram, collate, find_images, truncated_captions)
+from .loss import TimestepSampling, diffusion_loss, rows_of
 from .prior import ClassBatch, class_batch_keys, prepare_class_images
 from .runlog import RunLog
 
@@ -61,6 +61,10 @@ class RunPaths:
     @property
     def adapter(self) -> Path:
         return self.root / f"{self.name}.safetensors"
+
+    @property
+    def ema_adapter(self) -> Path:
+        return self.root / f"{self.name}.ema.safetensors"
 
     @property
     def checkpoints(self) -> Path:
@@ -93,6 +97,20 @@ def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
     if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA's decay after optimizer step `step` (from 1): the warm-up of diffusers' EMAModel (its default),
+    0 at the first step, so the average starts as the weights, then min(decay, step / (step + 9)), so that
+    the first steps, where the weights move fast, do not linger in it."""
+    return 0.0 if step <= 1 else min(decay, step / (step + 9))
+
+
+@torch.no_grad()
+def update_ema(averages: list[torch.Tensor], parameters: list[torch.Tensor], decay: float) -> None:
+    """averages <- decay * averages + (1 - decay) * parameters, in place."""
+    for average, parameter in zip(averages, parameters):
+        average.lerp_(parameter.detach(), 1.0 - decay)
 
 
 def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
@@ -168,6 +186,8 @@ class Trainer:
         self.paths = RunPaths(Path(config.output_dir), config.name)
         self.log: RunLog | None = None  # opened by run(), on the main process
         scan = find_images(config.data, config.caption_extension)
+        if config.masked_loss or config.alpha_mask:
+            scan = attach_masks(scan, alpha=config.alpha_mask)
         self.train_scan, self.val_scan = split_validation(scan, config.validation_split, config.seed)
         # Class images for prior preservation: a folder is scanned now, before any model loads; generated
         # ones are made by _load_model, from the base model before the adapter is attached.
@@ -241,7 +261,8 @@ class Trainer:
         pipe.to(self.device)
         targets = config.targets if config.targets in PRESETS else [config.targets]
         loader.add_adapter(pipe, ADAPTER, rank=config.rank, alpha=config.alpha, targets=targets,
-                           components_to_adapt=("unet", *self.trained_encoders), dtype=torch.float32)
+                           components_to_adapt=("unet", *self.trained_encoders), dtype=torch.float32,
+                           dora=config.dora)
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             for name in self.trained_encoders:
@@ -339,13 +360,22 @@ class Trainer:
 
     def _build_optimizer(self) -> None:
         config = self.config
-        groups = [{"params": loader.trainable_parameters(self.unet, ADAPTER), "lr": config.lr}]
-        for name in self.trained_encoders:
-            groups.append({"params": loader.trainable_parameters(getattr(self.pipe, name), ADAPTER),
-                           "lr": config.text_encoder_lr or config.lr})
+        rates = {"unet": config.lr, **{name: config.text_encoder_lr or config.lr for name in self.trained_encoders}}
+        groups = []
+        for component, lr in rates.items():
+            parameters = loader.trainable_parameters(getattr(self.pipe, component), ADAPTER)
+            if config.loraplus_ratio is None:
+                groups.append({"params": parameters, "lr": lr})
+                continue
+            # LoRA+ (Hayou et al. 2024): B (up) learns at ratio x the rate of A (down); DoRA's magnitude stays with A
+            ups = {id(p) for p in loader.up_parameters(getattr(self.pipe, component), ADAPTER)}
+            groups.append({"params": [p for p in parameters if id(p) not in ups], "lr": lr})
+            groups.append({"params": [p for p in parameters if id(p) in ups], "lr": lr * config.loraplus_ratio})
         self.parameters = [p for group in groups for p in group["params"]]
         for parameter in self.parameters:
             parameter.requires_grad_(True)
+        # The EMA of the adapter weights, fp32 like them; `ema_decay_at` starts it as the weights after step 1.
+        self.ema = [p.detach().clone() for p in self.parameters] if config.ema_decay is not None else None
         if config.optimizer == "adamw8bit":
             import bitsandbytes
 
@@ -428,13 +458,29 @@ class Trainer:
         geometry = [ImageGeometry(*dataset.geometry(i, epoch)) for i in indices]
         inputs = self.family.unet_inputs(text, geometry)
         preserve = self._base_prediction(captions, inputs, geometry) if config.preserve_outside_window else None
+        weight = self._loss_weight(dataset, epoch, indices, latents, cache if training else None)
         with self.accelerator.autocast():
             return diffusion_loss(self.wrapped_unet if training else self.unet, self.scheduler, latents, inputs,
                                   generator,
                                   prediction_type=self.prediction_type, noise_offset=config.noise_offset,
-                                  min_snr_gamma=config.min_snr_gamma,
+                                  min_snr_gamma=config.min_snr_gamma, debiased_estimation=config.debiased_estimation,
+                                  loss_type=config.loss_type, huber_c=config.huber_c,
+                                  huber_schedule=config.huber_schedule,
                                   timestep_range=(config.timestep_min, config.timestep_max),
-                                  base_prediction=preserve)
+                                  timestep_sampling=TimestepSampling(config.timestep_sampling, config.logit_mean,
+                                                                     config.logit_std, config.sigmoid_scale),
+                                  base_prediction=preserve, weight=weight)
+
+    def _loss_weight(self, dataset: ImageCaptionDataset, epoch: int, indices: list[int], latents: torch.Tensor,
+                     cache: LatentCache | None) -> torch.Tensor | None:
+        """The batch's masks at the latents' size, [B, 1, h, w], or None when the images have none (class
+        images never have one: they are read without masks)."""
+        if not dataset.has_masks:
+            return None
+        if cache is not None:
+            return cache.mask_batch(dataset, indices, epoch, self.device)
+        masks = torch.stack([dataset.mask(i, epoch) for i in indices])
+        return latent_mask(masks, tuple(latents.shape[-2:])).to(self.device)
 
     def _base_prediction(self, captions: list[str], inputs: dict, geometry: list[ImageGeometry]):
         """The target outside the timestep window: the frozen model's output, adapter off (text included)."""
@@ -464,16 +510,19 @@ class Trainer:
     # -- state
 
     def state(self, step: int, epoch: int, position: int) -> dict:
-        return {"step": step, "epoch": epoch, "position": position, "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.lr_scheduler.state_dict(), "rng": rng_states(),
-                "config": json.dumps(asdict(self.config))}
+        state = {"step": step, "epoch": epoch, "position": position, "optimizer": self.optimizer.state_dict(),
+                 "lr_scheduler": self.lr_scheduler.state_dict(), "rng": rng_states(),
+                 "config": json.dumps(asdict(self.config))}
+        if self.ema is not None:
+            state["ema"] = [average.detach().cpu().clone() for average in self.ema]
+        return state
 
     def restore(self, folder: Path) -> tuple[int, int, int]:
         state = load_state(folder)
         saved = json.loads(state["config"])
         for key in ("rank", "alpha", "targets", "train_text_encoder", "train_text_encoder_2", "seed", "batch_size",
-                    "gradient_accumulation", "resolution", "data", "clip_skip", "max_token_length", "reg_data",
-                    "class_prompts", "num_class_images"):
+                    "gradient_accumulation", "resolution", "data", "clip_skip", "max_token_length", "dora",
+                    "loraplus_ratio", "ema_decay", "reg_data", "class_prompts", "num_class_images"):
             # a checkpoint from before an option existed was trained with its default
             was = saved.get(key, TrainConfig.__dataclass_fields__[key].default)
             if was != getattr(self.config, key):
@@ -482,10 +531,15 @@ class Trainer:
         loader.copy_weights_from(self.pipe, ADAPTER, folder / "adapter.safetensors")
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.ema is not None:
+            with torch.no_grad():
+                for average, saved_average in zip(self.ema, state["ema"], strict=True):
+                    average.copy_(saved_average)
         set_rng_states(state["rng"])
         return state["step"], state["epoch"], state["position"]
 
-    def save_adapter(self, path: Path, dtype: str, step: int) -> Path:
+    def save_adapter(self, path: Path, dtype: str, step: int, ema: bool = False) -> Path:
+        """The adapter file; with ema=True, the same file of the EMA weights (`ema_weights` swaps them in)."""
         config = self.config
         header = {
             "ss_learning_rate": str(config.lr), "ss_unet_lr": str(config.lr),
@@ -497,13 +551,30 @@ class Trainer:
             "ss_clip_skip": str(config.clip_skip or self.family.default_clip_skip),
             "ss_max_token_length": str(config.max_token_length or 75),
             "ss_zero_terminal_snr": str(config.zero_terminal_snr),
-            "ss_seed": str(config.seed), "ss_training_comment": "trained with sdlora",
+            "ss_debiased_estimation": str(config.debiased_estimation), "ss_loss_type": config.loss_type,
+            "ss_huber_c": str(config.huber_c), "ss_huber_schedule": config.huber_schedule,
+            "ss_seed": str(config.seed), "ss_training_comment": "trained with sdlora" + (
+                f"; the exponential moving average of the weights (decay {config.ema_decay})" if ema else ""),
             "ss_num_reg_images": str(len(self.class_dataset) if self.class_dataset else 0),
         }
         record = {"training": asdict(config), "steps": step, "resolution": self.resolution,
-                  "prediction_type": self.prediction_type}
+                  "prediction_type": self.prediction_type, **({"ema": True} if ema else {})}
         return loader.save(self.pipe, path, ADAPTER, dtype=dtype, title=config.name, record=record, header=header,
                            prediction_type=self.prediction_type, resolution=self.resolution)
+
+    @contextmanager
+    def ema_weights(self):
+        """The adapter holds the EMA weights inside the block, its own again after it."""
+        trained = [parameter.detach().clone() for parameter in self.parameters]
+        try:
+            with torch.no_grad():
+                for parameter, average in zip(self.parameters, self.ema):
+                    parameter.copy_(average)
+            yield
+        finally:
+            with torch.no_grad():
+                for parameter, weights in zip(self.parameters, trained):
+                    parameter.copy_(weights)
 
     # -- watching
 
@@ -611,6 +682,8 @@ class Trainer:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
+            if self.ema is not None:
+                update_ema(self.ema, self.parameters, ema_decay_at(step, config.ema_decay))
             faults.kill_point("step")
 
             smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
@@ -640,6 +713,10 @@ class Trainer:
             self.sample(step)
         self.check_finite(step)
         output = self.save_adapter(self.paths.adapter, config.save_dtype, step)
+        if self.ema is not None:
+            with self.ema_weights():
+                ema = self.save_adapter(self.paths.ema_adapter, config.save_dtype, step, ema=True)
+            self.say(f"EMA adapter: {ema}")
         elapsed = time.time() - started
         self.say(f"done: {step} steps in {elapsed:.1f} s ({elapsed / max(1, step):.3f} s/step), peak memory "
                  f"{peak_memory_mb(self.device):.0f} MB\nadapter: {output} ({output.stat().st_size / 1024:.1f} KiB)")
