@@ -254,9 +254,8 @@ def build(cli_values: dict, config_file: str | None = None) -> TrainConfig:
     """Defaults < TOML file < command-line values."""
     values = read_toml(config_file) if config_file else {}
     values.update(cli_values)
-    for key, value in values.items():
-        _check_value(key, value, "command line")
-    return TrainConfig(**values)
+    # Checked values as _check_value returns them: one class prompt from Python is a list of one, too.
+    return TrainConfig(**{key: _check_value(key, value, "command line") for key, value in values.items()})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
