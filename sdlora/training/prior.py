@@ -50,8 +50,8 @@ def class_batch_keys(sampler: BucketBatchSampler, number: int, stride: int) -> I
 
     Micro-batch n (counted over the whole run, every process's included) takes class batch
     n mod B of class epoch n // B, B being the class batches per epoch: a pure function of n and the
-    seed, so a resumed run draws the same class images as an uninterrupted one. The class order does
-    not follow the instance epochs: a few class images go with many instance ones or the reverse.
+    seed, so a resumed run draws the same class images as an uninterrupted one. Class epochs do not
+    line up with instance epochs: with fewer class images than instance images, each is seen more often.
     """
     per_epoch = len(sampler.batches(0))  # the count depends on the buckets alone, not on the epoch
     epoch, batches = None, []
