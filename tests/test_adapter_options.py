@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,17 +25,12 @@ from sdlora.lora import AdaptedLayer
 from sdlora.lycoris import DoRA
 from sdlora.training.config import TrainConfig, validate
 from sdlora.training.loop import Trainer, lr_factor, train
+from test_train import adapter_tensors, config as train_config
 
 
 def config(tiny_dir, images, out, **overrides) -> TrainConfig:
-    values = dict(model=str(tiny_dir), data=str(images), output_dir=str(out), resolution=16, batch_size=4,
-                  max_steps=6, lr=2e-3, rank=4, seed=7, log_every=1, save_dtype="fp32")
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def file_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return {key: tensor.float() for key, tensor in load_file(path).items()}
+    """test_train's tiny run, 6 steps unless told."""
+    return train_config(tiny_dir, images, out, **{"max_steps": 6, **overrides})
 
 
 # ---------------------------------------------------------------- config
@@ -165,7 +159,7 @@ def trained_dora(tiny_dir, images, tmp_path_factory):
 
 def test_trained_dora_file_loads_with_the_training_outputs(trained_dora, pipe):
     path, unet_trained, te_trained = trained_dora
-    tensors = file_tensors(path)
+    tensors = adapter_tensors(path)
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha", f"{name}.dora_scale"} <= set(tensors)
     assert tensors[f"{name}.dora_scale"].shape[0] == 1  # one magnitude per input column
@@ -230,7 +224,7 @@ def test_ema_is_the_warmed_up_average_of_the_weights(tiny_dir, images, tmp_path,
         assert torch.equal(parameter, final)
 
     ema_path = tmp_path / "lora.ema.safetensors"
-    main, ema = file_tensors(path), file_tensors(ema_path)
+    main, ema = adapter_tensors(path), adapter_tensors(ema_path)
     assert main.keys() == ema.keys()
     assert any(not torch.equal(main[key], ema[key]) for key in main)
     with safe_open(path, "pt") as f, safe_open(ema_path, "pt") as g:
@@ -266,7 +260,7 @@ def test_killed_dora_ema_loraplus_run_resumes_to_the_same_files(tiny_dir, images
     resumed = train(config(tiny_dir, images, out, resume="latest", **settings), quiet=True)
     for mine, theirs in ((resumed, reference), (out / "lora.ema.safetensors", tmp_path / "reference" /
                                                 "lora.ema.safetensors")):
-        first, second = file_tensors(mine), file_tensors(theirs)
+        first, second = adapter_tensors(mine), adapter_tensors(theirs)
         assert first.keys() == second.keys() and any(key.endswith("dora_scale") for key in first)
         for key in first:
             torch.testing.assert_close(first[key], second[key], atol=1e-5, rtol=0, msg=key)
