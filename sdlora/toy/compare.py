@@ -65,7 +65,7 @@ def train_or_reuse(config, root: Path, label: str, quiet: bool) -> Run:
 
 
 @dataclass
-class Scores:
+class Rates:
     """The toy scores of one adapter at strength 1 (and the outline at 0), averaged over seed sets."""
 
     values: dict[str, list[float]]  # metric -> one rate per seed set
@@ -84,7 +84,7 @@ METRICS = {
 
 
 def score_adapter(pipe, adapter: Path, per_prompt: int, seeds: list[int], trigger: str | None,
-                  stack_with: Path | None, steps: int, guidance: float) -> tuple[Scores, toy_eval.Evaluation]:
+                  stack_with: Path | None, steps: int, guidance: float) -> tuple[Rates, toy_eval.Evaluation]:
     prompt_sets = {"content": toy_eval.content_prompts()}
     if trigger:
         prompt_sets["trigger"] = toy_eval.trigger_prompts(trigger)
@@ -110,10 +110,10 @@ def score_adapter(pipe, adapter: Path, per_prompt: int, seeds: list[int], trigge
             row = next((r for r in result.rows if r.prompts == prompts and r.strength == strength), None)
             if row is not None:
                 values.setdefault(metric, []).append(getattr(row, field))
-    return Scores(values, per_prompt * len(toy_eval.content_prompts())), first
+    return Rates(values, per_prompt * len(toy_eval.content_prompts())), first
 
 
-def table(runs: list[Run], scores: list[Scores], seeds: list[int]) -> str:
+def table(runs: list[Run], scores: list[Rates], seeds: list[int]) -> str:
     """Markdown: one line per metric, one column per run; each cell the rate per seed set."""
     header = "| | " + " | ".join(run.label for run in runs) + " |"
     lines = [header, "|---" * (len(runs) + 1) + "|"]
