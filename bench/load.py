@@ -55,7 +55,7 @@ def kind_file(pipe, path: Path, kind: str, rank: int) -> Path:
     """A file of one kind over the UNet's attention and MLP layers, with random tensors (kohya names)."""
     from safetensors.torch import save_file
 
-    from sdlora.targets import patterns_for, select
+    from sdlora.adapters.targets import patterns_for, select
 
     generator = torch.Generator().manual_seed(0)
 

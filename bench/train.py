@@ -14,7 +14,7 @@ Architectures (--arch):
   sd15  the real SD 1.5 architecture: UNet 860 M, VAE 84 M, CLIP ViT-L text encoder 123 M.
   sdxl  the real SDXL base 1.0 architecture: UNet 2.57 B, VAE 84 M, CLIP ViT-L 123 M + OpenCLIP
         bigG 695 M (hidden 768 + 1280 = 2048, pooled 1280).
-sd15 and sdxl are built from the configs sdlora ships (sdlora/architectures/sd15, sdxl-base) with
+sd15 and sdxl are built from the configs sdlora ships (sdlora/base_models/configs/sd15, sdxl-base) with
 random weights; nothing is downloaded and nothing is reduced: UNet, VAE, text encoders and the CLIP
 tokenizers are the real ones. The build runs once per invocation, in its own process; the folder is
 saved with fp16 weights (--save-dtype; SDXL: 5.1 GB UNet, 7 GB in all) in a temporary directory that is
@@ -134,8 +134,8 @@ def random_component(source: Path, part: str, class_name: str):
 def build_real(folder: Path, architecture: str, dtype: torch.dtype) -> dict:
     """A diffusers folder of a shipped architecture with random weights, one component at a time (so
     that only one full-size model is in memory), saved in `dtype`; tokenizers from the shipped BPE."""
-    from sdlora import architectures
-    from sdlora.clip_tokenizer import clip_tokenizer
+    from sdlora.base_models import architectures
+    from sdlora.base_models.clip_tokenizer import clip_tokenizer
 
     source = architectures.config_folder(architecture)
     index = json.loads((source / "model_index.json").read_text())

@@ -3,7 +3,7 @@
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ below imports them
-    from .adapter import read_adapter
+    from .files.safetensors import read_adapter
     from .errors import AdapterFileError, ConfigError, DataError, FamilyMismatch, ModelError, SdloraError
     from .loader import (
         AdapterInfo,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import loader
 from .training import config
-from .durable import write_file
+from .reliability.durable import write_file
 from .errors import AdapterFileError, ConfigError, SdloraError, TrainingDiverged, WriteFailed
 
 
@@ -232,7 +232,7 @@ def positive_int(text: str) -> int:
 
 
 def target_presets() -> list[str]:
-    from .targets import PRESETS
+    from .adapters.targets import PRESETS
 
     return list(PRESETS)
 
@@ -313,7 +313,7 @@ def run_toy(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from . import inspection
+    from .tools import inspect as inspection
 
     reports = [inspection.inspect(path) for path in args.files]
     if args.json:
@@ -324,8 +324,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from . import generate
-    from .merge import parse_weighted
+    from .tools import generate
+    from .tools.merge import parse_weighted
 
     if args.compare and not args.lora:
         raise ConfigError("--compare shows adapters at several strengths: give at least one --lora")
@@ -347,12 +347,12 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from .merge import merge_files, parse_weighted
+    from .tools.merge import merge_files, parse_weighted
 
     sources = [parse_weighted(value) for value in args.files]
     if args.into:
-        from . import bake
-        from .sources import load_pipeline
+        from .tools import bake
+        from .base_models.sources import load_pipeline
 
         if args.rank:
             raise ConfigError("--rank applies to merged adapter files; --into bakes the full update into the model")
@@ -377,7 +377,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_resize(args: argparse.Namespace) -> int:
-    from .merge import resize_file
+    from .tools.merge import resize_file
 
     report = resize_file(args.file, args.output, args.rank, args.energy, args.dtype)
     print(f"wrote {args.output}")
@@ -386,7 +386,7 @@ def run_resize(args: argparse.Namespace) -> int:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from .extract import extract_file
+    from .tools.extract import extract_file
 
     names = [name.strip() for name in args.components.split(",") if name.strip()] if args.components else None
     quiet_libraries()
@@ -399,11 +399,11 @@ def run_extract(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .tools.convert import convert
 
     model = None
     if args.model:
-        from .sources import load_pipeline
+        from .base_models.sources import load_pipeline
 
         quiet_libraries()
         model = load_pipeline(args.model)

@@ -12,17 +12,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import SAVE_DTYPES, build_metadata, read_adapter, recorded_targets, write_adapter
-from .formats import ModuleTensors, ModuleWeights, describe_unsupported, module_roles, parse_state_dict, to_kohya
+from .files.safetensors import SAVE_DTYPES, build_metadata, read_adapter, recorded_targets, write_adapter
+from .files.layouts import ModuleTensors, ModuleWeights, describe_unsupported, module_roles, parse_state_dict, to_kohya
 from .errors import AdapterFileError, FamilyMismatch
-from .families import FAMILIES, detect_family, family_from_tensors, family_named_in_metadata
-from .keys import component_of_file_key, module_key
-from .lora import LoRA, AdaptedLayer
-from .lycoris import DoRA, build_adapter
-from .models import components, native_resolution, unet_block_counts
-from .sgm import unet_module_map
-from .strength import Strength, check_strength, resolve_strength
-from .targets import adaptable_modules, patterns_for, select
+from .base_models.families import FAMILIES, detect_family, family_from_tensors, family_named_in_metadata
+from .files.names import component_of_file_key, module_key
+from .adapters.lora import LoRA, AdaptedLayer
+from .adapters.lycoris import DoRA, build_adapter
+from .base_models.parts import components, native_resolution, unet_block_counts
+from .base_models.sgm import unet_module_map
+from .adapters.strength import Strength, check_strength, resolve_strength
+from .adapters.targets import adaptable_modules, patterns_for, select
 
 logger = logging.getLogger("sdlora")
 _REGISTRY = "_sdlora_adapters"
@@ -229,7 +229,7 @@ def load(target, path: str | os.PathLike, strength: Strength = 1.0, name: str | 
     """Apply an adapter file to a pipeline (or a bare UNet / text encoder); returns its name.
 
     Reads sdlora, kohya/A1111, diffusers, PEFT, ComfyUI and SimpleTuner files, plain LoRA or a LyCORIS
-    kind (LoCon, LoHa, LoKr, full, with or without DoRA); see sdlora/formats.py. With strict=False,
+    kind (LoCon, LoHa, LoKr, full, with or without DoRA); see sdlora/files/layouts.py. With strict=False,
     tensors that name no layer of this model are skipped and reported instead of refused.
     Nothing is modified unless the whole file checks out.
     """
@@ -272,7 +272,7 @@ def add_adapter(target, name: str, rank: int = 16, alpha: float | None = None, t
     """Attach a fresh, trainable adapter (down Kaiming-uniform, up zero); returns the module keys adapted.
 
     alpha defaults to rank (scale 1); dtype defaults to each base layer's. With dora=True each layer is
-    a DoRA over the LoRA (sdlora.lycoris.DoRA.trainable), its magnitude starting at the base weight's
+    a DoRA over the LoRA (sdlora.adapters.lycoris.DoRA.trainable), its magnitude starting at the base weight's
     norms. Raises if the targets match no layer of a component asked for.
     """
     parts = components(target)
@@ -307,7 +307,7 @@ def add_adapter(target, name: str, rank: int = 16, alpha: float | None = None, t
 
 
 def set_strength(target, name: str, strength: Strength) -> None:
-    """Change an adapter's strength: a float, per component, or per UNet block (see sdlora.strength)."""
+    """Change an adapter's strength: a float, per component, or per UNet block (see sdlora.adapters.strength)."""
     parts = components(target)
     info = _require_loaded(parts, name)
     check_strength(strength, unet_block_counts(parts), list(parts))

@@ -21,8 +21,8 @@ import sdlora
 from conftest import te_out, unet_out
 from sdlora.errors import ConfigError
 from sdlora.loader import up_parameters
-from sdlora.lora import AdaptedLayer
-from sdlora.lycoris import DoRA
+from sdlora.adapters.lora import AdaptedLayer
+from sdlora.adapters.lycoris import DoRA
 from sdlora.training.config import TrainConfig, validate
 from sdlora.training.loop import Trainer, lr_factor, train
 from test_train import adapter_tensors, config as train_config
@@ -85,7 +85,7 @@ def test_loraplus_gives_the_up_matrices_their_own_scaled_learning_rate(tiny_dir,
 def test_loraplus_moves_up_by_adamws_step_at_the_scaled_rate():
     """One AdamW step over two groups is the independent per-tensor update with each group's rate."""
     base = nn.Linear(6, 5)
-    lora = sdlora.lora.LoRA(base, 2)
+    lora = sdlora.adapters.lora.LoRA(base, 2)
     with torch.no_grad():
         lora.up.weight.normal_()
     groups = [{"params": [lora.down.weight], "lr": 1e-2}, {"params": [lora.up.weight], "lr": 1e-2 * 16}]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sdlora import architectures
+from sdlora.base_models import architectures
 from sdlora.toy.pipelines import tiny_sdxl_unet, tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]

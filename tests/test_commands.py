@@ -12,14 +12,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import sdlora
-from sdlora.adapter import read_adapter
+from sdlora.files.safetensors import read_adapter
 from sdlora.cli import main
-from sdlora.families import SD1, SDXL, detect_family
-from sdlora.generate import label_height
-from sdlora.keys import kohya_name, module_key
-from sdlora.lora import AdaptedLayer
-from sdlora.models import components
-from sdlora.sgm import unet_module_map
+from sdlora.base_models.families import SD1, SDXL, detect_family
+from sdlora.tools.generate import label_height
+from sdlora.files.names import kohya_name, module_key
+from sdlora.adapters.lora import AdaptedLayer
+from sdlora.base_models.parts import components
+from sdlora.base_models.sgm import unet_module_map
 from sdlora.toy.pipelines import save_tiny_pipeline
 from conftest import make_adapter_file, randomize, te_out, unet_out
 
@@ -253,7 +253,7 @@ def test_merge_pairs_unet_names_only_where_the_layout_is_known(tmp_path, capsys,
 
 def test_merge_into_a_model_folder_and_a_checkpoint(pipe, tiny_dir, two_files, tmp_path, capsys):
     from diffusers import StableDiffusionPipeline
-    from sdlora.sources import load_pipeline
+    from sdlora.base_models.sources import load_pipeline
 
     a, b = two_files
     sdlora.load(pipe, a, strength=0.7)
@@ -312,7 +312,7 @@ def test_resize_full_rank_is_exact_and_lower_rank_reports_its_energy(pipe, tmp_p
 
 def tune(folder, out, rank, seed, targets="attn-mlp"):
     """A 'fine-tune': the base plus a known rank-`rank` delta on the targeted layers; returns the deltas."""
-    from sdlora.sources import load_pipeline
+    from sdlora.base_models.sources import load_pipeline
 
     tuned = load_pipeline(str(folder))
     sdlora.add_adapter(tuned, "t", rank=rank, targets=targets)

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sdlora
-from sdlora.convert import convert
-from sdlora.sources import load_pipeline
+from sdlora.tools.convert import convert
+from sdlora.base_models.sources import load_pipeline
 from sdlora.toy.pipelines import save_tiny_pipeline
 from conftest import randomize
 from test_families import diffusers_sdxl_file, outputs

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from sdlora import durable
+from sdlora.reliability import durable
 from sdlora.training.checkpoint import checkpoint_folders
-from sdlora.durable import TEMPORARY_SUFFIX, WriteFailed, publish_folder, write_file
-from sdlora.runlock import LOCK_FILE, OutputFolderBusy, RunLock
+from sdlora.reliability.durable import TEMPORARY_SUFFIX, WriteFailed, publish_folder, write_file
+from sdlora.reliability.runlock import LOCK_FILE, OutputFolderBusy, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def test_kill_halfway_through_a_write_leaves_the_old_file(tmp_path):
     target = tmp_path / "lora.safetensors"
     write_file(target, b"complete old file")
     process = run_python(f"""
-        from sdlora.durable import write_file
+        from sdlora.reliability.durable import write_file
         write_file({str(target)!r}, b"n" * 100000)
     """, env={"SDLORA_TEST_FAULT": "kill:write:1:lora.safetensors"})
     assert process.returncode == -signal.SIGKILL
@@ -113,7 +113,7 @@ def test_replacing_a_checkpoint_never_leaves_neither(tmp_path):
     make_checkpoint(checkpoints / ".new", "new")
     process = run_python(f"""
         from pathlib import Path
-        from sdlora.durable import publish_folder
+        from sdlora.reliability.durable import publish_folder
         publish_folder(Path({str(checkpoints / '.new')!r}), Path({str(checkpoints / 'step-000010')!r}))
     """, env={"SDLORA_TEST_FAULT": "kill:publish:1:step-000010"})
     assert process.returncode == -signal.SIGKILL
@@ -130,7 +130,7 @@ def test_replacing_a_checkpoint_never_leaves_neither(tmp_path):
 def test_a_second_run_on_the_same_folder_is_refused_naming_the_first(tmp_path):
     holder = run_python(f"""
         import sys, time
-        from sdlora.runlock import RunLock
+        from sdlora.reliability.runlock import RunLock
         with RunLock({str(tmp_path)!r}):
             print("locked", flush=True)
             time.sleep(60)
@@ -150,7 +150,7 @@ def test_a_second_run_on_the_same_folder_is_refused_naming_the_first(tmp_path):
 def test_the_lock_of_a_killed_run_is_taken_over_with_a_message(tmp_path):
     holder = run_python(f"""
         import os, signal
-        from sdlora.runlock import RunLock
+        from sdlora.reliability.runlock import RunLock
         RunLock({str(tmp_path)!r}).acquire()
         os.kill(os.getpid(), signal.SIGKILL)
     """)

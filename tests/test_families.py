@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 import sdlora
 from sdlora.errors import FamilyMismatch
-from sdlora.families import SD1, SD2, SDXL, TextOptions, chunked_token_ids, detect_family
-from sdlora.models import components
+from sdlora.base_models.families import SD1, SD2, SDXL, TextOptions, chunked_token_ids, detect_family
+from sdlora.base_models.parts import components
 from sdlora.training.config import TrainConfig
 from sdlora.training.loop import Trainer
 from sdlora.toy.pipelines import save_tiny_pipeline
@@ -28,7 +28,7 @@ def family_dir(request, tmp_path_factory):
 
 
 def load_pipe(folder: Path):
-    from sdlora.sources import load_pipeline
+    from sdlora.base_models.sources import load_pipeline
 
     return load_pipeline(str(folder))
 
@@ -254,7 +254,7 @@ def test_sdxl_resume_is_exact(images, tmp_path):
 def test_sdxl_kohya_files_with_diffusers_paths_load_as_with_original_names(tmp_path):
     """Some trainers name SDXL UNet modules by diffusers paths (`lora_unet_down_blocks_1_…`); ComfyUI
     reads both spellings, and so do we: the same tensors give the same model."""
-    from sdlora import sgm
+    from sdlora.base_models import sgm
 
     pipe = load_pipe(save_tiny_pipeline(tmp_path / "pipe", family="sdxl"))
     sdlora.add_adapter(pipe, "a", rank=2, targets="attn-mlp", components_to_adapt=("unet",))

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import sdlora
-from sdlora.adapter import AdapterFileError, write_adapter
+from sdlora.files.safetensors import AdapterFileError, write_adapter
 from conftest import make_adapter_file, unet_out
 
 
@@ -183,7 +183,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         os.write(descriptor, b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("sdlora.durable._write_all", crash)
+    monkeypatch.setattr("sdlora.reliability.durable._write_all", crash)
     with pytest.raises(KeyboardInterrupt):
         write_adapter(path, {"x": torch.zeros(3)}, {})
     assert path.read_bytes() == original

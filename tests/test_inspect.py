@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import sdlora
 from sdlora.cli import main
-from sdlora.inspection import inspect
+from sdlora.tools.inspect import inspect
 from conftest import make_adapter_file
 
 

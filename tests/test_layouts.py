@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sdlora
-from sdlora import sgm
-from sdlora.sources import load_pipeline
+from sdlora.base_models import sgm
+from sdlora.base_models.sources import load_pipeline
 from sdlora.toy.pipelines import save_tiny_pipeline
 from conftest import randomize
 from test_families import outputs

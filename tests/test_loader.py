@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import sdlora
-from sdlora.lora import AdaptedLayer
+from sdlora.adapters.lora import AdaptedLayer
 from conftest import make_adapter_file, randomize, te_out, unet_out
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlora.lora import AdaptedLayer, LoRA
+from sdlora.adapters.lora import AdaptedLayer, LoRA
 
 
 def random_lora(base, rank, alpha, seed):

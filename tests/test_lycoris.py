@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sdlora
-import sdlora.lora
+import sdlora.adapters.lora
 from conftest import te_out, unet_out
 from lycoris_reference import VARIANTS, make_reference
 
@@ -43,7 +43,7 @@ def test_dora_gives_lycoris_outputs_at_full_strength_and_blends_below(pipe, tmp_
     name = sdlora.load(pipe, reference.path)
     torch.testing.assert_close(unet_out(pipe), reference.outputs["unet"][1.0], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(te_out(pipe), reference.outputs["text_encoder"][1.0], atol=2e-5, rtol=1e-4)
-    layers = [module for module in pipe.unet.modules() if isinstance(module, sdlora.lora.AdaptedLayer)]
+    layers = [module for module in pipe.unet.modules() if isinstance(module, sdlora.adapters.lora.AdaptedLayer)]
     full = [layer.delta_weight() for layer in layers]
     sdlora.set_strength(pipe, name, 0.5)
     for layer, delta in zip(layers, full):
@@ -55,7 +55,7 @@ def test_dora_gives_lycoris_outputs_at_full_strength_and_blends_below(pipe, tmp_
 @pytest.mark.parametrize("variant", ["loha", "lokr", "lokr-tucker", "locon-tucker"])
 def test_resize_goes_through_the_full_update(pipe, tmp_path, variant):
     """`sdlora resize` on a LyCORIS file: at full energy, the LoRA it writes gives LyCORIS's own outputs."""
-    from sdlora.merge import resize_file
+    from sdlora.tools.merge import resize_file
 
     reference = make_reference(pipe, variant, tmp_path / f"{variant}.safetensors")
     resize_file(reference.path, tmp_path / "resized.safetensors", energy=1.0, dtype="fp32")
@@ -66,7 +66,7 @@ def test_resize_goes_through_the_full_update(pipe, tmp_path, variant):
 
 
 def test_what_a_lora_cannot_hold_is_refused_by_resize(pipe, tmp_path):
-    from sdlora.merge import resize_file
+    from sdlora.tools.merge import resize_file
 
     reference = make_reference(pipe, "full", tmp_path / "full.safetensors")  # it changes biases too
     with pytest.raises(sdlora.AdapterFileError, match="changes the bias"):

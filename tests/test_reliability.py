@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import sdlora
-from sdlora import cli, durable
-from sdlora.durable import TEMPORARY_SUFFIX
-from sdlora.runlock import LOCK_FILE
+from sdlora import cli
+from sdlora.reliability import durable
+from sdlora.reliability.durable import TEMPORARY_SUFFIX
+from sdlora.reliability.runlock import LOCK_FILE
 from sdlora.training.loop import Trainer, TrainingDiverged, diverged_message, train
 from test_train import assert_adapters_close, config
 

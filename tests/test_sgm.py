@@ -1,4 +1,4 @@
-"""sdlora.sgm against diffusers' own converters, for toy and real (meta-device) UNet configs."""
+"""sdlora.base_models.sgm against diffusers' own converters, for toy and real (meta-device) UNet configs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sdlora import sgm
+from sdlora.base_models import sgm
 from sdlora.toy.pipelines import build_clip_tokenizer, tiny_sdxl_unet, tiny_unet, tiny_vae
 
 # Public UNet configs (huggingface.co/<repo>/blob/main/unet/config.json); the rest are diffusers' defaults.

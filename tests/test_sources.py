@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdlora import architectures
-from sdlora.checkpoint_layout import open_clip_to_original, pipeline_to_original
-from sdlora.clip_tokenizer import clip_tokenizer
-from sdlora.single_file import load_tokenizer, read_ckpt
-from sdlora.sources import ModelSourceError, load_pipeline
+from sdlora.base_models import architectures
+from sdlora.base_models.checkpoints import open_clip_to_original, pipeline_to_original
+from sdlora.base_models.clip_tokenizer import clip_tokenizer
+from sdlora.base_models.single_file import load_tokenizer, read_ckpt
+from sdlora.base_models.sources import ModelSourceError, load_pipeline
 from sdlora.toy.pipelines import save_tiny_pipeline, tiny_sdxl_pipeline
 
 TOY = Path(__file__).resolve().parents[1] / "models" / "toy-sd1"
@@ -420,15 +420,15 @@ def test_package_data_is_declared():
 
     root = Path(architectures.__file__).parent
     patterns = tomllib.loads((TOY.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    patterns = patterns["sdlora.architectures"]
+    patterns = patterns["sdlora.base_models"]
     files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.suffix != ".py"
              and "__pycache__" not in p.parts]
     assert files and all(any(fnmatch.fnmatch(f, pattern) for pattern in patterns) for f in files)
     for name in architectures.ARCHITECTURES:
-        index = json.loads((root / name / "model_index.json").read_text())
+        index = json.loads((root / "configs" / name / "model_index.json").read_text())
         for part, (library, _class) in ((k, v) for k, v in index.items() if isinstance(v, list)):
             if library is not None and part != "scheduler":
-                assert (root / name / part).is_dir(), f"{name}/{part}"
+                assert (root / "configs" / name / part).is_dir(), f"{name}/{part}"
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])

@@ -264,7 +264,7 @@ def test_toy_eval_command_prints_a_table_and_writes_a_grid(tmp_path, capsys):
 def _relative_effect(pipe, name: str, timesteps: tuple[int, ...]) -> dict[int, float]:
     """|UNet output with the adapter - without| / |without|, on fixed latents and toy prompts."""
     import sdlora
-    from sdlora.families import SD1
+    from sdlora.base_models.families import SD1
 
     prompts = ["a red circle", "a blue square", "a green triangle"]
     context = SD1.encode_text([pipe.text_encoder], [pipe.tokenizer], prompts).hidden

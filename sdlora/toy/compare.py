@@ -14,7 +14,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import durable, loader
+from ..reliability import durable
+
+from .. import loader
 from ..errors import ConfigError
 from . import eval as toy_eval
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from ..durable import write_file
-from ..families import TextConditioning
+from ..reliability.durable import write_file
+from ..base_models.families import TextConditioning
 from .data import ImageCaptionDataset, crop_box
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..durable import TEMPORARY_SUFFIX, publish_folder, recover_folder, remove_tree, write_file
+from ..reliability.durable import TEMPORARY_SUFFIX, publish_folder, recover_folder, remove_tree, write_file
 from ..errors import ConfigError
 
 STEP_FOLDER = re.compile(r"^step-(\d+)$")

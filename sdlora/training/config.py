@@ -18,7 +18,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..targets import PRESETS
+from ..adapters.targets import PRESETS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -307,7 +307,7 @@ def validate(config: TrainConfig) -> None:
         if not getattr(config, key):
             raise ConfigError(f"--{key.replace('_', '-')} is required")
     from ..errors import ModelError
-    from ..sources import check_model_source
+    from ..base_models.sources import check_model_source
 
     try:
         check_model_source(config.model, config.model_config)

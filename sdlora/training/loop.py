@@ -23,14 +23,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import faults, loader
+from .. import loader
+from ..reliability import faults
 from ..errors import ConfigError, TrainingDiverged, WriteFailed
-from ..families import ImageGeometry, TextConditioning, TextOptions, detect_family
-from ..durable import remove_temporaries, write_file, write_text
-from ..models import components, native_resolution
-from ..sources import load_pipeline
-from ..runlock import RunLock
-from ..targets import PRESETS
+from ..base_models.families import ImageGeometry, TextConditioning, TextOptions, detect_family
+from ..reliability.durable import remove_temporaries, write_file, write_text
+from ..base_models.parts import components, native_resolution
+from ..base_models.sources import load_pipeline
+from ..reliability.runlock import RunLock
+from ..adapters.targets import PRESETS
 from .caching import LatentCache, TextCache, encode_pixels, latent_mask, sample_latents
 from .checkpoint import (checkpoint_folders, load_state, resolve_resume, rng_states, save_checkpoint,
                          set_rng_states)

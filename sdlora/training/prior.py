@@ -28,7 +28,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from ..durable import remove_temporaries, write_file, write_text
+from ..reliability.durable import remove_temporaries, write_file, write_text
 from .data import BucketBatchSampler
 
 FINGERPRINT_FILE = "fingerprint.json"  # written last: its presence means every image is there
@@ -103,7 +103,7 @@ def prepare_class_images(pipe, folder: Path, prompts: list[str], count: int, res
     to the folder last; a folder with the same fingerprint is reused as it is. While generating, the
     fingerprint sits in a hidden pending file instead, so a run killed halfway leaves a folder that
     is never taken as complete: the next run with the same settings keeps the finished images (each
-    written whole, see sdlora.durable) and makes the rest; one with other settings starts over.
+    written whole, see sdlora.reliability.durable) and makes the rest; one with other settings starts over.
     """
     # Named as the config keys they come from, so that a message about a change names the key to look at.
     wanted = {"model": model_fingerprint(pipe), "class_prompts": prompts, "num_class_images": count,

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from ..durable import failure, write_text
+from ..reliability.durable import failure, write_text
 
 
 class RunLog:

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import WriteFailed
+from ..errors import WriteFailed
 from .faults import kill_point
 
 TEMPORARY_SUFFIX = ".sdlora-tmp"  # what `remove_temporaries` may delete: never a user's own file

@@ -1,7 +1,7 @@
 """Load a whole pipeline from one original-layout `.safetensors` or `.ckpt` file, offline.
 
 diffusers' `from_single_file` does the weight conversion; we hand it everything it would otherwise
-fetch from the hub: the diffusers configs (shipped in sdlora/architectures, or the user's
+fetch from the hub: the diffusers configs (shipped in sdlora/base_models/configs, or the user's
 `model_config` folder), the tokenizers (built from the shipped CLIP BPE) and the scheduler.
 """
 

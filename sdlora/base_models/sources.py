@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import ModelError
+from ..errors import ModelError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

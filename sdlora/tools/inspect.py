@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .adapter import read_adapter, recorded_targets
-from .families import Family, family_from_tensors, family_named_in_metadata
-from .formats import ModuleTensors, file_layout, split_tensor_name
-from .keys import component_of_file_key
-from .lycoris import standalone_update
+from ..files.safetensors import read_adapter, recorded_targets
+from ..base_models.families import Family, family_from_tensors, family_named_in_metadata
+from ..files.layouts import ModuleTensors, file_layout, split_tensor_name
+from ..files.names import component_of_file_key
+from ..adapters.lycoris import standalone_update
 
 # Header keys worth showing, in this order, with a label.
 FACTS = {
@@ -56,8 +56,8 @@ def _original_names(family: Family | None) -> dict[str, str]:
     names in the original layout (`input_blocks_4_1_…`) are shown by diffusers block (`down 1`)."""
     if family is None:
         return {}
-    from .architectures import STANDARD, unet_config
-    from .sgm import unet_module_map
+    from ..base_models.architectures import STANDARD, unet_config
+    from ..base_models.sgm import unet_module_map
 
     mapping = unet_module_map(unet_config(STANDARD[family.name]))
     return {original.replace(".", "_"): path for path, original in mapping.items()}
@@ -181,8 +181,8 @@ def inspect(path: str | Path) -> Report:
 def _unreachable(tensors: dict, metadata: dict, family: Family) -> list[str]:
     """Keys that a loader of the named family would not find: read against its standard architecture."""
     from .convert import module_keys, standard_parts
-    from .formats import parse_state_dict
-    from .sgm import unet_module_map
+    from ..files.layouts import parse_state_dict
+    from ..base_models.sgm import unet_module_map
 
     parts = standard_parts(family)
     original = unet_module_map(dict(parts["unet"].config))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import ModuleWeights
+from .layouts import ModuleWeights
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import SAVE_DTYPES, recorded_targets, write_adapter
-from .errors import AdapterFileError, ConfigError, FamilyMismatch
-from .families import SDXL, Family
-from .file_modules import (GROUP_ORDER, AdapterModules, group_of, kohya_state_dict, output_metadata, read_modules,
+from ..files.safetensors import SAVE_DTYPES, recorded_targets, write_adapter
+from ..errors import AdapterFileError, ConfigError, FamilyMismatch
+from ..base_models.families import SDXL, Family
+from ..files.standalone import (GROUP_ORDER, AdapterModules, group_of, kohya_state_dict, output_metadata, read_modules,
                            widest_dtype, with_original_unet_names)
-from .formats import ModuleWeights
-from .lycoris import standalone_update
-from .lowrank import Factored, lora_factors, rank_for_energy, spectrum, truncate, with_common_alpha
+from ..files.layouts import ModuleWeights
+from ..adapters.lycoris import standalone_update
+from ..files.lowrank import Factored, lora_factors, rank_for_energy, spectrum, truncate, with_common_alpha
 
 Update = Factored | torch.Tensor
 

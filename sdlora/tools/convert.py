@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import read_adapter, write_adapter
-from .errors import AdapterFileError
-from .families import Family, detect_family, family_from_tensors, family_named_in_metadata
-from .formats import ModuleTensors, ModuleWeights, Parsed, parse_state_dict, to_kohya
-from .keys import split_key
-from .models import components
-from .sgm import unet_module_map
-from .targets import adaptable_modules
+from ..files.safetensors import read_adapter, write_adapter
+from ..errors import AdapterFileError
+from ..base_models.families import Family, detect_family, family_from_tensors, family_named_in_metadata
+from ..files.layouts import ModuleTensors, ModuleWeights, Parsed, parse_state_dict, to_kohya
+from ..files.names import split_key
+from ..base_models.parts import components
+from ..base_models.sgm import unet_module_map
+from ..adapters.targets import adaptable_modules
 
 LAYOUTS = ("kohya", "diffusers", "comfy")
 
@@ -38,7 +38,7 @@ def standard_parts(family: Family) -> dict[str, nn.Module]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from . import architectures
+    from ..base_models import architectures
 
     folder = architectures.config_folder(architectures.STANDARD[family.name])
     with init_empty_weights():
@@ -51,7 +51,7 @@ def standard_parts(family: Family) -> dict[str, nn.Module]:
 
 
 def module_keys(parts: dict[str, nn.Module]) -> list[str]:
-    from .keys import module_key
+    from ..files.names import module_key
 
     return [module_key(component, path) for component, model in parts.items()
             for path in adaptable_modules(model)]

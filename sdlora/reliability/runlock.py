@@ -14,7 +14,7 @@ import os
 import socket
 from pathlib import Path
 
-from .errors import OutputFolderBusy
+from ..errors import OutputFolderBusy
 
 LOCK_FILE = ".sdlora.lock"
 

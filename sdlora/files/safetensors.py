@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from .durable import write_file
-from .errors import AdapterFileError
-from .formats import ModuleTensors, ModuleWeights, module_roles
-from .families import Family
+from ..reliability.durable import write_file
+from ..errors import AdapterFileError
+from .layouts import ModuleTensors, ModuleWeights, module_roles
+from ..base_models.families import Family
 
 FORMAT_VERSION = 1
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

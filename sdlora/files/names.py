@@ -12,7 +12,7 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .families import Family
+    from ..base_models.families import Family
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -71,7 +71,7 @@ def kohya_index(family: Family, keys: list[str], original_paths: dict[str, str] 
 
 def _file_prefixes() -> tuple[tuple[str, str], ...]:
     """(prefix, component) for every prefix an adapter file's key may start with, longest first."""
-    from .families import FAMILIES
+    from ..base_models.families import FAMILIES
 
     pairs = {(f"{prefix}_", component) for family in FAMILIES.values()
              for component, prefix in family.kohya_prefixes.items()}

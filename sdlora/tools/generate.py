@@ -17,10 +17,10 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from . import loader
-from .durable import write_file
-from .errors import AdapterFileError, ConfigError
-from .models import native_resolution
+from .. import loader
+from ..reliability.durable import write_file
+from ..errors import AdapterFileError, ConfigError
+from ..base_models.parts import native_resolution
 
 COMPARE_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -64,7 +64,7 @@ def image_size(pipe, size: tuple[int, int] | None) -> tuple[int, int]:
 
 def load_with_adapters(model: str, loras: list[tuple[Path, float]], fuse: bool = False):
     """The pipeline on the run-time device with the adapters loaded; returns (pipe, adapter names)."""
-    from .sources import load_pipeline
+    from ..base_models.sources import load_pipeline
 
     for path, _ in loras:  # before the minutes a large model takes to load
         if not Path(path).exists():

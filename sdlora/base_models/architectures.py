@@ -36,14 +36,14 @@ class UnknownArchitecture(ValueError):
     """The checkpoint is not one of ARCHITECTURES; the message says why and what to pass instead."""
 
 
-# The architecture a model family's files are read against when no model is given (sdlora.families names).
+# The architecture a model family's files are read against when no model is given (sdlora.base_models.families names).
 STANDARD = {"sd1": "sd15", "sd2": "sd21-v", "sdxl": "sdxl-base"}
 
 
 def config_folder(name: str) -> Path:
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; shipped: {', '.join(ARCHITECTURES)}")
-    return Path(str(resources.files(__name__) / name))
+    return Path(str(resources.files(__package__) / "configs" / name))
 
 
 def unet_config(name: str) -> dict:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ModelError
+from ..errors import ModelError
 
 KOHYA_UNET_PREFIX = "lora_unet"
 

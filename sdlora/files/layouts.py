@@ -6,7 +6,7 @@ diffusers' or the original block layout), PEFT as diffusers saves it (`unet.….
 `.lora_linear_layer.down.weight`, and the attention-processor form `….processor.to_q_lora.down.weight`),
 ComfyUI's own (`diffusion_model.<original path>`, `text_encoders.clip_l.transformer.…`) and SimpleTuner's
 LyCORIS names (`lycoris_<UNet path>`). Per module, plain LoRA or a LyCORIS kind (`hada_*`, `lokr_*`,
-`lora_mid`, `diff`, `dora_scale`; built by sdlora/lycoris.py). Layout written: kohya (convert.py
+`lora_mid`, `diff`, `dora_scale`; built by sdlora/adapters/lycoris.py). Layout written: kohya (convert.py
 writes the others).
 No I/O here, and every key is accounted for: a key left over is reported, never dropped silently.
 """
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .families import Family
-from .keys import TEXT_ENCODERS, canonical_path, kohya_index, kohya_name
+from ..base_models.families import Family
+from .names import TEXT_ENCODERS, canonical_path, kohya_index, kohya_name
 
 # Tensor-name suffix -> role, longest first so `lora.down.weight` wins over `down.weight`-like tails.
 ROLES = {
@@ -34,12 +34,12 @@ ROLES = {
     "lora_A.weight": "down",
     "lora_B.weight": "up",
     "alpha": "alpha",
-    # LyCORIS (sdlora/lycoris.py): these keep their file names as roles
+    # LyCORIS (sdlora/adapters/lycoris.py): these keep their file names as roles
     **{role: role for role in ("lora_mid.weight", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1",
                                "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
                                "lokr_t2", "dora_scale", "diff", "diff_b")},
 }
-# The LoRA roles by their kohya file names, as the adapter kinds (sdlora/lycoris.py) take them.
+# The LoRA roles by their kohya file names, as the adapter kinds (sdlora/adapters/lycoris.py) take them.
 FILE_ROLES = {"down": "lora_down.weight", "up": "lora_up.weight"}
 PROCESSOR_FORM = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 
@@ -72,7 +72,7 @@ class ModuleWeights:
 @dataclass
 class ModuleTensors:
     """One module's tensors of another adapter kind (LoHa, LoKr, Tucker LoCon, full, DoRA), by their
-    file role names (`hada_w1_a`, `lora_down.weight`, `dora_scale`, ...); `sdlora.lycoris` builds it."""
+    file role names (`hada_w1_a`, `lora_down.weight`, `dora_scale`, ...); `sdlora.adapters.lycoris` builds it."""
 
     tensors: dict[str, torch.Tensor]
     alpha: float | None = None

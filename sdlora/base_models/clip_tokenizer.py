@@ -2,7 +2,7 @@
 
 Every Stable Diffusion text encoder uses OpenAI CLIP's byte-level BPE with 49,408 tokens. Its
 vocabulary is not stored anywhere in the package: it follows from the merges file
-(`architectures/clip-bpe.txt.gz`, taken from the open_clip wheel, MIT licence) by the rule CLIP's own
+(`configs/clip-bpe.txt.gz`, taken from the open_clip wheel, MIT licence) by the rule CLIP's own
 tokenizer uses, so one 1.3 MB file serves every model and nothing is downloaded.
 """
 
@@ -26,7 +26,7 @@ PAD_EXCLAMATION = "!"
 
 
 def bpe_path() -> Path:
-    return Path(str(resources.files("sdlora") / "architectures" / "clip-bpe.txt.gz"))
+    return Path(str(resources.files(__package__) / "configs" / "clip-bpe.txt.gz"))
 
 
 def byte_symbols() -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .keys import TEXT_ENCODERS
+from ..files.names import TEXT_ENCODERS
 
 
 def _is_unet(module) -> bool:

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from .adapter import build_metadata, read_adapter
-from .errors import AdapterFileError
-from .families import SD1, SDXL, Family, family_from_tensors, family_named_in_metadata
-from .formats import (FILE_ROLES, ModuleTensors, ModuleWeights, complete_module, describe_unsupported,
+from .safetensors import build_metadata, read_adapter
+from ..errors import AdapterFileError
+from ..base_models.families import SD1, SDXL, Family, family_from_tensors, family_named_in_metadata
+from .layouts import (FILE_ROLES, ModuleTensors, ModuleWeights, complete_module, describe_unsupported,
                       dotted_module_key, module_state_dict, peft_alpha, peft_alphas, split_tensor_name)
-from .keys import split_key
-from .sgm import unet_module_map
+from .names import split_key
+from ..base_models.sgm import unet_module_map
 
 # Which UNet naming a kohya name uses: the original (SGM) layout or diffusers' block names.
 _SGM_UNET = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
@@ -137,7 +137,7 @@ def kohya_state_dict(modules: dict[str, ModuleWeights], dtype: torch.dtype) -> d
 def sdxl_original_names() -> dict[str, str]:
     """kohya UNet name by diffusers path -> by the original layout, for SDXL base's UNet (from the shipped
     config): the layout every SDXL base fine-tune shares."""
-    from .architectures import unet_config
+    from ..base_models.architectures import unet_config
 
     return {f"lora_unet_{path.replace('.', '_')}": f"lora_unet_{original.replace('.', '_')}"
             for path, original in unet_module_map(unet_config("sdxl-base")).items()}

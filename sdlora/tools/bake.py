@@ -10,14 +10,14 @@ import torch
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from . import loader
-from .adapter import SAVE_DTYPES
-from .checkpoint_layout import pipeline_to_original
-from .durable import failure, fsync_folder, publish_folder, remove_tree, write_file
-from .errors import ConfigError
-from .families import SD2, detect_family
-from .lora import AdaptedLayer
-from .models import components
+from .. import loader
+from ..files.safetensors import SAVE_DTYPES
+from ..base_models.checkpoints import pipeline_to_original
+from ..reliability.durable import failure, fsync_folder, publish_folder, remove_tree, write_file
+from ..errors import ConfigError
+from ..base_models.families import SD2, detect_family
+from ..adapters.lora import AdaptedLayer
+from ..base_models.parts import components
 
 
 @torch.no_grad()

@@ -15,16 +15,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import SAVE_DTYPES, build_metadata, write_adapter
-from .errors import ConfigError, ModelError
-from .families import detect_family
-from .file_modules import kohya_state_dict
-from .formats import ModuleWeights
-from .keys import kohya_name, module_key
+from ..files.safetensors import SAVE_DTYPES, build_metadata, write_adapter
+from ..errors import ConfigError, ModelError
+from ..base_models.families import detect_family
+from ..files.standalone import kohya_state_dict
+from ..files.layouts import ModuleWeights
+from ..files.names import kohya_name, module_key
 from .merge import Reduction, check_output, reduce
-from .models import components, native_resolution
-from .sgm import unet_module_map
-from .targets import patterns_for, select
+from ..base_models.parts import components, native_resolution
+from ..base_models.sgm import unet_module_map
+from ..adapters.targets import patterns_for, select
 
 
 def chosen_components(parts: dict[str, nn.Module], names: list[str] | None) -> list[str]:
@@ -89,7 +89,7 @@ def extract(base_pipe, tuned_pipe, rank: int, targets: str | list[str] = "attn-m
 
 
 def load_model(model: str):
-    from .sources import load_pipeline
+    from ..base_models.sources import load_pipeline
 
     # fp32 whatever the files hold: a fine-tune's change is small next to its weights, and fp16
     # weights would round it away.

@@ -1,0 +1,1 @@
+"""One module per command that works on adapter files or models: inspect, convert, merge and resize, extract, bake, generate."""
