@@ -18,7 +18,8 @@ from .errors import AdapterFileError, FamilyMismatch
 from .base_models.families import FAMILIES, detect_family, family_from_tensors, family_named_in_metadata
 from .files.names import component_of_file_key, module_key
 from .adapters.lora import LoRA, AdaptedLayer
-from .adapters.lycoris import DoRA, build_adapter
+from .adapters.kinds import build_adapter
+from .adapters.lycoris import DoRA
 from .base_models.parts import components, native_resolution, unet_block_counts
 from .base_models.sgm import unet_module_map
 from .adapters.strength import Strength, check_strength, resolve_strength

@@ -158,3 +158,22 @@ def test_kinds_stack_with_lora_and_take_per_block_strength(pipe, tmp_path):
     torch.testing.assert_close(wrapped(x), expected, atol=1e-5, rtol=1e-5)
     sdlora.set_strength(pipe, "loha", {"unet": {"down": [0.0, 1.0]}})
     torch.testing.assert_close(wrapped(x), F.linear(x, weight + 0.3 * lora_delta, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind, key", CASES)
+def test_a_file_module_is_its_kind_without_a_layer(pipe, kind, key):
+    """The registry names each kind from its tensors alone, and the update it computes with no layer at hand
+    (what inspect, merge and resize use) is the naive formula, in the weight's shape or flattened."""
+    from sdlora.adapters.kinds import is_whole, kind_of, standalone_update
+    from sdlora.files.layouts import ModuleTensors
+
+    weight = pipe.unet.get_submodule(key.removeprefix("unet.")).weight.detach()
+    tensors, delta = naive(kind, weight, seed=1)
+    alpha = tensors.pop("alpha").item() if "alpha" in tensors else None
+    module = ModuleTensors(tensors, alpha)
+    assert kind_of(tensors).kind == module.kind == kind.removesuffix("-whole")
+    assert module.rank == (None if kind in ("full", "lokr-whole") else 4)
+    assert is_whole(tensors) and not is_whole(dict(list(tensors.items())[:-1]))
+    update = standalone_update(tensors, alpha)
+    torch.testing.assert_close(update.reshape(weight.shape), delta, atol=1e-6, rtol=1e-5)
+    assert update.numel() == weight.numel()

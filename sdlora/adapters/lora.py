@@ -35,13 +35,35 @@ class Adapter(nn.Module):
     - `file_tensors()`: the tensors a file holds for this module, by role (`lora_down.weight`,
       `hada_w1_a`, `dora_scale`, ...); `alpha` is kept as an attribute (None for kinds without one).
     A kind whose update is not linear in the strength (DoRA) says so in `delta_weight`. A kind whose
-    update is a whole weight (LoHa, LoKr, full, DoRA) may also offer `weight_update(base, dtype)`, its
+    update is a whole weight (LoHa, LoKr, full, DoRA) also defines `weight_update(base, dtype)`, its
     update at strength 1 (built once by a frozen kind, at each call by DoRA in training): the layer then
-    adds it to its weight for each call instead of running a second product as large as its own.
+    adds it to its weight for each call instead of running a second product as large as its own. Kinds
+    without one (LoRA, whose two small products are cheaper) leave it None.
+
+    Which tensors make the kind is declared here once, and `sdlora.adapters.kinds.KINDS` looks kinds up by it:
+    - `roles`: every tensor a file may hold for the kind, by file role name;
+    - `whole`: the role sets any one of which makes a whole module (by default all of `roles`);
+    - `rank_roles`: the roles whose first dimension is the rank, the first present wins (none: no rank).
+    A kind read from files also offers `from_tensors(base, tensors, alpha)` and `update_of(tensors, alpha)`,
+    its update from the tensors alone (no layer at hand, to inspect or merge a file).
     """
 
     kind = "adapter"
     alpha: float | None = None
+    roles: tuple[str, ...] = ()
+    whole: tuple[tuple[str, ...], ...] = ()
+    rank_roles: tuple[str, ...] = ()
+    weight_update = None
+
+    @classmethod
+    def makes_whole(cls, roles: set[str]) -> bool:
+        """Whether a module's roles (DoRA's scale aside) are enough for a whole adapter of this kind."""
+        return any(set(needed) <= roles for needed in (cls.whole or (cls.roles,)))
+
+    @classmethod
+    def rank_of(cls, tensors: dict[str, torch.Tensor]) -> int | None:
+        """The rank a module's file tensors have as this kind, None for a kind without one."""
+        return next((tensors[role].shape[0] for role in cls.rank_roles if role in tensors), None)
 
     def delta_weight(self, base_weight: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
         raise NotImplementedError
@@ -71,6 +93,8 @@ class LoRA(Adapter):
     """
 
     kind = "lora"
+    roles = ("lora_down.weight", "lora_up.weight")
+    rank_roles = ("lora_down.weight",)
 
     def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | None = None, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
@@ -107,6 +131,18 @@ class LoRA(Adapter):
         lora.down.weight = nn.Parameter(down.to(**factory).reshape(lora.down.weight.shape))
         lora.up.weight = nn.Parameter(up.to(**factory).reshape(lora.up.weight.shape))
         return lora
+
+    @classmethod
+    def from_tensors(cls, base: nn.Linear | nn.Conv2d, tensors: dict[str, torch.Tensor], alpha: float | None) -> LoRA:
+        return cls.from_weights(base, tensors["lora_down.weight"], tensors["lora_up.weight"], alpha)
+
+    @classmethod
+    def update_of(cls, tensors: dict[str, torch.Tensor], alpha: float | None) -> torch.Tensor:
+        """up @ down * alpha / rank from the file tensors, in the layer's weight shape (a conv's kernel is down's)."""
+        down, up = tensors["lora_down.weight"].float(), tensors["lora_up.weight"].float()
+        rank = down.shape[0]
+        scale = (alpha if alpha is not None else rank) / rank
+        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:]) * scale
 
     @property
     def rank(self) -> int:
@@ -173,25 +209,25 @@ class AdaptedLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
-    def add(self, name: str, adapter: nn.Module, strength: float = 1.0) -> None:
+    def add(self, name: str, adapter: Adapter, strength: float = 1.0) -> None:
         if name in self.adapters:
             raise ValueError(f"this layer already has an adapter named {name!r}")
         self.adapters[name] = adapter
         self.strengths[name] = float(strength)
-        self._has_whole = any(hasattr(a, "weight_update") for a in self.adapters.values())
+        self._has_whole = any(a.weight_update is not None for a in self.adapters.values())
 
     def remove(self, name: str) -> None:
         if name in self.fused:
             raise RuntimeError(f"adapter {name!r} is fused into this layer: unfuse first")
         del self.adapters[name]
         del self.strengths[name]
-        self._has_whole = any(hasattr(a, "weight_update") for a in self.adapters.values())
+        self._has_whole = any(a.weight_update is not None for a in self.adapters.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._base_output(x)
         for name, adapter in self.adapters.items():
             strength = self.strengths[name]
-            if strength == 0.0 or name in self.fused or hasattr(adapter, "weight_update"):
+            if strength == 0.0 or name in self.fused or adapter.weight_update is not None:
                 continue
             if isinstance(adapter, LoRA):  # the common case, in one fused multiply-add
                 y = torch.add(y, adapter.forward_unscaled(x).to(y.dtype), alpha=strength * adapter.scale)
@@ -202,7 +238,7 @@ class AdaptedLayer(nn.Module):
     def _base_output(self, x: torch.Tensor) -> torch.Tensor:
         """base(x); kinds whose update is a whole weight (LoHa, LoKr, full, DoRA) are added to the base weight
         for this call: one elementwise add instead of a second product as large as the layer's own."""
-        whole = [name for name, adapter in self.adapters.items() if hasattr(adapter, "weight_update")
+        whole = [name for name, adapter in self.adapters.items() if adapter.weight_update is not None
                  and self.strengths[name] != 0.0 and name not in self.fused] if self._has_whole else ()
         if not whole:
             return self.base(x)

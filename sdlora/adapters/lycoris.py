@@ -39,6 +39,25 @@ class _FileKind(Adapter):
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {role: getattr(self, f"t{index}") for index, role in enumerate(self._roles)}
 
+    @classmethod
+    def from_tensors(cls, base: nn.Linear | nn.Conv2d, tensors: dict[str, torch.Tensor], alpha: float | None):
+        return cls(base, tensors, alpha)
+
+    @classmethod
+    def update_of(cls, tensors: dict[str, torch.Tensor], alpha: float | None) -> torch.Tensor:
+        """The update from the file tensors alone, in the shape `shape_of` reads from them."""
+        return cls(None, tensors, alpha, cls.shape_of(tensors)).update()
+
+    @staticmethod
+    def shape_of(tensors: dict[str, torch.Tensor]) -> tuple[int, ...]:
+        """The update's shape as far as the tensors tell it: the base weight's, or [out, in * kh * kw]
+        where they do not tell the kernel."""
+        raise NotImplementedError
+
+    @property
+    def rank(self) -> int | None:
+        return self.rank_of(self.file_tensors())
+
     def scale(self, rank: int | None) -> float:
         return 1.0 if self.alpha is None or rank is None else self.alpha / rank
 
@@ -74,10 +93,13 @@ class TuckerLoCon(_FileKind):
     """LoCon on a k x k conv with a Tucker core: down [r, in, 1, 1], mid [r, r, kh, kw], up [out, r, 1, 1]."""
 
     kind = "locon-tucker"
+    roles = ("lora_down.weight", "lora_mid.weight", "lora_up.weight")
+    rank_roles = ("lora_down.weight",)
 
-    @property
-    def rank(self) -> int:
-        return self.tensor("lora_down.weight").shape[0]
+    @staticmethod
+    def shape_of(tensors: dict[str, torch.Tensor]) -> tuple[int, ...]:
+        return (tensors["lora_up.weight"].shape[0], tensors["lora_down.weight"].shape[1],
+                *tensors["lora_mid.weight"].shape[2:])
 
     def update(self) -> torch.Tensor:
         down = self.tensor("lora_down.weight").flatten(1)  # [r, in]
@@ -90,10 +112,16 @@ class LoHa(_FileKind):
     cores hada_t1/hada_t2, each factor is rebuilt from its core first."""
 
     kind = "loha"
+    roles = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+    whole = (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),)  # the Tucker cores are optional
+    rank_roles = ("hada_w1_b",)
 
-    @property
-    def rank(self) -> int:
-        return self.tensor("hada_w1_b").shape[0]
+    @staticmethod
+    def shape_of(tensors: dict[str, torch.Tensor]) -> tuple[int, ...]:
+        core = tensors.get("hada_t1")
+        if core is not None:  # a: [r, out], b: [r, in] around the core (`rebuild_tucker`)
+            return (tensors["hada_w1_a"].shape[1], tensors["hada_w1_b"].shape[1], *core.shape[2:])
+        return (tensors["hada_w1_a"].shape[0], tensors["hada_w1_b"].shape[1])
 
     def _factor(self, index: int) -> torch.Tensor:
         a, b, core = (self.tensor(f"hada_w{index}_a"), self.tensor(f"hada_w{index}_b"),
@@ -112,13 +140,23 @@ class LoKr(_FileKind):
     low-rank, and 1 when both are whole."""
 
     kind = "lokr"
+    roles = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    # each factor whole or as a pair (the second may add a Tucker core)
+    whole = tuple((*w1, *w2) for w1 in (("lokr_w1",), ("lokr_w1_a", "lokr_w1_b"))
+                  for w2 in (("lokr_w2",), ("lokr_w2_a", "lokr_w2_b")))
+    rank_roles = ("lokr_w1_b", "lokr_w2_b")
 
-    @property
-    def rank(self) -> int | None:
-        for role in ("lokr_w1_b", "lokr_w2_b"):
-            if (tensor := self.tensor(role)) is not None:
-                return tensor.shape[0]
-        return None
+    @staticmethod
+    def shape_of(tensors: dict[str, torch.Tensor]) -> tuple[int, ...]:
+        w1 = tensors["lokr_w1"].shape if "lokr_w1" in tensors else (tensors["lokr_w1_a"].shape[0],
+                                                                    tensors["lokr_w1_b"].shape[1])
+        if "lokr_w2" in tensors:
+            w2 = tuple(tensors["lokr_w2"].shape)
+        elif "lokr_t2" in tensors:  # a: [r, out], b: [r, in] around the core (`rebuild_tucker`)
+            w2 = (tensors["lokr_w2_a"].shape[1], tensors["lokr_w2_b"].shape[1], *tensors["lokr_t2"].shape[2:])
+        else:
+            w2 = (tensors["lokr_w2_a"].shape[0], tensors["lokr_w2_b"].shape[1])
+        return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
 
     def _w1(self) -> torch.Tensor:
         whole = self.tensor("lokr_w1")
@@ -148,6 +186,12 @@ class Full(_FileKind):
     """A whole weight difference `diff` (and `diff_b` for the bias), applied as it is."""
 
     kind = "full"
+    roles = ("diff", "diff_b")
+    whole = (("diff",),)
+
+    @staticmethod
+    def shape_of(tensors: dict[str, torch.Tensor]) -> tuple[int, ...]:
+        return tuple(tensors["diff"].shape)
 
     def update(self) -> torch.Tensor:
         return self.tensor("diff").reshape(self.shape)
@@ -179,6 +223,8 @@ class DoRA(Adapter):
 
     `DoRA.trainable(base, rank, alpha)` makes one to train: a LoRA inside, and the magnitude a parameter.
     """
+
+    magnitude_role = "dora_scale"  # the one tensor DoRA adds to any kind's, in a file
 
     def __init__(self, inner: Adapter, magnitude: torch.Tensor, like: torch.Tensor, train: bool = False):
         super().__init__()
@@ -225,65 +271,4 @@ class DoRA(Adapter):
         return _built_once(self, base, dtype, lambda: self.delta_weight(base.weight))
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        return {**self.inner.file_tensors(), "dora_scale": self.magnitude}
-
-
-# Which tensors make which kind: a module's roles decide it.
-KIND_ROLES = {
-    "locon-tucker": {"lora_down.weight", "lora_up.weight", "lora_mid.weight"},
-    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
-    "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a"},
-    "full": {"diff"},
-}
-
-
-def standalone_update(tensors: dict[str, torch.Tensor], alpha: float | None) -> torch.Tensor:
-    """A module's update at strength 1 from its file tensors alone, with no layer at hand (to inspect a
-    file): the base weight's shape, or [out, in * kh * kw] where the tensors do not tell the kernel.
-    DoRA's rescaling needs the base weight and is left out."""
-    tensors = {role: tensor.float() for role, tensor in tensors.items() if role != "dora_scale"}
-    roles = set(tensors)
-    if roles == {"lora_down.weight", "lora_up.weight"}:
-        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
-        rank = down.shape[0]
-        return (up.flatten(1) @ down.flatten(1)) * ((alpha if alpha is not None else rank) / rank)
-    if "lora_mid.weight" in roles:
-        shape = (tensors["lora_up.weight"].shape[0], tensors["lora_down.weight"].shape[1],
-                 *tensors["lora_mid.weight"].shape[2:])
-        return TuckerLoCon(None, tensors, alpha, shape).update()
-    if "diff" in roles:
-        return tensors["diff"]
-    if roles & KIND_ROLES["loha"]:
-        core = tensors.get("hada_t1")
-        shape = ((tensors["hada_w1_a"].shape[1], tensors["hada_w1_b"].shape[1], *core.shape[2:]) if core is not None
-                 else (tensors["hada_w1_a"].shape[0], tensors["hada_w1_b"].shape[1]))
-        return LoHa(None, tensors, alpha, shape).update()
-    w1 = tensors.get("lokr_w1", None)
-    w1 = w1 if w1 is not None else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
-    w2 = tensors.get("lokr_w2", None)
-    if w2 is None:
-        core = tensors.get("lokr_t2")
-        w2 = (rebuild_tucker(core, tensors["lokr_w2_a"], tensors["lokr_w2_b"]) if core is not None
-              else tensors["lokr_w2_a"] @ tensors["lokr_w2_b"])
-    shape = (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1], *w2.shape[2:])
-    return LoKr(None, tensors, alpha, shape).update()
-
-
-def build_adapter(base: nn.Linear | nn.Conv2d, tensors: dict[str, torch.Tensor], alpha: float | None) -> Adapter:
-    """The adapter a module's file tensors describe (any kind, with or without DoRA)."""
-    tensors = dict(tensors)
-    magnitude = tensors.pop("dora_scale", None)
-    roles = set(tensors)
-    if roles == {"lora_down.weight", "lora_up.weight"}:
-        inner: Adapter = LoRA.from_weights(base, tensors["lora_down.weight"], tensors["lora_up.weight"], alpha)
-    elif "lora_mid.weight" in roles:
-        inner = TuckerLoCon(base, tensors, alpha)
-    elif roles & KIND_ROLES["loha"]:
-        inner = LoHa(base, tensors, alpha)
-    elif roles & KIND_ROLES["lokr"]:
-        inner = LoKr(base, tensors, alpha)
-    elif "diff" in roles:
-        inner = Full(base, tensors, alpha)
-    else:
-        raise ValueError(f"no adapter kind has exactly the tensors {sorted(roles)}")
-    return inner if magnitude is None else DoRA(inner, magnitude, base.weight)
+        return {**self.inner.file_tensors(), self.magnitude_role: self.magnitude}

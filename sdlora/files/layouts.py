@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adapters.kinds import MAGNITUDE, ROLES as KIND_ROLES, UNREAD_KINDS, is_whole, kind_of
 from ..base_models.families import Family
 from .names import TEXT_ENCODERS, canonical_path, kohya_index, kohya_name
 
@@ -34,22 +35,12 @@ ROLES = {
     "lora_A.weight": "down",
     "lora_B.weight": "up",
     "alpha": "alpha",
-    # LyCORIS (sdlora/adapters/lycoris.py): these keep their file names as roles
-    **{role: role for role in ("lora_mid.weight", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1",
-                               "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
-                               "lokr_t2", "dora_scale", "diff", "diff_b")},
+    # every other kind's tensors keep their file names as roles (sdlora/adapters/kinds.py)
+    **{role: role for role in KIND_ROLES if role not in ("lora_down.weight", "lora_up.weight")},
 }
 # The LoRA roles by their kohya file names, as the adapter kinds (sdlora/adapters/lycoris.py) take them.
 FILE_ROLES = {"down": "lora_down.weight", "up": "lora_up.weight"}
 PROCESSOR_FORM = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
-
-# Tensors of adapter kinds this loader does not read, to name them in the error.
-OTHER_KINDS = {
-    "lora_magnitude_vector": "DoRA as PEFT writes it", "oft_blocks": "LyCORIS OFT", "oft_diag": "OFT",
-    "oft_R": "OFT", "boft_R": "BOFT", "a1.weight": "LyCORIS GLoRA", "b1.weight": "LyCORIS GLoRA",
-    "ia3_l": "IA3", "weight": "LyCORIS IA3 or a norm layer (`w_norm`/`b_norm`)", "w_norm": "a norm layer",
-    "b_norm": "a norm layer", "on_input": "LyCORIS IA3",
-}
 
 
 @dataclass
@@ -79,17 +70,14 @@ class ModuleTensors:
 
     @property
     def kind(self) -> str:
-        roles = set(self.tensors)
-        kind = ("locon-tucker" if "lora_mid.weight" in roles else "loha" if any(r.startswith("hada_") for r in roles)
-                else "lokr" if any(r.startswith("lokr_") for r in roles) else "full" if "diff" in roles else "lora")
-        return kind + ("+dora" if "dora_scale" in roles else "")
+        """The kind's name (`lora`, `loha`, `lokr+dora`, ...); `unknown` for a mix of tensors no kind has."""
+        kind = kind_of(self.tensors)
+        return (kind.kind if kind is not None else "unknown") + ("+dora" if MAGNITUDE in self.tensors else "")
 
     @property
     def rank(self) -> int | None:
-        for role in ("lora_down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"):
-            if role in self.tensors:
-                return self.tensors[role].shape[0]
-        return None
+        kind = kind_of(self.tensors)
+        return None if kind is None else kind.rank_of(self.tensors)
 
     @property
     def effective_alpha(self) -> float | None:
@@ -119,7 +107,7 @@ def split_tensor_name(key: str) -> tuple[str, str] | None:
 
 def describe_unsupported(keys: list[str]) -> str:
     """A short description of what kind of adapter the unreadable keys belong to, if we know."""
-    kinds = sorted({kind for key in keys for tail, kind in OTHER_KINDS.items() if key.endswith("." + tail)})
+    kinds = sorted({kind for key in keys for tail, kind in UNREAD_KINDS.items() if key.endswith("." + tail)})
     return f" (these look like {', '.join(kinds)}, which sdlora does not read yet)" if kinds else ""
 
 
@@ -236,24 +224,11 @@ def parse_state_dict(
                 component, _, path = key.partition(".")
                 alpha = peft_alpha(configs[component], path, roles["down"].shape[0])
             modules[key] = ModuleWeights(down=roles["down"], up=roles["up"], alpha=alpha)
-        elif complete_module(payload):
+        elif is_whole(payload):
             modules[key] = ModuleTensors(payload, alpha)
         else:  # half a module: a LoRA without its up, a LoHa without its second pair, ...
             unsupported.extend(sources[name])
     return Parsed(modules=modules, layout=layout, unmatched=sorted(unmatched), unsupported=sorted(unsupported))
-
-
-def complete_module(roles: dict[str, torch.Tensor]) -> bool:
-    """Whether a module's tensors make a whole adapter of some kind (DoRA's scale aside)."""
-    roles = set(roles) - {"dora_scale"}
-    lokr = ({"lokr_w1"} <= roles or {"lokr_w1_a", "lokr_w1_b"} <= roles) and (
-        {"lokr_w2"} <= roles or {"lokr_w2_a", "lokr_w2_b"} <= roles)
-    return any((
-        {"lora_down.weight", "lora_up.weight"} <= roles,
-        {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= roles,
-        lokr,
-        "diff" in roles,
-    ))
 
 
 def to_kohya(modules: dict[str, ModuleWeights | ModuleTensors], family: Family, dtype: torch.dtype | None,

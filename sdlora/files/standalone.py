@@ -19,9 +19,10 @@ import torch
 from .safetensors import build_metadata, read_adapter
 from ..errors import AdapterFileError
 from ..base_models.families import SD1, SDXL, Family, family_from_tensors, family_named_in_metadata
-from .layouts import (FILE_ROLES, ModuleTensors, ModuleWeights, complete_module, describe_unsupported,
+from .layouts import (FILE_ROLES, ModuleTensors, ModuleWeights, describe_unsupported,
                       dotted_module_key, module_state_dict, peft_alpha, peft_alphas, split_tensor_name)
 from .names import split_key
+from ..adapters.kinds import is_whole
 from ..base_models.sgm import unet_module_map
 
 # Which UNet naming a kohya name uses: the original (SGM) layout or diffusers' block names.
@@ -109,7 +110,7 @@ def read_modules(path: str | os.PathLike) -> AdapterModules:
     modules = {}
     for name, roles in grouped.items():
         payload = {FILE_ROLES.get(role, role): tensor for role, tensor in roles.items() if role != "alpha"}
-        if set(payload) != {"lora_down.weight", "lora_up.weight"} and complete_module(payload):
+        if set(payload) != {"lora_down.weight", "lora_up.weight"} and is_whole(payload):
             # a LyCORIS kind (LoHa, LoKr, Tucker, full, DoRA): used through its whole update
             modules[name] = ModuleTensors(payload, roles["alpha"].item() if "alpha" in roles else None)
             continue

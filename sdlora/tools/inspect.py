@@ -15,7 +15,7 @@ from ..files.safetensors import read_adapter, recorded_targets
 from ..base_models.families import Family, family_from_tensors, family_named_in_metadata
 from ..files.layouts import ModuleTensors, file_layout, split_tensor_name
 from ..files.names import component_of_file_key
-from ..adapters.lycoris import standalone_update
+from ..adapters.kinds import standalone_update
 
 # Header keys worth showing, in this order, with a label.
 FACTS = {
@@ -148,7 +148,7 @@ def inspect(path: str | Path) -> Report:
         else:
             try:
                 entry["norm"] = float(standalone_update(payload, alpha).norm())
-            except (RuntimeError, KeyError, IndexError):
+            except (RuntimeError, ValueError, KeyError, IndexError):
                 anomalies.append(f"{name}: its tensors ({', '.join(sorted(payload))}) do not make a whole "
                                  f"{weights.kind}")
         if entry["norm"] is not None:

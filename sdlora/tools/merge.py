@@ -24,7 +24,7 @@ from ..base_models.families import SDXL, Family
 from ..files.standalone import (GROUP_ORDER, AdapterModules, group_of, kohya_state_dict, output_metadata, read_modules,
                            widest_dtype, with_original_unet_names)
 from ..files.layouts import ModuleWeights
-from ..adapters.lycoris import standalone_update
+from ..adapters.kinds import standalone_update
 from ..files.lowrank import Factored, lora_factors, rank_for_energy, spectrum, truncate, with_common_alpha
 
 Update = Factored | torch.Tensor
