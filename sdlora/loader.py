@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .files.safetensors import SAVE_DTYPES, build_metadata, read_adapter, recorded_targets, write_adapter
-from .files.layouts import ModuleTensors, ModuleWeights, describe_unsupported, module_roles, parse_state_dict, to_kohya
+from .files.layouts import ModuleTensors, describe_unsupported, parse_state_dict, to_kohya
 from .errors import AdapterFileError, FamilyMismatch
 from .base_models.families import FAMILIES, detect_family, family_from_tensors, family_named_in_metadata
 from .files.names import component_of_file_key, module_key
@@ -125,60 +125,35 @@ def _model_layers(parts: dict[str, nn.Module]) -> dict[str, tuple[str, str, nn.M
 # ---------------------------------------------------------------- checking a file against a model
 
 
-def _expected_shapes(layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    if isinstance(layer, nn.Linear):
-        return (rank, layer.in_features), (layer.out_features, rank)
-    return (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
-
-
-def _without_unit_kernel(shape) -> tuple[int, ...]:
-    return tuple(shape[:2]) if len(shape) == 4 and tuple(shape[2:]) == (1, 1) else tuple(shape)
-
-
-def _fits(tensor: torch.Tensor, expected: tuple[int, ...]) -> bool:
-    """Exact shape, or the same numbers with 1x1 spatial dims added or dropped (linear vs 1x1 conv)."""
-    return _without_unit_kernel(tensor.shape) == _without_unit_kernel(expected)
-
-
-def _check_shapes(path: Path, modules: dict[str, ModuleWeights | ModuleTensors], layers: dict, file_family: str,
-                  model_family: str):
+def _check_shapes(path: Path, modules: dict[str, ModuleTensors], layers: dict, file_family: str, model_family: str):
     for key, weights in modules.items():
-        layer = layers[key][2]
-        if isinstance(weights, ModuleTensors):
-            _check_kind(path, key, layer, weights, file_family, model_family)
-            continue
-        down_shape, up_shape = _expected_shapes(layer, weights.rank)
-        for role, tensor, expected in (("lora_down", weights.down, down_shape), ("lora_up", weights.up, up_shape)):
-            if not _fits(tensor, expected):
-                raise AdapterFileError(
-                    f"{path}: {key} does not fit this model: {role} should be {list(expected)} "
-                    f"but the file has {list(tensor.shape)}. The file says it is for {file_family}; "
-                    f"this model is {model_family}."
-                )
+        _check_kind(path, key, layers[key][2], weights, file_family, model_family)
 
 
 def _check_kind(path: Path, key: str, layer: nn.Module, weights: ModuleTensors, file_family: str,
                 model_family: str) -> None:
-    """A LyCORIS module fits when its update has the layer's shape: build it on the meta device and see."""
+    """A module fits when its kind can be built on the layer and its update has the layer's shape: build it
+    on the meta device and see."""
     if isinstance(layer, nn.Linear):
         meta = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     else:
         meta = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                          layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
     tensors = {role: tensor.to("meta") for role, tensor in weights.tensors.items()}
+    reason = ""
     try:
         adapter = build_adapter(meta, tensors, weights.alpha)
         delta = adapter.delta_weight(meta.weight)
         bias = adapter.delta_bias(meta.bias)
         fits = delta.shape == layer.weight.shape and (bias is None or (layer.bias is not None
                                                                        and bias.shape == layer.bias.shape))
-    except (RuntimeError, ValueError, IndexError):
-        fits = False
+    except (RuntimeError, ValueError, IndexError) as error:
+        fits, reason = False, f" ({error})" if isinstance(error, ValueError) else ""
     if not fits:
         shapes = ", ".join(f"{role} {list(tensor.shape)}" for role, tensor in weights.tensors.items())
         raise AdapterFileError(f"{path}: {key} ({weights.kind}) does not fit this model's layer of weight "
-                               f"{list(layer.weight.shape)}: the file has {shapes}. The file says it is for "
-                               f"{file_family}; this model is {model_family}.")
+                               f"{list(layer.weight.shape)}: the file has {shapes}{reason}. The file says it is "
+                               f"for {file_family}; this model is {model_family}.")
 
 
 def _file_family(tensors: dict, metadata: dict[str, str]) -> str:
@@ -252,10 +227,7 @@ def load(target, path: str | os.PathLike, strength: Strength = 1.0, name: str | 
     for key, weights in parsed.modules.items():
         component, model_path, _ = layers[key]
         wrapper = _wrap(parts[component], model_path)
-        if isinstance(weights, ModuleWeights):
-            adapter = LoRA.from_weights(wrapper.base, weights.down, weights.up, weights.alpha)
-        else:
-            adapter = build_adapter(wrapper.base, weights.tensors, weights.alpha)
+        adapter = build_adapter(wrapper.base, weights.tensors, weights.alpha)
         wrapper.add(name, adapter, resolve_strength(strength, component, model_path))
         info.modules[component] = info.modules.get(component, 0) + 1
         info.ranks.setdefault(component, [])
@@ -388,17 +360,15 @@ def unload(target, name: str | None = None) -> None:
         fuse(target)
 
 
-def adapter_weights(target, name: str) -> dict[str, ModuleWeights | ModuleTensors]:
-    """module key -> the adapter's tensors (no copy), for saving or inspection: a plain LoRA's as
-    ModuleWeights, any other kind's (DoRA, LyCORIS) as ModuleTensors by file role."""
+def adapter_weights(target, name: str) -> dict[str, ModuleTensors]:
+    """module key -> the adapter's tensors by file role (no copy), for saving or inspection; a LoRA's
+    factors are also `.down` and `.up`."""
     parts = components(target)
     _require_loaded(parts, name)
     weights = {}
     for component, path, wrapper in _layers(parts):
         adapter = wrapper.adapters[name] if name in wrapper.adapters else None
-        if isinstance(adapter, LoRA):
-            weights[module_key(component, path)] = ModuleWeights(adapter.down.weight, adapter.up.weight, adapter.alpha)
-        elif adapter is not None:
+        if adapter is not None:
             weights[module_key(component, path)] = ModuleTensors(adapter.file_tensors(), adapter.alpha)
     return weights
 
@@ -439,7 +409,7 @@ def copy_weights_from(target, name: str, path: str | os.PathLike) -> None:
     if parsed.modules.keys() != mine.keys() or parsed.unmatched or parsed.unsupported:
         raise AdapterFileError(f"{path}: its layers are not those of adapter {name!r} (different targets?)")
     for key, weights in parsed.modules.items():
-        source, destination = module_roles(weights), module_roles(mine[key])
+        source, destination = weights.tensors, mine[key].tensors
         if source.keys() != destination.keys():
             raise AdapterFileError(f"{path}: {key} holds {sorted(source)}, adapter {name!r} has {sorted(destination)} "
                                    "(DoRA in one and not the other?)")

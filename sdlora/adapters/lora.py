@@ -24,6 +24,10 @@ def layer_op(base: nn.Linear | nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
     return base._conv_forward(x, weight, bias)
 
 
+def _without_unit_kernel(shape) -> tuple[int, ...]:
+    return tuple(shape[:2]) if len(shape) == 4 and tuple(shape[2:]) == (1, 1) else tuple(shape)
+
+
 class Adapter(nn.Module):
     """The contract of an adapter kind; `AdaptedLayer` needs nothing else.
 
@@ -125,8 +129,12 @@ class LoRA(Adapter):
     @classmethod
     def from_weights(cls, base: nn.Linear | nn.Conv2d, down: torch.Tensor, up: torch.Tensor,
                      alpha: float | None) -> LoRA:
-        """An adapter holding the given tensors, in the base layer's dtype and device."""
+        """An adapter holding the given tensors, in the base layer's dtype and device. Each must have its
+        factor's shape, 1x1 spatial dims aside (files store a 1x1 conv's factors as a linear's, and back)."""
         lora = cls(base, down.shape[0], alpha, device="meta")  # no random init of tensors about to be replaced
+        for role, tensor, expected in (("lora_down", down, lora.down.weight), ("lora_up", up, lora.up.weight)):
+            if _without_unit_kernel(tensor.shape) != _without_unit_kernel(expected.shape):
+                raise ValueError(f"{role} should be {list(expected.shape)} but is {list(tensor.shape)}")
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         lora.down.weight = nn.Parameter(down.to(**factory).reshape(lora.down.weight.shape))
         lora.up.weight = nn.Parameter(up.to(**factory).reshape(lora.up.weight.shape))

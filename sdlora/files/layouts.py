@@ -21,52 +21,48 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.kinds import MAGNITUDE, ROLES as KIND_ROLES, UNREAD_KINDS, is_whole, kind_of
+from ..adapters.lora import LoRA
 from ..base_models.families import Family
-from .names import TEXT_ENCODERS, canonical_path, kohya_index, kohya_name
+from .names import TEXT_ENCODERS, canonical_path, kohya_index, kohya_name, split_key
 
-# Tensor-name suffix -> role, longest first so `lora.down.weight` wins over `down.weight`-like tails.
+DOWN, UP = LoRA.roles
+# Tensor-name suffix -> role, the kohya/LyCORIS file name every kind takes its tensors by
+# (sdlora/adapters/kinds.py); each layout's LoRA names come to kohya's, longest first so
+# `lora.down.weight` wins over `down.weight`-like tails.
 ROLES = {
-    "lora_linear_layer.down.weight": "down",
-    "lora_linear_layer.up.weight": "up",
-    "lora_down.weight": "down",
-    "lora_up.weight": "up",
-    "lora.down.weight": "down",
-    "lora.up.weight": "up",
-    "lora_A.weight": "down",
-    "lora_B.weight": "up",
+    "lora_linear_layer.down.weight": DOWN,
+    "lora_linear_layer.up.weight": UP,
+    "lora.down.weight": DOWN,
+    "lora.up.weight": UP,
+    "lora_A.weight": DOWN,
+    "lora_B.weight": UP,
     "alpha": "alpha",
-    # every other kind's tensors keep their file names as roles (sdlora/adapters/kinds.py)
-    **{role: role for role in KIND_ROLES if role not in ("lora_down.weight", "lora_up.weight")},
+    **{role: role for role in KIND_ROLES},
 }
-# The LoRA roles by their kohya file names, as the adapter kinds (sdlora/adapters/lycoris.py) take them.
-FILE_ROLES = {"down": "lora_down.weight", "up": "lora_up.weight"}
 PROCESSOR_FORM = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 
 
 @dataclass
-class ModuleWeights:
-    """One module's LoRA tensors. alpha None means the file had none: alpha = rank (scale 1)."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float | None = None
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def effective_alpha(self) -> float:
-        return float(self.rank) if self.alpha is None else self.alpha
-
-
-@dataclass
 class ModuleTensors:
-    """One module's tensors of another adapter kind (LoHa, LoKr, Tucker LoCon, full, DoRA), by their
-    file role names (`hada_w1_a`, `lora_down.weight`, `dora_scale`, ...); `sdlora.adapters.lycoris` builds it."""
+    """One module's tensors, of any adapter kind (LoRA, LoHa, LoKr, Tucker LoCon, full, DoRA), by their file
+    role names (`lora_down.weight`, `hada_w1_a`, `dora_scale`, ...); `sdlora.adapters.kinds` builds the adapter.
+    alpha None means the file had none: alpha = rank (scale 1)."""
 
     tensors: dict[str, torch.Tensor]
     alpha: float | None = None
+
+    @classmethod
+    def lora(cls, down: torch.Tensor, up: torch.Tensor, alpha: float | None = None) -> ModuleTensors:
+        return cls({DOWN: down, UP: up}, alpha)
+
+    # The factor view of a LoRA (what merging, resizing and diffusers' layout work on).
+    @property
+    def down(self) -> torch.Tensor:
+        return self.tensors[DOWN]
+
+    @property
+    def up(self) -> torch.Tensor:
+        return self.tensors[UP]
 
     @property
     def kind(self) -> str:
@@ -86,7 +82,7 @@ class ModuleTensors:
 
 @dataclass
 class Parsed:
-    modules: dict[str, ModuleWeights | ModuleTensors]  # module key -> weights (plain LoRA) or another kind
+    modules: dict[str, ModuleTensors]  # module key -> its tensors
     layout: str  # "kohya", "comfy", "simpletuner", "peft" or "diffusers"
     unmatched: list[str]  # file keys that name no module of the model
     unsupported: list[str]  # file keys of a kind or role this loader cannot apply
@@ -98,7 +94,7 @@ def split_tensor_name(key: str) -> tuple[str, str] | None:
     if match:
         stem, projection, direction = match.groups()
         projection = "to_out.0" if projection == "to_out" else projection
-        return f"{stem}.{projection}", direction
+        return f"{stem}.{projection}", DOWN if direction == "down" else UP
     for suffix, role in ROLES.items():
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], role
@@ -210,28 +206,31 @@ def parse_state_dict(
     original_to_diffusers = {original: path for path, original in (original_paths or {}).items()}
     configs = peft_alphas(metadata)
 
-    modules: dict[str, ModuleWeights | ModuleTensors] = {}
+    modules: dict[str, ModuleTensors] = {}
     unmatched: list[str] = []
     for name, roles in grouped.items():
         key = module_key_of(name, family, kohya_names, original_to_diffusers)
         if key is None or key not in known:
             unmatched.extend(sources[name])
             continue
-        alpha = roles["alpha"].item() if "alpha" in roles else None
-        payload = {FILE_ROLES.get(role, role): tensor for role, tensor in roles.items() if role != "alpha"}
-        if set(payload) == {"lora_down.weight", "lora_up.weight"}:  # plain LoRA, the common case
-            if alpha is None and key.split(".")[0] in configs:
-                component, _, path = key.partition(".")
-                alpha = peft_alpha(configs[component], path, roles["down"].shape[0])
-            modules[key] = ModuleWeights(down=roles["down"], up=roles["up"], alpha=alpha)
-        elif is_whole(payload):
-            modules[key] = ModuleTensors(payload, alpha)
-        else:  # half a module: a LoRA without its up, a LoHa without its second pair, ...
+        module = module_tensors(roles)
+        if not is_whole(module.tensors):  # half a module: a LoRA without its up, a LoHa without its second pair
             unsupported.extend(sources[name])
+            continue
+        component, path = split_key(key)
+        if module.alpha is None and component in configs and module.rank is not None:
+            module.alpha = peft_alpha(configs[component], path, module.rank)
+        modules[key] = module
     return Parsed(modules=modules, layout=layout, unmatched=sorted(unmatched), unsupported=sorted(unsupported))
 
 
-def to_kohya(modules: dict[str, ModuleWeights | ModuleTensors], family: Family, dtype: torch.dtype | None,
+def module_tensors(roles: dict[str, torch.Tensor]) -> ModuleTensors:
+    """One module's tensors by role, as `split_tensor_name` gives them, with its alpha taken out of them."""
+    alpha = roles["alpha"].item() if "alpha" in roles else None
+    return ModuleTensors({role: tensor for role, tensor in roles.items() if role != "alpha"}, alpha)
+
+
+def to_kohya(modules: dict[str, ModuleTensors], family: Family, dtype: torch.dtype | None,
              original_paths: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Module weights -> the kohya state dict that A1111, ComfyUI and diffusers read.
 
@@ -245,19 +244,12 @@ def to_kohya(modules: dict[str, ModuleWeights | ModuleTensors], family: Family, 
     return state_dict
 
 
-def module_state_dict(name: str, weights: ModuleWeights | ModuleTensors,
-                      dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def module_state_dict(name: str, weights: ModuleTensors, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """One module's tensors under its file name `name`: each role, cast to `dtype` (None: as they are), and
     alpha in fp32 when the module has one."""
-    roles = module_roles(weights)
-    state_dict = {f"{name}.{role}": tensor.detach().to("cpu", dtype).contiguous() for role, tensor in roles.items()}
+    state_dict = {f"{name}.{role}": tensor.detach().to("cpu", dtype).contiguous()
+                  for role, tensor in weights.tensors.items()}
     if weights.effective_alpha is not None:
         state_dict[f"{name}.alpha"] = torch.tensor(weights.effective_alpha, dtype=torch.float32)
     return state_dict
 
-
-def module_roles(weights: ModuleWeights | ModuleTensors) -> dict[str, torch.Tensor]:
-    """One module's tensors by their kohya/LyCORIS file role (`lora_down.weight`, `dora_scale`, ...), alpha aside."""
-    if isinstance(weights, ModuleWeights):
-        return {"lora_down.weight": weights.down, "lora_up.weight": weights.up}
-    return weights.tensors

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layouts import ModuleWeights
+from .layouts import ModuleTensors
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Spectrum:
         return float((self.s[rank:].double() ** 2).sum())
 
 
-def lora_factors(weights: ModuleWeights) -> Factored:
+def lora_factors(weights: ModuleTensors) -> Factored:
     """A plain LoRA module's update, up @ down * alpha / rank, with the scale folded into up."""
     up = weights.up.float().flatten(1)
     down = weights.down.float().flatten(1)
@@ -87,7 +87,7 @@ def rank_for_energy(spec: Spectrum, fraction: float) -> int:
     return min(int((cumulative < fraction - 1e-12).sum()) + 1, len(spec.s))
 
 
-def truncate(spec: Spectrum, rank: int) -> ModuleWeights:
+def truncate(spec: Spectrum, rank: int) -> ModuleTensors:
     """The best rank-`rank` LoRA of an update (Eckart-Young), with alpha = rank so its scale is 1.
 
     Each singular value is split as sqrt(s) into up and down, which keeps both factors of similar
@@ -103,10 +103,10 @@ def truncate(spec: Spectrum, rank: int) -> ModuleWeights:
     if len(spec.shape) == 4:  # a conv weight [out, in, kh, kw]
         down = down.reshape(rank, *spec.shape[1:])
         up = up.reshape(spec.shape[0], rank, 1, 1)
-    return ModuleWeights(down=down.contiguous(), up=up.contiguous(), alpha=float(rank))
+    return ModuleTensors.lora(down.contiguous(), up.contiguous(), float(rank))
 
 
-def with_common_alpha(modules: dict[str, ModuleWeights]) -> dict[str, ModuleWeights]:
+def with_common_alpha(modules: dict[str, ModuleTensors]) -> dict[str, ModuleTensors]:
     """The same updates with one alpha for every module (the largest rank), the scale folded into the factors.
 
     A file whose modules differ in rank differs in alpha when each keeps scale 1, and diffusers
@@ -118,5 +118,5 @@ def with_common_alpha(modules: dict[str, ModuleWeights]) -> dict[str, ModuleWeig
     out = {}
     for name, weights in modules.items():
         factor = (weights.effective_alpha / common) ** 0.5
-        out[name] = ModuleWeights(down=weights.down * factor, up=weights.up * factor, alpha=common)
+        out[name] = ModuleTensors.lora(weights.down * factor, weights.up * factor, common)
     return out

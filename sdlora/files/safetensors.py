@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save
 
 from ..reliability.durable import write_file
 from ..errors import AdapterFileError
-from .layouts import ModuleTensors, ModuleWeights, module_roles
+from .layouts import ModuleTensors
 from ..base_models.families import Family
 
 FORMAT_VERSION = 1
@@ -111,7 +111,7 @@ def _uniform(values: list[float]) -> str:
 
 
 def build_metadata(
-    modules: dict[str, ModuleWeights | ModuleTensors], family: Family, title: str,
+    modules: dict[str, ModuleTensors], family: Family, title: str,
     targets: dict[str, list[str]] | None = None,
     extra: dict | None = None, prediction_type: str = "epsilon", resolution: int | tuple[int, int] | None = None,
 ) -> dict[str, str]:
@@ -122,7 +122,7 @@ def build_metadata(
     """
     ranks = {key: weights.rank for key, weights in modules.items()}
     alphas = [weights.effective_alpha for weights in modules.values()]
-    downs = {key: module_roles(weights).get("lora_down.weight") for key, weights in modules.items()}
+    downs = {key: weights.tensors.get("lora_down.weight") for key, weights in modules.items()}
     record = {
         "format_version": FORMAT_VERSION,
         "family": family.name,
@@ -145,7 +145,7 @@ def build_metadata(
     conv = [modules[key] for key, down in downs.items() if down is not None and down.dim() == 4 and down.shape[-1] > 1]
     if conv:
         args.update(conv_dim=_uniform([w.rank for w in conv]), conv_alpha=_uniform([w.effective_alpha for w in conv]))
-    scales = [roles["dora_scale"] for roles in map(module_roles, modules.values()) if "dora_scale" in roles]
+    scales = [weights.tensors["dora_scale"] for weights in modules.values() if "dora_scale" in weights.tensors]
     if scales:  # what LyCORIS, the usual writer of DoRA files, records (readers go by the tensors)
         metadata["ss_network_module"] = "lycoris.kohya"
         args.update(algo="lora", dora_wd="True", wd_on_output=str(all(s.shape[0] > 1 for s in scales)))

@@ -19,8 +19,8 @@ import torch
 from .safetensors import build_metadata, read_adapter
 from ..errors import AdapterFileError
 from ..base_models.families import SD1, SDXL, Family, family_from_tensors, family_named_in_metadata
-from .layouts import (FILE_ROLES, ModuleTensors, ModuleWeights, describe_unsupported,
-                      dotted_module_key, module_state_dict, peft_alpha, peft_alphas, split_tensor_name)
+from .layouts import (ModuleTensors, describe_unsupported, dotted_module_key, module_state_dict, module_tensors,
+                      peft_alpha, peft_alphas, split_tensor_name)
 from .names import split_key
 from ..adapters.kinds import is_whole
 from ..base_models.sgm import unet_module_map
@@ -44,7 +44,7 @@ class AdapterModules:
     """One file's modules (kohya name -> weights) and what its header and tensors say about it."""
 
     path: Path
-    modules: dict[str, ModuleWeights]
+    modules: dict[str, ModuleTensors]
     family: Family | None
     metadata: dict[str, str]
     dtype: torch.dtype  # of its LoRA tensors (the widest when mixed)
@@ -109,27 +109,22 @@ def read_modules(path: str | os.PathLike) -> AdapterModules:
                                f"{unreadable[:3]}" + describe_unsupported(unreadable))
     modules = {}
     for name, roles in grouped.items():
-        payload = {FILE_ROLES.get(role, role): tensor for role, tensor in roles.items() if role != "alpha"}
-        if set(payload) != {"lora_down.weight", "lora_up.weight"} and is_whole(payload):
-            # a LyCORIS kind (LoHa, LoKr, Tucker, full, DoRA): used through its whole update
-            modules[name] = ModuleTensors(payload, roles["alpha"].item() if "alpha" in roles else None)
-            continue
-        if "down" not in roles or "up" not in roles:
-            raise AdapterFileError(f"{path}: module {name} has no {'up' if 'down' in roles else 'down'} "
+        module = module_tensors(roles)
+        if not is_whole(module.tensors):
+            raise AdapterFileError(f"{path}: module {name} has no {'up' if 'lora_down.weight' in roles else 'down'} "
                                    "tensor; the file is incomplete")
-        alpha = roles["alpha"].item() if "alpha" in roles else None
-        if alpha is None and name in dotted and split_key(dotted[name])[0] in configs:
+        if module.alpha is None and name in dotted and split_key(dotted[name])[0] in configs and \
+                module.rank is not None:
             component, module_path = split_key(dotted[name])
-            alpha = peft_alpha(configs[component], module_path, roles["down"].shape[0])
-        modules[name] = ModuleWeights(down=roles["down"], up=roles["up"], alpha=alpha)
+            module.alpha = peft_alpha(configs[component], module_path, module.rank)
+        modules[name] = module
     if not modules:
         raise AdapterFileError(f"{path}: holds no LoRA tensors")
-    dtype = widest_dtype([t.dtype for m in modules.values()
-                          for t in ((m.down, m.up) if isinstance(m, ModuleWeights) else m.tensors.values())])
+    dtype = widest_dtype([t.dtype for m in modules.values() for t in m.tensors.values()])
     return AdapterModules(path, modules, family, metadata, dtype)
 
 
-def kohya_state_dict(modules: dict[str, ModuleWeights], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def kohya_state_dict(modules: dict[str, ModuleTensors], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """kohya-named modules -> the tensors of a kohya file (alpha in fp32, as formats.to_kohya writes it)."""
     return {key: tensor for name, weights in modules.items()
             for key, tensor in module_state_dict(name, weights, dtype).items()}
@@ -151,7 +146,7 @@ def with_original_unet_names(adapter: AdapterModules) -> AdapterModules | None:
     table = sdxl_original_names()
     renamed = {}
     for name, weights in adapter.modules.items():
-        if "attn2_to_k" in name and isinstance(weights, ModuleWeights) and \
+        if "attn2_to_k" in name and weights.kind == "lora" and \
                 weights.down.flatten(1).shape[1] != SDXL_BASE_TEXT_WIDTH:
             return None
         if name.startswith("lora_unet_"):
@@ -169,7 +164,7 @@ def training_facts(metadata: dict[str, str]) -> tuple[str, tuple[int, ...] | Non
     return ("v_prediction" if v else "epsilon"), (tuple(int(n) for n in match.groups()) if match else None)
 
 
-def output_metadata(modules: dict[str, ModuleWeights], family: Family | None, title: str, source: dict[str, str],
+def output_metadata(modules: dict[str, ModuleTensors], family: Family | None, title: str, source: dict[str, str],
                     record: dict) -> dict[str, str]:
     """The header of a file made from other files: their family, prediction type and resolution, and
     `record` (what was done) in sdlora's JSON record. With no family stated by any input, none is

@@ -23,7 +23,7 @@ from torch import nn
 from ..files.safetensors import read_adapter, write_adapter
 from ..errors import AdapterFileError
 from ..base_models.families import Family, detect_family, family_from_tensors, family_named_in_metadata
-from ..files.layouts import ModuleTensors, ModuleWeights, Parsed, parse_state_dict, to_kohya
+from ..files.layouts import Parsed, parse_state_dict, to_kohya
 from ..files.names import split_key
 from ..base_models.parts import components
 from ..base_models.sgm import unet_module_map
@@ -80,12 +80,6 @@ def read_for_conversion(path: Path, model=None) -> tuple[Parsed, dict[str, str],
     return parsed, metadata, family, original
 
 
-def _role_tensors(weights: ModuleWeights | ModuleTensors) -> dict[str, torch.Tensor]:
-    if isinstance(weights, ModuleWeights):
-        return {"lora_down.weight": weights.down, "lora_up.weight": weights.up}
-    return dict(weights.tensors)
-
-
 def to_comfy(modules: dict, family: Family, original_paths: dict[str, str]) -> dict[str, torch.Tensor]:
     """ComfyUI's own names: `diffusion_model.<original path>`, `text_encoders.<clip>.transformer.<path>`."""
     clips = {component: clip for clip, component in family.comfy_text_encoders.items()}
@@ -94,7 +88,7 @@ def to_comfy(modules: dict, family: Family, original_paths: dict[str, str]) -> d
         component, path = split_key(key)
         name = (f"diffusion_model.{original_paths[path]}" if component == "unet"
                 else f"text_encoders.{clips[component]}.transformer.{path}")
-        state_dict |= {f"{name}.{role}": tensor for role, tensor in _role_tensors(weights).items()}
+        state_dict |= {f"{name}.{role}": tensor for role, tensor in weights.tensors.items()}
         if weights.alpha is not None:
             state_dict[f"{name}.alpha"] = torch.tensor(float(weights.alpha))
     return state_dict
@@ -104,7 +98,7 @@ def to_diffusers(modules: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]
     """PEFT names under each component, and the alphas in the header as diffusers keeps them."""
     state_dict, configs = {}, {}
     for key, weights in modules.items():
-        if not isinstance(weights, ModuleWeights):
+        if weights.kind != "lora":
             raise AdapterFileError(f"{key} is {weights.kind}: diffusers' layout holds plain LoRA only; convert "
                                    "to kohya or comfy, which hold LyCORIS kinds")
         state_dict[f"{key}.lora_A.weight"] = weights.down

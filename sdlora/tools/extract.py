@@ -19,7 +19,7 @@ from ..files.safetensors import SAVE_DTYPES, build_metadata, write_adapter
 from ..errors import ConfigError, ModelError
 from ..base_models.families import detect_family
 from ..files.standalone import kohya_state_dict
-from ..files.layouts import ModuleWeights
+from ..files.layouts import ModuleTensors
 from ..files.names import kohya_name, module_key
 from .merge import Reduction, check_output, reduce
 from ..base_models.parts import components, native_resolution
@@ -63,7 +63,7 @@ def layer_pairs(base: dict[str, nn.Module], tuned: dict[str, nn.Module], targets
 
 def extract(base_pipe, tuned_pipe, rank: int, targets: str | list[str] = "attn-mlp",
             component_names: list[str] | None = None,
-            device: torch.device | str | None = None) -> tuple[dict[str, ModuleWeights], Reduction, list[str]]:
+            device: torch.device | str | None = None) -> tuple[dict[str, ModuleTensors], Reduction, list[str]]:
     """kohya module name -> rank-`rank` LoRA of tuned - base, the truncation report, and the kohya
     names of targeted layers that did not change at all (left out of the file)."""
     base, tuned = components(base_pipe), components(tuned_pipe)

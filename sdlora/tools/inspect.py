@@ -13,7 +13,7 @@ import torch
 
 from ..files.safetensors import read_adapter, recorded_targets
 from ..base_models.families import Family, family_from_tensors, family_named_in_metadata
-from ..files.layouts import ModuleTensors, file_layout, split_tensor_name
+from ..files.layouts import file_layout, module_tensors, split_tensor_name
 from ..files.names import component_of_file_key
 from ..adapters.kinds import standalone_update
 
@@ -134,9 +134,8 @@ def inspect(path: str | Path) -> Report:
     modules, norms, original = [], {}, _original_names(family)
     zero_up, mismatched = [], []
     for name, roles in grouped.items():
-        alpha = roles.pop("alpha").item() if "alpha" in roles else None
-        payload = {{"down": "lora_down.weight", "up": "lora_up.weight"}.get(role, role): t for role, t in roles.items()}
-        weights = ModuleTensors(payload, alpha)
+        weights = module_tensors(roles)
+        payload, alpha = weights.tensors, weights.alpha
         component = _component(name)
         entry = {"name": name, "component": component, "block": _block(name, component, original), "kind": weights.kind,
                  "rank": weights.rank, "alpha": alpha, "norm": None}

@@ -23,7 +23,7 @@ from ..errors import AdapterFileError, ConfigError, FamilyMismatch
 from ..base_models.families import SDXL, Family
 from ..files.standalone import (GROUP_ORDER, AdapterModules, group_of, kohya_state_dict, output_metadata, read_modules,
                            widest_dtype, with_original_unet_names)
-from ..files.layouts import ModuleWeights
+from ..files.layouts import ModuleTensors
 from ..adapters.kinds import standalone_update
 from ..files.lowrank import Factored, lora_factors, rank_for_energy, spectrum, truncate, with_common_alpha
 
@@ -38,7 +38,7 @@ _KERNEL_3X3 = ("conv1", "conv2", "_conv", "_op", "conv_in", "conv_out")
 def module_update(weights, name: str = "") -> Update:
     """A module's whole update: a plain LoRA as its factors; a LyCORIS kind (LoHa, LoKr, Tucker, full)
     as the full update its tensors make (DoRA's rescaling needs the base weight and is refused)."""
-    if isinstance(weights, ModuleWeights):
+    if weights.kind == "lora":  # kept as factors, so that merging LoRAs is exact
         return lora_factors(weights)
     if "dora_scale" in weights.tensors:
         raise AdapterFileError(f"{name}: DoRA rescales the base model's weight, so its update cannot be known from "
@@ -70,13 +70,13 @@ def weighted_sum(parts: list[tuple[Update, float]]) -> Update:
     return total.reshape(shape)
 
 
-def as_lora(update: Factored) -> ModuleWeights:
+def as_lora(update: Factored) -> ModuleTensors:
     """A factored update as LoRA tensors in the layer's layout, alpha = rank (scale 1)."""
     rank = update.up.shape[1]
     if len(update.shape) == 4:
-        return ModuleWeights(down=update.down.reshape(rank, *update.shape[1:]),
-                             up=update.up.reshape(update.shape[0], rank, 1, 1), alpha=float(rank))
-    return ModuleWeights(down=update.down, up=update.up, alpha=float(rank))
+        return ModuleTensors.lora(update.down.reshape(rank, *update.shape[1:]),
+                                  update.up.reshape(update.shape[0], rank, 1, 1), float(rank))
+    return ModuleTensors.lora(update.down, update.up, float(rank))
 
 
 @dataclass
@@ -135,7 +135,7 @@ class Reduction:
 
 def reduce(updates: Iterable[tuple[str, Update]], rank: int | None = None, energy: float | None = None,
            device: torch.device | str | None = None, desc: str = "SVD",
-           total: int | None = None) -> tuple[dict[str, ModuleWeights], Reduction]:
+           total: int | None = None) -> tuple[dict[str, ModuleTensors], Reduction]:
     """Each update's best LoRA of rank `rank`, or of the smallest rank keeping `energy` of it.
 
     `updates` may be a generator, so that only one full update is in memory at a time.
