@@ -141,6 +141,17 @@ def test_a_kind_that_does_not_fit_the_layer_is_refused_before_anything_changes(p
     assert not sdlora.list_adapters(pipe) and torch.equal(unet_out(pipe), before)
 
 
+def test_a_lora_whose_factors_do_not_fit_is_refused_even_when_their_sizes_do(pipe, tmp_path):
+    """up stored [rank, out] instead of [out, rank] holds as many numbers as the layer's: only a check of each
+    factor's shape (1x1 kernel dims aside) refuses it."""
+    save_file({f"{kohya(LINEAR)}.lora_down.weight": rand(4, 16, seed=1),
+               f"{kohya(LINEAR)}.lora_up.weight": rand(4, 16, seed=2)}, tmp_path / "bad.safetensors")
+    before = unet_out(pipe)
+    with pytest.raises(sdlora.AdapterFileError, match=r"\(lora\) does not fit .*\(lora_up should be \[16, 4\]"):
+        sdlora.load(pipe, tmp_path / "bad.safetensors")
+    assert not sdlora.list_adapters(pipe) and torch.equal(unet_out(pipe), before)
+
+
 def test_kinds_stack_with_lora_and_take_per_block_strength(pipe, tmp_path):
     """A LoHa and a LoRA on the same layer add up; per-block strength reaches LyCORIS kinds too."""
     layer = pipe.unet.get_submodule(LINEAR.removeprefix("unet."))
