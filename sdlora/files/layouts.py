@@ -101,6 +101,25 @@ def split_tensor_name(key: str) -> tuple[str, str] | None:
     return None
 
 
+def group_tensors(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]],
+                                                                 dict[str, list[str]], list[str]]:
+    """The one reading of a file's keys: its tensors by the module name the file gives them (name -> role ->
+    tensor, alpha among the roles), the file keys each module came from, and the keys of no role sdlora reads.
+    Reading against a model (`parse_state_dict`), merging files and inspecting one all start here."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    sources: dict[str, list[str]] = {}
+    unread: list[str] = []
+    for key, tensor in state_dict.items():
+        split = split_tensor_name(key)
+        if split is None:
+            unread.append(key)
+            continue
+        name, role = split
+        grouped.setdefault(name, {})[role] = tensor
+        sources.setdefault(name, []).append(key)
+    return grouped, sources, unread
+
+
 def describe_unsupported(keys: list[str]) -> str:
     """A short description of what kind of adapter the unreadable keys belong to, if we know."""
     kinds = sorted({kind for key in keys for tail, kind in UNREAD_KINDS.items() if key.endswith("." + tail)})
@@ -188,17 +207,7 @@ def parse_state_dict(
     kohya names lose the dots of module paths, so they are matched against the names the model's own
     modules would have (`model_keys`); dotted layouts name their modules directly.
     """
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    sources: dict[str, list[str]] = {}  # module name -> the file keys it came from
-    unsupported: list[str] = []
-    for key, tensor in state_dict.items():
-        split = split_tensor_name(key)
-        if split is None:
-            unsupported.append(key)
-            continue
-        name, role = split
-        grouped.setdefault(name, {})[role] = tensor
-        sources.setdefault(name, []).append(key)
+    grouped, sources, unsupported = group_tensors(state_dict)
 
     known = set(model_keys)
     kohya_names = kohya_index(family, model_keys, original_paths)

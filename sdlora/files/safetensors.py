@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from ..reliability.durable import write_file
-from ..errors import AdapterFileError
+from ..errors import AdapterFileError, ConfigError
 from .layouts import ModuleTensors
 from ..base_models.families import Family
 
@@ -92,6 +92,12 @@ def recorded_targets(metadata: dict[str, str]) -> dict[str, list[str]]:
         return json.loads(metadata.get("sdlora", "{}")).get("targets") or {}
     except (json.JSONDecodeError, AttributeError):
         return {}
+
+
+def check_output(path: Path) -> None:
+    """Refuse, before any work, an output path that is not a .safetensors file (what the tools write)."""
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"{path}: adapter files are written as .safetensors; name the output *.safetensors")
 
 
 def write_adapter(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:

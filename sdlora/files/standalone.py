@@ -20,7 +20,7 @@ from .safetensors import build_metadata, read_adapter
 from ..errors import AdapterFileError
 from ..base_models.families import SD1, SDXL, Family, family_from_tensors, family_named_in_metadata
 from .layouts import (ModuleTensors, describe_unsupported, dotted_module_key, module_state_dict, module_tensors,
-                      peft_alpha, peft_alphas, split_tensor_name)
+                      group_tensors, peft_alpha, peft_alphas)
 from .names import split_key
 from ..adapters.kinds import is_whole
 from ..base_models.sgm import unet_module_map
@@ -92,18 +92,17 @@ def read_modules(path: str | os.PathLike) -> AdapterModules:
     family = family_named_in_metadata(metadata) or family_from_tensors(tensors)
     has_second_encoder = any(key.startswith("text_encoder_2.") for key in tensors)
     configs = peft_alphas(metadata)
+    by_file_name, sources, unreadable = group_tensors(tensors)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     dotted: dict[str, str] = {}  # kohya name -> the module key, for PEFT alphas
-    unreadable = []
-    for key, tensor in tensors.items():
-        split = split_tensor_name(key)
-        name = split and _kohya_name(split[0], family, has_second_encoder)
+    for file_name, roles in by_file_name.items():
+        name = _kohya_name(file_name, family, has_second_encoder)
         if not name:
-            unreadable.append(key)
+            unreadable += sources[file_name]
             continue
-        grouped.setdefault(name, {})[split[1]] = tensor
-        if not split[0].startswith("lora_"):
-            dotted[name] = dotted_module_key(split[0])
+        grouped.setdefault(name, {}).update(roles)
+        if not file_name.startswith("lora_"):
+            dotted[name] = dotted_module_key(file_name)
     if unreadable:
         raise AdapterFileError(f"{path}: {len(unreadable)} tensor(s) sdlora cannot read as LoRA, first "
                                f"{unreadable[:3]}" + describe_unsupported(unreadable))

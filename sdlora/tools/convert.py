@@ -7,8 +7,8 @@
     comfy      diffusion_model.<original path>.…, text_encoders.clip_l.transformer.…: ComfyUI's own
 
 A file names modules, not a model, and kohya names lose the dots of module paths; so conversion reads
-the file against a model's module names: the model given, or the family's standard architecture built
-from the configs sdlora ships (no weights: on the meta device).
+the file against a model's module names: the model given, or the family's standard architecture
+(sdlora/files/standard.py).
 """
 
 from __future__ import annotations
@@ -18,43 +18,16 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..files.safetensors import read_adapter, write_adapter
 from ..errors import AdapterFileError
 from ..base_models.families import Family, detect_family, family_from_tensors, family_named_in_metadata
-from ..files.layouts import Parsed, parse_state_dict, to_kohya
+from ..files.layouts import Parsed, to_kohya
 from ..files.names import split_key
+from ..files.standard import parse_against, standard_parts
 from ..base_models.parts import components
-from ..base_models.sgm import unet_module_map
-from ..adapters.targets import adaptable_modules
 
 LAYOUTS = ("kohya", "diffusers", "comfy")
-
-
-def standard_parts(family: Family) -> dict[str, nn.Module]:
-    """The family's standard UNet and text encoders, built from the shipped configs on the meta device."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from ..base_models import architectures
-
-    folder = architectures.config_folder(architectures.STANDARD[family.name])
-    with init_empty_weights():
-        parts = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))}
-        for name in family.text_encoders:
-            config = CLIPTextConfig.from_pretrained(folder / name)
-            model = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
-            parts[name] = model(config)
-    return parts
-
-
-def module_keys(parts: dict[str, nn.Module]) -> list[str]:
-    from ..files.names import module_key
-
-    return [module_key(component, path) for component, model in parts.items()
-            for path in adaptable_modules(model)]
 
 
 def read_for_conversion(path: Path, model=None) -> tuple[Parsed, dict[str, str], Family, dict[str, str]]:
@@ -70,8 +43,7 @@ def read_for_conversion(path: Path, model=None) -> tuple[Parsed, dict[str, str],
             raise AdapterFileError(f"{path}: neither its header nor its tensors say which model family it is for: "
                                    "pass --model with the model it was made for")
         parts = standard_parts(family)
-    original = unet_module_map(dict(parts["unet"].config))
-    parsed = parse_state_dict(tensors, metadata, family, module_keys(parts), original)
+    parsed, original = parse_against(tensors, metadata, family, parts)
     problems = parsed.unmatched + parsed.unsupported
     if problems:
         raise AdapterFileError(f"{path}: {len(problems)} tensor(s) would be lost in conversion, first {problems[:3]}: "

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files.safetensors import SAVE_DTYPES, build_metadata, write_adapter
+from ..files.reduce import Reduction, reduce
+from ..files.safetensors import SAVE_DTYPES, build_metadata, check_output, write_adapter
 from ..errors import ConfigError, ModelError
 from ..base_models.families import detect_family
 from ..files.standalone import kohya_state_dict
 from ..files.layouts import ModuleTensors
 from ..files.names import kohya_name, module_key
-from .merge import Reduction, check_output, reduce
 from ..base_models.parts import components, native_resolution
 from ..base_models.sgm import unet_module_map
 from ..adapters.targets import patterns_for, select

@@ -13,7 +13,9 @@ import torch
 
 from ..files.safetensors import read_adapter, recorded_targets
 from ..base_models.families import Family, family_from_tensors, family_named_in_metadata
-from ..files.layouts import file_layout, module_tensors, split_tensor_name
+from ..base_models.sgm import unet_module_map
+from ..files.layouts import file_layout, group_tensors, module_tensors
+from ..files.standard import parse_against, standard_parts
 from ..files.names import component_of_file_key
 from ..adapters.kinds import standalone_update
 
@@ -51,15 +53,12 @@ class Report:
     modules: list[dict] = field(default_factory=list)  # per module: name, component, block, kind, rank, alpha, norm
 
 
-def _original_names(family: Family | None) -> dict[str, str]:
+def _original_names(parts: dict | None) -> dict[str, str]:
     """original UNet module path with `_` -> diffusers path, for the family's standard UNet, so that
     names in the original layout (`input_blocks_4_1_…`) are shown by diffusers block (`down 1`)."""
-    if family is None:
+    if parts is None:
         return {}
-    from ..base_models.architectures import STANDARD, unet_config
-    from ..base_models.sgm import unet_module_map
-
-    mapping = unet_module_map(unet_config(STANDARD[family.name]))
+    mapping = unet_module_map(dict(parts["unet"].config))
     return {original.replace(".", "_"): path for path, original in mapping.items()}
 
 
@@ -114,14 +113,7 @@ def _number(value: float | None) -> str:
 def inspect(path: str | Path) -> Report:
     path = Path(path)
     tensors, metadata = read_adapter(path, check_finite=False)
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    unread = []
-    for key, tensor in tensors.items():
-        split = split_tensor_name(key)
-        if split is None:
-            unread.append(key)
-        else:
-            grouped.setdefault(split[0], {})[split[1]] = tensor
+    grouped, _, unread = group_tensors(tensors)
     stated = family_named_in_metadata(metadata)
     family: Family | None = stated or family_from_tensors(tensors)
     anomalies = []
@@ -131,7 +123,8 @@ def inspect(path: str | Path) -> Report:
     if bad:
         anomalies.append(f"{len(bad)} tensor(s) hold NaN or infinite values, first {bad[0]!r}: the adapter is broken")
 
-    modules, norms, original = [], {}, _original_names(family)
+    parts = standard_parts(family) if family is not None else None
+    modules, norms, original = [], {}, _original_names(parts)
     zero_up, mismatched = [], []
     for name, roles in grouped.items():
         weights = module_tensors(roles)
@@ -159,7 +152,7 @@ def inspect(path: str | Path) -> Report:
     if mismatched:
         anomalies.append(f"{len(mismatched)} module(s) whose down and up ranks differ, first {mismatched[0]!r}")
     if family is not None:
-        anomalies += _unreachable(tensors, metadata, family)
+        anomalies += _unreachable(tensors, metadata, family, parts)
 
     return Report(
         path=str(path), size_bytes=path.stat().st_size, tensor_count=len(tensors),
@@ -177,15 +170,9 @@ def inspect(path: str | Path) -> Report:
     )
 
 
-def _unreachable(tensors: dict, metadata: dict, family: Family) -> list[str]:
+def _unreachable(tensors: dict, metadata: dict, family: Family, parts: dict) -> list[str]:
     """Keys that a loader of the named family would not find: read against its standard architecture."""
-    from .convert import module_keys, standard_parts
-    from ..files.layouts import parse_state_dict
-    from ..base_models.sgm import unet_module_map
-
-    parts = standard_parts(family)
-    original = unet_module_map(dict(parts["unet"].config))
-    parsed = parse_state_dict(tensors, metadata, family, module_keys(parts), original)
+    parsed, _ = parse_against(tensors, metadata, family, parts)
     if not parsed.unmatched:
         return []
     return [f"{len(parsed.unmatched)} tensor(s) name no module of {family.title}'s standard architecture (a loader "
