@@ -154,5 +154,6 @@ def test_nothing_outside_families_branches_on_a_family():
 
 def test_the_family_check_finds_a_branch(tmp_path):
     branchy = tmp_path / "branchy.py"
-    branchy.write_text('if family is SDXL:\n    pass\nif family.name == "sd2":\n    pass\nif name == "sd2":\n    pass\n')
+    branchy.write_text('if family is SDXL:\n    pass\nif family.name == "sd2":\n    pass\n'
+                       'if name == "sd2":\n    pass\n')
     assert [line.split(":")[1] for line in _family_branches(branchy)] == ["1", "3"]
