@@ -40,12 +40,12 @@ def standard_parts(family: Family) -> dict[str, nn.Module]:
 
     from ..base_models import architectures
 
-    folder = architectures.config_folder(architectures.STANDARD[family.name])
+    folder = architectures.config_folder(family.standard_architecture)
     with init_empty_weights():
         parts = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))}
         for name in family.text_encoders:
             config = CLIPTextConfig.from_pretrained(folder / name)
-            model = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+            model = CLIPTextModelWithProjection if name in family.projected_text_encoders else CLIPTextModel
             parts[name] = model(config)
     return parts
 

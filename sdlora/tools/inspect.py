@@ -56,10 +56,10 @@ def _original_names(family: Family | None) -> dict[str, str]:
     names in the original layout (`input_blocks_4_1_…`) are shown by diffusers block (`down 1`)."""
     if family is None:
         return {}
-    from ..base_models.architectures import STANDARD, unet_config
+    from ..base_models.architectures import unet_config
     from ..base_models.sgm import unet_module_map
 
-    mapping = unet_module_map(unet_config(STANDARD[family.name]))
+    mapping = unet_module_map(unet_config(family.standard_architecture))
     return {original.replace(".", "_"): path for path, original in mapping.items()}
 
 
