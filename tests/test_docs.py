@@ -235,3 +235,24 @@ def test_the_readme_shows_the_test_command_ci_runs():
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in line]
     assert ci, ".ci/run runs no pytest"
     assert f"the test command is `{ci[-1].strip()}`" in (ROOT / "README.md").read_text()
+
+
+def test_the_architecture_page_names_every_module_under_its_package():
+    # docs/architecture.md is the map a newcomer reads: a module added or moved shows up here first.
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    bullets = re.split(r"\n- ", text.split("## Every module", 1)[1])
+    by_package = {}
+    for bullet in bullets:
+        opening = re.match(r"`(\w+)/`:|The top level:", bullet)
+        if opening:
+            by_package[opening.group(1) or ""] = bullet
+    package = ROOT / "sdlora"
+    for module in sorted(package.rglob("*.py")):
+        relative = module.relative_to(package)
+        if module.name == "__init__.py" and relative.parent != Path("."):
+            continue  # a subpackage's own docstring, named by the package itself
+        folder = "" if relative.parent == Path(".") else relative.parts[0]
+        assert folder in by_package, f"docs/architecture.md has no bullet for sdlora/{folder}/"
+        assert f"`{module.name}`" in by_package[folder], \
+            f"docs/architecture.md does not name sdlora/{relative} in its bullet for sdlora/{folder}"
+        assert f"  {folder}/" in text or not folder, f"docs/architecture.md's tree lacks sdlora/{folder}/"
