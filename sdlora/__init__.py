@@ -15,6 +15,7 @@ Where things live (docs/architecture.md has every module):
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ below imports them
+    from .base_models.sources import load_pipeline
     from .files.safetensors import read_adapter
     from .errors import AdapterFileError, ConfigError, DataError, FamilyMismatch, ModelError, SdloraError
     from .loader import (
@@ -35,9 +36,14 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ belo
 
 __version__ = "0.1.0"
 
-_ERRORS = ["AdapterFileError", "ConfigError", "DataError", "FamilyMismatch", "ModelError", "SdloraError"]
+_ERRORS = ("AdapterFileError", "ConfigError", "DataError", "FamilyMismatch", "ModelError", "SdloraError")
 __all__ = [
-    *_ERRORS,
+    "AdapterFileError",
+    "ConfigError",
+    "DataError",
+    "FamilyMismatch",
+    "ModelError",
+    "SdloraError",
     "AdapterInfo",
     "add_adapter",
     "adapter_weights",
@@ -46,6 +52,7 @@ __all__ = [
     "fuse",
     "list_adapters",
     "load",
+    "load_pipeline",
     "read_adapter",
     "save",
     "set_strength",
@@ -65,6 +72,10 @@ def __getattr__(name: str):
         from . import errors
 
         return getattr(errors, name)
+    if name == "load_pipeline":
+        from .base_models.sources import load_pipeline
+
+        return load_pipeline
     from . import loader  # defines or imports every other public name
 
     return getattr(loader, name)

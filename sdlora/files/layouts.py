@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from ..base_models.families import Family
-from .names import TEXT_ENCODERS, canonical_path, kohya_index, kohya_name
+from ..base_models.module_keys import TEXT_ENCODERS, canonical_path
+from .names import kohya_index, kohya_name
 
 # Tensor-name suffix -> role, longest first so `lora.down.weight` wins over `down.weight`-like tails.
 ROLES = {

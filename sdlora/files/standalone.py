@@ -21,7 +21,7 @@ from ..errors import AdapterFileError
 from ..base_models.families import SD1, SDXL, Family, family_from_tensors, family_named_in_metadata
 from .layouts import (FILE_ROLES, ModuleTensors, ModuleWeights, complete_module, describe_unsupported,
                       dotted_module_key, module_state_dict, peft_alpha, peft_alphas, split_tensor_name)
-from .names import split_key
+from ..base_models.module_keys import split_key
 from ..base_models.sgm import unet_module_map
 
 # Which UNet naming a kohya name uses: the original (SGM) layout or diffusers' block names.

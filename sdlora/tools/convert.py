@@ -24,7 +24,7 @@ from ..files.safetensors import read_adapter, write_adapter
 from ..errors import AdapterFileError
 from ..base_models.families import Family, detect_family, family_from_tensors, family_named_in_metadata
 from ..files.layouts import ModuleTensors, ModuleWeights, Parsed, parse_state_dict, to_kohya
-from ..files.names import split_key
+from ..base_models.module_keys import split_key
 from ..base_models.parts import components
 from ..base_models.sgm import unet_module_map
 from ..adapters.targets import adaptable_modules
@@ -51,7 +51,7 @@ def standard_parts(family: Family) -> dict[str, nn.Module]:
 
 
 def module_keys(parts: dict[str, nn.Module]) -> list[str]:
-    from ..files.names import module_key
+    from ..base_models.module_keys import module_key
 
     return [module_key(component, path) for component, model in parts.items()
             for path in adaptable_modules(model)]

@@ -20,7 +20,8 @@ from ..errors import ConfigError, ModelError
 from ..base_models.families import detect_family
 from ..files.standalone import kohya_state_dict
 from ..files.layouts import ModuleWeights
-from ..files.names import kohya_name, module_key
+from ..base_models.module_keys import module_key
+from ..files.names import kohya_name
 from .merge import Reduction, check_output, reduce
 from ..base_models.parts import components, native_resolution
 from ..base_models.sgm import unet_module_map
