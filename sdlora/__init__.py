@@ -1,4 +1,17 @@
-"""sdlora: train and use LoRA adapters for Stable Diffusion."""
+"""sdlora: train and use LoRA adapters for Stable Diffusion.
+
+Where things live (docs/architecture.md has every module):
+
+    loader.py                 the API below: load, set_strength, disabled, fuse, unfuse, unload, save
+    adapters/lora.py          the LoRA layer: the Adapter contract, LoRA, and AdaptedLayer (the wrapper);
+                              the LyCORIS kinds in adapters/lycoris.py
+    files/                    the adapter file on disk: safetensors.py (read, write, header),
+                              layouts.py (other tools' layouts), names.py (key names)
+    training/loop.py          the training loop; config, data, caching and loss beside it
+    base_models/families.py   what differs between SD 1.x, SD 2.x and SDXL; base_models/sources.py has
+                              load_pipeline (a folder, a hub id or one checkpoint file, offline)
+    tools/                    one module per command: inspect, convert, merge, extract, bake, generate
+"""
 
 from typing import TYPE_CHECKING
 
