@@ -1,8 +1,22 @@
-"""sdlora: train and use LoRA adapters for Stable Diffusion."""
+"""sdlora: train and use LoRA adapters for Stable Diffusion.
+
+Where things live (docs/architecture.md has every module):
+
+    loader.py                 the API below: load, set_strength, disabled, fuse, unfuse, unload, save
+    adapters/lora.py          the LoRA layer: the Adapter contract, LoRA, and AdaptedLayer (the wrapper);
+                              the LyCORIS kinds in adapters/lycoris.py
+    files/                    the adapter file on disk: safetensors.py (read, write, header),
+                              layouts.py (other tools' layouts), names.py (key names)
+    training/loop.py          the training loop; config, data, caching and loss beside it
+    base_models/families.py   what differs between SD 1.x, SD 2.x and SDXL; base_models/sources.py has
+                              load_pipeline (a folder, a hub id or one checkpoint file, offline)
+    tools/                    one module per command: inspect, convert, merge, extract, bake, generate
+"""
 
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ below imports them
+    from .base_models.sources import load_pipeline
     from .files.safetensors import read_adapter
     from .errors import AdapterFileError, ConfigError, DataError, FamilyMismatch, ModelError, SdloraError
     from .loader import (
@@ -23,9 +37,14 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ belo
 
 __version__ = "0.1.0"
 
-_ERRORS = ["AdapterFileError", "ConfigError", "DataError", "FamilyMismatch", "ModelError", "SdloraError"]
+_ERRORS = ("AdapterFileError", "ConfigError", "DataError", "FamilyMismatch", "ModelError", "SdloraError")
 __all__ = [
-    *_ERRORS,
+    "AdapterFileError",
+    "ConfigError",
+    "DataError",
+    "FamilyMismatch",
+    "ModelError",
+    "SdloraError",
     "AdapterInfo",
     "add_adapter",
     "adapter_weights",
@@ -34,6 +53,7 @@ __all__ = [
     "fuse",
     "list_adapters",
     "load",
+    "load_pipeline",
     "read_adapter",
     "save",
     "set_strength",
@@ -53,6 +73,10 @@ def __getattr__(name: str):
         from . import errors
 
         return getattr(errors, name)
+    if name == "load_pipeline":
+        from .base_models.sources import load_pipeline
+
+        return load_pipeline
     from . import loader  # defines or imports every other public name
 
     return getattr(loader, name)

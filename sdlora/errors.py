@@ -30,6 +30,14 @@ class ModelError(SdloraError, ValueError):
     """A base model that cannot be found or loaded, or that sdlora cannot train."""
 
 
+class ModelSourceError(ModelError):
+    """The model named by the user cannot be found or read; the message says what to do."""
+
+
+class UnknownArchitecture(ModelError):
+    """A single-file checkpoint that is none of the shipped architectures; the message says why."""
+
+
 class OutputFolderBusy(SdloraError, RuntimeError):
     """Another sdlora run holds this output folder."""
 

@@ -16,7 +16,8 @@ from .files.safetensors import SAVE_DTYPES, build_metadata, read_adapter, record
 from .files.layouts import ModuleTensors, describe_unsupported, parse_state_dict, to_kohya
 from .errors import AdapterFileError, FamilyMismatch
 from .base_models.families import FAMILIES, detect_family, family_from_tensors, family_named_in_metadata
-from .files.names import component_of_file_key, module_key
+from .base_models.module_keys import module_key
+from .files.names import component_of_file_key
 from .adapters.lora import LoRA, AdaptedLayer
 from .adapters.kinds import build_adapter
 from .adapters.lycoris import DoRA

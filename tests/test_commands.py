@@ -16,7 +16,8 @@ from sdlora.files.safetensors import read_adapter
 from sdlora.cli import main
 from sdlora.base_models.families import SD1, SDXL, detect_family
 from sdlora.tools.generate import label_height
-from sdlora.files.names import kohya_name, module_key
+from sdlora.base_models.module_keys import module_key
+from sdlora.files.names import kohya_name
 from sdlora.adapters.lora import AdaptedLayer
 from sdlora.base_models.parts import components
 from sdlora.base_models.sgm import unet_module_map

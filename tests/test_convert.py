@@ -80,7 +80,8 @@ def test_lycoris_kinds_convert_between_kohya_and_comfy_but_not_diffusers(pipe, t
 
 def test_without_a_model_the_familys_standard_architecture_names_the_modules(tmp_path):
     """Real SDXL names, converted with no model at hand (built from the shipped configs on the meta device)."""
-    names = ["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "lora_te2_text_model_encoder_layers_31_mlp_fc2"]
+    names = ["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+             "lora_te2_text_model_encoder_layers_31_mlp_fc2"]
     tensors = {}
     for name in names:
         tensors |= {f"{name}.lora_down.weight": torch.ones(2, 3), f"{name}.lora_up.weight": torch.ones(3, 2),

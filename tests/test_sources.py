@@ -16,7 +16,9 @@ from sdlora.base_models import architectures
 from sdlora.base_models.checkpoints import open_clip_to_original, pipeline_to_original
 from sdlora.base_models.clip_tokenizer import clip_tokenizer
 from sdlora.base_models.single_file import load_tokenizer, read_ckpt
-from sdlora.base_models.sources import ModelSourceError, load_pipeline
+from sdlora.base_models.families import SD2, family_of_architecture
+from sdlora.errors import ModelSourceError, UnknownArchitecture
+from sdlora.base_models.sources import load_pipeline
 from sdlora.toy.pipelines import save_tiny_pipeline, tiny_sdxl_pipeline
 
 TOY = Path(__file__).resolve().parents[1] / "models" / "toy-sd1"
@@ -96,7 +98,7 @@ def test_shipped_configs_build_the_real_models(meta_models, name):
 
 def _original_shapes(models: dict, name: str) -> dict[str, tuple[int, ...]]:
     """The parameter shapes a released single file of this architecture has (via our writer)."""
-    state = pipeline_to_original(SimpleNamespace(**models), open_clip=name.startswith("sd21"))
+    state = pipeline_to_original(SimpleNamespace(**models), family_of_architecture(name))
     return {key: tuple(value.shape) for key, value in state.items()}
 
 
@@ -124,7 +126,7 @@ def test_full_size_original_layout_is_what_diffusers_reads(meta_models, name):
     )
 
     models = meta_models[name]
-    state = pipeline_to_original(SimpleNamespace(**models), open_clip=name.startswith("sd21"))
+    state = pipeline_to_original(SimpleNamespace(**models), family_of_architecture(name))
     readers = {
         "unet": lambda: convert_ldm_unet_checkpoint(dict(state), models["unet"].config),
         "vae": lambda: convert_ldm_vae_checkpoint(dict(state), models["vae"].config),
@@ -143,13 +145,13 @@ def test_full_size_original_layout_is_what_diffusers_reads(meta_models, name):
 
 def test_detection_refuses_what_it_cannot_place():
     unet = "model.diffusion_model."
-    with pytest.raises(architectures.UnknownArchitecture, match="no UNet"):
+    with pytest.raises(UnknownArchitecture, match="no UNet"):
         architectures.detect({"lora_unet_x.lora_down.weight": (4, 320)})
-    with pytest.raises(architectures.UnknownArchitecture, match="9 input channels"):
+    with pytest.raises(UnknownArchitecture, match="9 input channels"):
         architectures.detect({unet + "input_blocks.0.0.weight": (320, 9, 3, 3)})
-    with pytest.raises(architectures.UnknownArchitecture, match="2560"):
+    with pytest.raises(UnknownArchitecture, match="2560"):
         architectures.detect({unet + "label_emb.0.0.weight": (1536, 2560)})
-    with pytest.raises(architectures.UnknownArchitecture, match="width 64"):
+    with pytest.raises(UnknownArchitecture, match="width 64"):
         architectures.detect({unet + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 64)})
     shapes = {unet + "x": (1,), "cond_stage_model.transformer.text_model.x": (1,)}
     assert architectures.missing_components(shapes, "sd15") == ["VAE"]
@@ -258,7 +260,7 @@ def test_single_file_loads_like_the_folder(toy, tmp_path, suffix):
 
 def test_single_file_with_open_clip_text_encoder(toy, tmp_path):
     """SD 2.x keeps its text encoder in OpenCLIP's layout; the toy one stands in for it here."""
-    state = pipeline_to_original(toy, open_clip=True)
+    state = pipeline_to_original(toy, SD2)
     assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in state
     pipe = load_pipeline(str(_save(state, tmp_path / "toy.safetensors")), model_config=str(TOY))
     _assert_same_outputs(pipe, toy)

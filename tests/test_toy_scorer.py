@@ -3,10 +3,11 @@ world's renderer), at the toy model's 32 px, jittered in position, size, rotatio
 softened and grained like generated samples.
 
 Positives: every shape filled and outlined, outlines with a 1-2 px gap, and
-stars with one arm a short stub. Hard negatives: pentagons
-(sharp and rounded) and squat 4-point stars (not stars, and not any of the world's shapes), filled shapes whose middle is
-pale or mottled (not outlines), and triangles with sides bowed in a little (still triangles, as the independent count had them). The scorer must be
-right on at least 95% of the images of every class, per attribute (star yes/no, outline yes/no, shape).
+stars with one arm a short stub. Hard negatives: pentagons (sharp and rounded) and squat 4-point
+stars (not stars, and not any of the world's shapes), filled shapes whose middle is pale or mottled
+(not outlines), and triangles with sides bowed in a little (still triangles, as the independent
+count had them). The scorer must be right on at least 95% of the images of every class, per
+attribute (star yes/no, outline yes/no, shape).
 """
 
 from __future__ import annotations

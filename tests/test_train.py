@@ -196,8 +196,8 @@ def test_preserved_timesteps_are_trained_towards_the_base_prediction():
     expected = (noise.pow(2).mean(dim=(1, 2, 3)) * inside).mean()
     torch.testing.assert_close(loss, expected)
 
-    diffusion_loss(unet, scheduler, latents, {"encoder_hidden_states": None}, torch.Generator().manual_seed(0), prediction_type="epsilon",
-                   timestep_range=(0, 400))
+    diffusion_loss(unet, scheduler, latents, {"encoder_hidden_states": None}, torch.Generator().manual_seed(0),
+                   prediction_type="epsilon", timestep_range=(0, 400))
     assert (seen["timesteps"] < 400).all()  # without preservation the window is all that is drawn
 
 

@@ -1,1 +1,2 @@
-"""An adapter in memory: the contract every kind meets, LoRA, the LyCORIS kinds, the adapted layer, targets and strength."""
+"""An adapter in memory: the contract every kind meets, LoRA, the LyCORIS kinds, the adapted layer,
+targets and strength."""

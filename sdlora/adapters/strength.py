@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Union
 
-from ..files.names import unet_block
+from ..base_models.module_keys import unet_block
 
 BlockStrength = Union[float, list[float]]
 Strength = Union[float, dict[str, Union[float, dict[str, BlockStrength]]]]

@@ -16,28 +16,15 @@ from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
-ARCHITECTURES = ("sd15", "sd21-base", "sd21-v", "sdxl-base")
+from ..errors import UnknownArchitecture
+from .checkpoints import UNET_PREFIX as UNET
+from .checkpoints import VAE_PREFIX as VAE
+from .families import FAMILIES, SDXL, family_of_architecture, family_of_context_width
 
-UNET = "model.diffusion_model."
-VAE = "first_stage_model."
-# Where each text encoder sits in an original checkpoint, per architecture.
-TEXT_ENCODERS = {
-    "sd15": ("cond_stage_model.transformer.",),
-    "sd21-base": ("cond_stage_model.model.",),
-    "sd21-v": ("cond_stage_model.model.",),
-    "sdxl-base": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
-}
+ARCHITECTURES = tuple(name for family in FAMILIES.values() for name in family.shipped_architectures)
+
 # SDXL's size/crop conditioning input: base 1.0 takes 2816 (1280 pooled + 6 x 256); the refiner 2560.
 SDXL_BASE_ADM_CHANNELS = 2816
-CONTEXT_DIMS = {768: "sd15", 1024: "sd2"}
-
-
-class UnknownArchitecture(ValueError):
-    """The checkpoint is not one of ARCHITECTURES; the message says why and what to pass instead."""
-
-
-# The architecture a model family's files are read against when no model is given (sdlora.base_models.families names).
-STANDARD = {"sd1": "sd15", "sd2": "sd21-v", "sdxl": "sdxl-base"}
 
 
 def config_folder(name: str) -> Path:
@@ -83,16 +70,14 @@ def detect(shapes: Mapping[str, tuple[int, ...]], prediction_type: str | None = 
     adm = _shape(shapes, UNET + "label_emb.0.0.weight")
     if adm is not None:
         if adm[1] == SDXL_BASE_ADM_CHANNELS:
-            return "sdxl-base"
+            return SDXL.standard_architecture
         raise UnknownArchitecture(
             f"its UNet takes a {adm[1]}-wide size/class conditioning; SDXL base takes {SDXL_BASE_ADM_CHANNELS} "
             "(an SDXL refiner or another variant?)"
         )
-    family = CONTEXT_DIMS.get(_context_dim(shapes) or 0)
-    if family == "sd15":
-        return "sd15"
-    if family == "sd2":
-        return "sd21-base" if prediction_type == "epsilon" else "sd21-v"
+    family = family_of_context_width(_context_dim(shapes))
+    if family is not None and not family.size_conditioning:  # SDXL's width alone, without its size input
+        return family.shipped_architecture(prediction_type)
     raise UnknownArchitecture(f"its UNet cross-attends to width {_context_dim(shapes)}, which is neither SD 1.x "
                               "(768) nor SD 2.x (1024)")
 
@@ -100,7 +85,8 @@ def detect(shapes: Mapping[str, tuple[int, ...]], prediction_type: str | None = 
 def missing_components(shapes: Mapping[str, tuple[int, ...]], name: str) -> list[str]:
     """The parts of architecture `name` that the checkpoint holds no weights for."""
     wanted = {"UNet": (UNET,), "VAE": (VAE,)}
-    for index, prefix in enumerate(TEXT_ENCODERS[name]):
-        wanted[f"text encoder {index + 1}" if len(TEXT_ENCODERS[name]) > 1 else "text encoder"] = (prefix,)
+    encoders = list(family_of_architecture(name).checkpoint_text_encoders.values())
+    for index, encoder in enumerate(encoders):
+        wanted[f"text encoder {index + 1}" if len(encoders) > 1 else "text encoder"] = (encoder.prefix,)
     return [part for part, prefixes in wanted.items()
             if not any(key.startswith(prefixes) for key in shapes)]

@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
+from .families import SD1, Family, detect_family
+from .parts import components
 from .sgm import unet_state_dict_to_original
 
+# Every family keeps its UNet and VAE here; where its text encoders sit is the family's
+# (Family.checkpoint_text_encoders).
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer.text_model."
-OPEN_CLIP_PREFIX = "cond_stage_model.model."
-SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
-SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # diffusers' VAE attention part -> the original AttnBlock's (1x1 convolutions there, linear here).
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -65,9 +65,10 @@ def vae_to_original(state_dict: Mapping[str, Any], vae_config: Mapping[str, Any]
     return out
 
 
-def clip_to_original(state_dict: Mapping[str, Any], prefix: str = CLIP_PREFIX) -> dict[str, Any]:
+def clip_to_original(state_dict: Mapping[str, Any],
+                     prefix: str = SD1.checkpoint_text_encoders["text_encoder"].prefix) -> dict[str, Any]:
     """transformers 5 flattened CLIPTextModel (no `text_model.`); the original layout keeps it."""
-    return {prefix + name.removeprefix("text_model."): value for name, value in state_dict.items()}
+    return {prefix + "text_model." + name.removeprefix("text_model."): value for name, value in state_dict.items()}
 
 
 # transformers' CLIP encoder-layer part -> OpenCLIP's residual-block part.
@@ -104,19 +105,16 @@ def open_clip_to_original(state_dict: Mapping[str, Any], prefix: str) -> dict[st
     return out
 
 
-def pipeline_to_original(pipe, open_clip: bool = False) -> dict[str, Any]:
+def pipeline_to_original(pipe, family: Family | None = None) -> dict[str, Any]:
     """One original-layout state dict of a pipeline's UNet, VAE and text encoder(s).
 
-    An SDXL pipeline (with text_encoder_2) gets SGM's conditioner layout; otherwise the text encoder
-    is written as SD 1.x's CLIP, or as SD 2.x's OpenCLIP when `open_clip`.
+    The text encoders go where `family` keeps them (by default the pipeline's own family): SD 1.x's
+    CLIP, SD 2.x's OpenCLIP, or SDXL's pair in SGM's conditioner.
     """
+    family = family or detect_family(components(pipe))
     out = {**unet_to_original(pipe.unet.state_dict(), pipe.unet.config),
            **vae_to_original(pipe.vae.state_dict(), pipe.vae.config)}
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        out |= clip_to_original(pipe.text_encoder.state_dict(), SDXL_CLIP_PREFIX)
-        out |= open_clip_to_original(pipe.text_encoder_2.state_dict(), SDXL_OPEN_CLIP_PREFIX)
-    elif open_clip:
-        out |= open_clip_to_original(pipe.text_encoder.state_dict(), OPEN_CLIP_PREFIX)
-    else:
-        out |= clip_to_original(pipe.text_encoder.state_dict())
+    for component, place in family.checkpoint_text_encoders.items():
+        state = getattr(pipe, component).state_dict()
+        out |= open_clip_to_original(state, place.prefix) if place.open_clip else clip_to_original(state, place.prefix)
     return out

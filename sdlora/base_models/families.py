@@ -1,8 +1,11 @@
 """Model families: what differs between SD 1.x, SD 2.x and SDXL, each in one object.
 
 A `Family` knows its components and their kohya names, how captions become the UNet's conditioning
-(hidden states, and for SDXL the pooled embedding and the size/crop `time_ids`), and its defaults.
-The trainer, the caches and the loader ask it; nothing else branches on the family.
+(hidden states, and for SDXL the pooled embedding and the size/crop `time_ids`), its defaults, its
+diffusers pipeline and tokenizers, the shipped architecture its files are read against, where its
+text encoders sit in an original checkpoint, and what an adapter's header says about it. Code
+elsewhere asks the family for these; none of it branches on a family's name
+(tests/test_layering.py checks that).
 """
 
 from __future__ import annotations
@@ -56,6 +59,14 @@ class TextOptions:
 
 
 @dataclass(frozen=True)
+class CheckpointTextEncoder:
+    """Where one text encoder sits in an original (LDM/SGM) single-file checkpoint, and in whose names."""
+
+    prefix: str  # before transformers' `text_model.` names, or before OpenCLIP's own
+    open_clip: bool = False  # OpenCLIP's names (q/k/v fused into in_proj), not transformers' CLIP names
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family: names other tools use for it and its modules, its conditioning, its defaults."""
 
@@ -67,6 +78,25 @@ class Family:
     architecture: str  # modelspec.architecture without the resolution/prediction part and "/lora"
     default_clip_skip: int
     comfy_text_encoders: dict[str, str]  # ComfyUI's name of each text encoder (clip_l, ...) -> component
+    context_width: int  # the text width the UNet cross-attends to (SDXL: both encoders', concatenated)
+    # The shipped config (base_models/configs) that reads this family's files when no model is given.
+    standard_architecture: str
+    tokenizers: tuple[str, ...]  # the pipeline's tokenizer attributes, one per text encoder, in order
+    checkpoint_text_encoders: dict[str, CheckpointTextEncoder]  # component -> its place in a single file
+    pipeline_class: str = "StableDiffusionPipeline"  # the diffusers class, by name (diffusers loads lazily)
+    # What the pipeline is built with, so that previews show what the model makes (no safety checker,
+    # no watermark) and nothing is fetched for parts we drop.
+    pipeline_options: dict = field(default_factory=lambda: {
+        "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False})
+    projected_text_encoders: tuple[str, ...] = ()  # encoders that are CLIPTextModelWithProjection
+    # A second shipped architecture with the same weights that predicts noise rather than velocity
+    # (SD 2.x 512-base beside 768-v); a single file's weights cannot tell them apart.
+    epsilon_architecture: str | None = None
+    # -- the header
+    # modelspec.architecture per prediction type, where the family names them apart (SD 2.x)
+    architecture_by_prediction: dict[str, str] = field(default_factory=dict)
+    v_version_suffix: str = "_v"  # added to ss_base_model_version for a v-prediction model
+    kohya_v2: bool = False  # kohya's ss_v2 flag
     sgm_unet_names: bool = False  # kohya and A1111 name this family's UNet modules by the original layout
     pooled_text: bool = False
     size_conditioning: bool = False
@@ -75,6 +105,17 @@ class Family:
     @property
     def components(self) -> tuple[str, ...]:
         return ("unet", *self.text_encoders)
+
+    @property
+    def shipped_architectures(self) -> tuple[str, ...]:
+        return (self.standard_architecture, *([self.epsilon_architecture] if self.epsilon_architecture else []))
+
+    def shipped_architecture(self, prediction_type: str | None = None) -> str:
+        """The shipped config for a model of this family; "epsilon" picks the noise-predicting one
+        where the family has two (like diffusers, the v-prediction one otherwise)."""
+        if prediction_type == "epsilon" and self.epsilon_architecture:
+            return self.epsilon_architecture
+        return self.standard_architecture
 
     # -- conditioning
 
@@ -117,13 +158,10 @@ class Family:
     def header(self, prediction_type: str, resolution: int | tuple[int, int] | None) -> dict[str, str]:
         """The metadata keys A1111, ComfyUI and kohya's tools read to tell families apart, for this run."""
         v = prediction_type == "v_prediction"
-        if self.name == "sd2":
-            architecture = f"{self.architecture}-{'768-v' if v else '512'}"
-        else:
-            architecture = self.architecture
+        architecture = self.architecture_by_prediction.get("v_prediction" if v else "epsilon", self.architecture)
         return {
-            "ss_base_model_version": self.base_model_version + ("_v" if v and self.name != "sdxl" else ""),
-            "ss_v2": str(self.name == "sd2"),
+            "ss_base_model_version": self.base_model_version + (self.v_version_suffix if v else ""),
+            "ss_v2": str(self.kohya_v2),
             "ss_v_parameterization": str(v),
             "modelspec.architecture": f"{architecture}/lora",
             "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if self.sgm_unet_names
@@ -138,6 +176,8 @@ SD1 = Family(
     kohya_prefixes={"unet": KOHYA_UNET_PREFIX, "text_encoder": "lora_te"},
     base_model_version="sd_v1", architecture="stable-diffusion-v1", default_clip_skip=1,
     comfy_text_encoders={"clip_l": "text_encoder"},
+    context_width=768, standard_architecture="sd15", tokenizers=("tokenizer",),
+    checkpoint_text_encoders={"text_encoder": CheckpointTextEncoder("cond_stage_model.transformer.")},
     aliases=("sd_v1", "stable-diffusion-v1"),
 )
 SD2 = Family(
@@ -145,6 +185,10 @@ SD2 = Family(
     kohya_prefixes={"unet": KOHYA_UNET_PREFIX, "text_encoder": "lora_te"},
     base_model_version="sd_v2", architecture="stable-diffusion-v2", default_clip_skip=1,
     comfy_text_encoders={"clip_h": "text_encoder"},
+    context_width=1024, standard_architecture="sd21-v", epsilon_architecture="sd21-base", tokenizers=("tokenizer",),
+    checkpoint_text_encoders={"text_encoder": CheckpointTextEncoder("cond_stage_model.model.", open_clip=True)},
+    architecture_by_prediction={"v_prediction": "stable-diffusion-v2-768-v", "epsilon": "stable-diffusion-v2-512"},
+    kohya_v2=True,
     aliases=("sd_v2", "stable-diffusion-v2"),
 )
 SDXL = Family(
@@ -152,12 +196,44 @@ SDXL = Family(
     kohya_prefixes={"unet": KOHYA_UNET_PREFIX, "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
     base_model_version="sdxl_base_v1-0", architecture="stable-diffusion-xl-v1-base", default_clip_skip=2,
     comfy_text_encoders={"clip_l": "text_encoder", "clip_g": "text_encoder_2"},
+    context_width=2048, standard_architecture="sdxl-base", tokenizers=("tokenizer", "tokenizer_2"),
+    checkpoint_text_encoders={
+        "text_encoder": CheckpointTextEncoder("conditioner.embedders.0.transformer."),
+        "text_encoder_2": CheckpointTextEncoder("conditioner.embedders.1.model.", open_clip=True),
+    },
+    pipeline_class="StableDiffusionXLPipeline", pipeline_options={"add_watermarker": False},
+    projected_text_encoders=("text_encoder_2",), v_version_suffix="",
     sgm_unet_names=True, pooled_text=True, size_conditioning=True,
     aliases=("sdxl", "stable-diffusion-xl"),
 )
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD1, SD2, SDXL)}
-# The width of the text the UNet's cross-attention reads, per family.
-_CONTEXT_WIDTHS = {768: SD1, 1024: SD2, 2048: SDXL}
+_BY_CONTEXT_WIDTH = {family.context_width: family for family in FAMILIES.values()}
+
+
+def family_of_context_width(width: int | None) -> Family | None:
+    """The family whose UNet cross-attends to text of this width (768, 1024, 2048), if any."""
+    return _BY_CONTEXT_WIDTH.get(width)
+
+
+def family_of_architecture(name: str) -> Family:
+    """The family of a shipped architecture (`sd15`, `sd21-base`, ...)."""
+    for family in FAMILIES.values():
+        if name in family.shipped_architectures:
+            return family
+    raise KeyError(f"no family ships architecture {name!r}")
+
+
+def is_xl_model_index(model_index: dict) -> bool:
+    """Whether a diffusers folder's model_index.json is SDXL's: its pipeline class, or a second text encoder."""
+    return (str(model_index.get("_class_name", "")).startswith(SDXL.pipeline_class)
+            or "text_encoder_2" in model_index)
+
+
+def pipeline_for(model_index: dict) -> tuple[str, dict]:
+    """The diffusers pipeline class name and options for a folder with this model_index.json. SD 1.x
+    and 2.x share theirs, so the index need not say which it is (the UNet's config does, once loaded)."""
+    family = SDXL if is_xl_model_index(model_index) else SD1
+    return family.pipeline_class, dict(family.pipeline_options)
 
 
 def chunked_token_ids(tokenizer, captions: list[str], chunks: int = 1) -> list[torch.Tensor]:
@@ -196,8 +272,8 @@ def detect_family(parts: dict) -> Family:
         raise ModelError(f"this UNet has addition_embed_type={unet.config.addition_embed_type!r}: it is not a "
                          "Stable Diffusion 1.x, 2.x or XL model, which are what sdlora trains")
     width = unet.config.cross_attention_dim if unet is not None else parts["text_encoder"].config.hidden_size
-    if width in _CONTEXT_WIDTHS:
-        return _CONTEXT_WIDTHS[width]
+    if family_of_context_width(width) is not None:
+        return family_of_context_width(width)
     # A model of another size (a tiny one for tests): SD 2.x's OpenCLIP uses gelu where SD 1.x's CLIP
     # uses quick_gelu, and its UNet projects with Linear layers where SD 1.x's uses 1x1 convs.
     if "text_encoder" in parts:
@@ -232,5 +308,5 @@ def family_from_tensors(state_dict: dict[str, torch.Tensor]) -> Family | None:
         flat = name.replace(".", "_")
         down = ("lora_down_weight", "lora_A_weight", "lora_linear_layer_down_weight")
         if "attn2_to_k" in flat and flat.endswith(down):
-            return _CONTEXT_WIDTHS.get(tensor.shape[-1])
+            return family_of_context_width(tensor.shape[-1])
     return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..files.names import TEXT_ENCODERS
+from .module_keys import TEXT_ENCODERS
 
 
 def _is_unet(module) -> bool:

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelSourceError, UnknownArchitecture
 from . import architectures
 from .clip_tokenizer import clip_tokenizer
-from .sources import ModelSourceError, is_xl, read_model_index
+from .families import pipeline_for
+from .model_index import read_model_index
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
@@ -112,7 +114,7 @@ def _choose_config(path: Path, shapes: Mapping, model_config: str | None, predic
         return folder
     try:
         name = architectures.detect(shapes, prediction_type)
-    except architectures.UnknownArchitecture as error:
+    except UnknownArchitecture as error:
         raise ModelSourceError(
             f"{path}: cannot tell which model this is: {error}. Pass --model-config with a diffusers-format "
             "config folder for it (the model's diffusers release without its weights is enough)"
@@ -151,22 +153,19 @@ def _check_loaded(pipe, path: Path, folder: Path) -> None:
 def load_single_file(path: Path, dtype: torch.dtype | None = None, model_config: str | None = None,
                      prediction_type: str | None = None):
     """A StableDiffusion(XL)Pipeline from one original-layout checkpoint, with nothing downloaded."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
     shapes = read_shapes(path)  # for a .ckpt this is also the weights_only safety check
     folder = _choose_config(path, shapes, model_config, prediction_type)
     index = read_model_index(folder, "--model-config must be a diffusers-format folder (model_index.json and one "
                                      "subfolder per component)")
-    xl = is_xl(index)
-    pipeline_class = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
-    parts = {name: load_tokenizer(folder, name) for name in ("tokenizer", "tokenizer_2") if name in index}
+    pipeline_class, options = pipeline_for(index)
+    # every tokenizer the config folder's pipeline has (tokenizer, and SDXL's tokenizer_2)
+    parts = {name: load_tokenizer(folder, name) for name in index if name.startswith("tokenizer")}
     parts["scheduler"] = load_scheduler(folder, (index.get("scheduler") or [None, None])[1], prediction_type)
-    if xl:
-        parts["add_watermarker"] = False  # training previews should show what the model makes
-    else:
-        parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    parts |= options
     try:
-        pipe = pipeline_class.from_single_file(
+        pipe = getattr(diffusers, pipeline_class).from_single_file(
             str(path), config=str(folder), local_files_only=True, dtype=dtype, **parts
         )
     except ModelSourceError:

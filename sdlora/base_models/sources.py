@@ -6,23 +6,17 @@ or StableDiffusionXLPipeline without a safety checker, its weights frozen and in
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from ..errors import ModelError
+from ..errors import ModelSourceError
+from .families import pipeline_for
+from .model_index import read_model_index
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 HOW_TO_POINT = ("point --model at a local copy: a diffusers folder (--model /path/to/folder) or a single "
                 ".safetensors/.ckpt file (--model /path/to/model.safetensors)")
-
-
-class ModelSourceError(ModelError):
-    """The model named by the user cannot be found or read; the message says what to do.
-
-    A ModelError, so a SdloraError and a ValueError: the command line reports it in one line.
-    """
 
 
 def _truthy(value: str | None) -> bool:
@@ -48,32 +42,15 @@ def _looks_like_path(model: str) -> bool:
             or model.lower().endswith((*SINGLE_FILE_SUFFIXES, ".pt", ".pth", ".bin")))
 
 
-def read_model_index(folder: Path, advice: str) -> dict:
-    try:
-        return json.loads((folder / "model_index.json").read_text())
-    except FileNotFoundError:
-        raise ModelSourceError(f"{folder}: no model_index.json, so not a diffusers-format folder; {advice}") from None
-    except json.JSONDecodeError as error:
-        raise ModelSourceError(f"{folder / 'model_index.json'}: not valid JSON ({error})") from None
-
-
-def is_xl(index: dict) -> bool:
-    """SDXL from a model_index.json: its pipeline class, or a second text encoder."""
-    return str(index.get("_class_name", "")).startswith("StableDiffusionXL") or "text_encoder_2" in index
-
-
 def _from_folder(folder: Path, dtype):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
     index = read_model_index(folder, "point --model at the folder that holds model_index.json, or at a single "
                                      ".safetensors/.ckpt file")
-    if is_xl(index):
-        pipeline_class, extra = StableDiffusionXLPipeline, {"add_watermarker": False}
-    else:
-        pipeline_class = StableDiffusionPipeline
-        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipeline_class, options = pipeline_for(index)
     try:
-        return pipeline_class.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra)
+        return getattr(diffusers, pipeline_class).from_pretrained(str(folder), dtype=dtype, local_files_only=True,
+                                                                  **options)
     except (OSError, ValueError) as error:
         raise ModelSourceError(f"{folder}: could not load this diffusers folder ({error})") from None
 
@@ -168,7 +145,7 @@ def load_pipeline(model: str, dtype=None, model_config: str | None = None, predi
                 f"{path}: unknown model file type {path.suffix or '(no suffix)'!r}; sdlora reads "
                 f"{' and '.join(SINGLE_FILE_SUFFIXES)} single-file checkpoints and diffusers folders"
             )
-        from .single_file import load_single_file
+        from .single_file import load_single_file  # here, not at the top: it imports torch and diffusers
 
         pipe = load_single_file(path, dtype, model_config, prediction_type)
     elif _looks_like_path(model):

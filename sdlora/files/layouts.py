@@ -23,7 +23,8 @@ import torch
 from ..adapters.kinds import MAGNITUDE, ROLES as KIND_ROLES, UNREAD_KINDS, is_whole, kind_of
 from ..adapters.lora import LoRA
 from ..base_models.families import Family
-from .names import TEXT_ENCODERS, canonical_path, kohya_index, kohya_name, split_key
+from ..base_models.module_keys import TEXT_ENCODERS, canonical_path, split_key
+from .names import kohya_index, kohya_name
 
 DOWN, UP = LoRA.roles
 # Tensor-name suffix -> role, the kohya/LyCORIS file name every kind takes its tensors by

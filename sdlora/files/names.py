@@ -1,37 +1,15 @@
-"""Pure functions between module paths and other tools' key names (families are in families.py).
-
-A module key is `<component>.<canonical module path>`, for example
-`unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q` or
-`text_encoder.text_model.encoder.layers.0.self_attn.q_proj`. Text-encoder paths are canonical with
-`text_model.` whatever the installed transformers builds (transformers 5 has no `.text_model`).
+"""Pure functions between module keys (base_models/module_keys.py) and other tools' key names:
+kohya's `lora_unet_…`/`lora_te1_…` and the prefixes an adapter file's keys start with.
 """
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
+
+from ..base_models.module_keys import TEXT_ENCODERS, split_key
 
 if TYPE_CHECKING:
     from ..base_models.families import Family
-
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-
-
-def module_key(component: str, path: str) -> str:
-    return f"{component}.{canonical_path(component, path)}"
-
-
-def split_key(key: str) -> tuple[str, str]:
-    component, _, path = key.partition(".")
-    return component, path
-
-
-def canonical_path(component: str, path: str) -> str:
-    """The path other tools expect: text-encoder paths start with `text_model.` (all but the projection
-    of SDXL's second encoder, which sits beside it)."""
-    if component in TEXT_ENCODERS and not path.startswith(("text_model.", "text_projection")):
-        return "text_model." + path
-    return path
 
 
 def kohya_name(family: Family, key: str, original_paths: dict[str, str] | None = None) -> str:
@@ -71,7 +49,7 @@ def kohya_index(family: Family, keys: list[str], original_paths: dict[str, str] 
 
 def _file_prefixes() -> tuple[tuple[str, str], ...]:
     """(prefix, component) for every prefix an adapter file's key may start with, longest first."""
-    from ..base_models.families import FAMILIES
+    from ..base_models.families import FAMILIES  # here: families imports torch, and this module stays torch-free
 
     pairs = {(f"{prefix}_", component) for family in FAMILIES.values()
              for component, prefix in family.kohya_prefixes.items()}
@@ -84,14 +62,4 @@ def component_of_file_key(file_key: str) -> str | None:
     for prefix, component in _file_prefixes():
         if file_key.startswith(prefix):
             return component
-    return None
-
-
-def unet_block(path: str) -> tuple[str, int] | None:
-    """("down" | "mid" | "up", block index) for a UNet module path, None outside those blocks."""
-    match = re.match(r"(down|up)_blocks\.(\d+)\.", path)
-    if match:
-        return match.group(1), int(match.group(2))
-    if path.startswith("mid_block."):
-        return "mid", 0
     return None

@@ -21,7 +21,7 @@ from ..errors import AdapterFileError
 from ..base_models.families import SD1, SDXL, Family, family_from_tensors, family_named_in_metadata
 from .layouts import (ModuleTensors, describe_unsupported, dotted_module_key, module_state_dict, module_tensors,
                       group_tensors, peft_alpha, peft_alphas)
-from .names import split_key
+from ..base_models.module_keys import split_key
 from ..adapters.kinds import is_whole
 from ..base_models.sgm import unet_module_map
 

@@ -14,7 +14,7 @@ from ..adapters.targets import adaptable_modules
 from ..base_models.families import Family
 from ..base_models.sgm import unet_module_map
 from .layouts import Parsed, parse_state_dict
-from .names import module_key
+from ..base_models.module_keys import module_key
 
 
 def standard_parts(family: Family) -> dict[str, nn.Module]:
@@ -25,12 +25,12 @@ def standard_parts(family: Family) -> dict[str, nn.Module]:
 
     from ..base_models import architectures
 
-    folder = architectures.config_folder(architectures.STANDARD[family.name])
+    folder = architectures.config_folder(family.standard_architecture)
     with init_empty_weights():
         parts = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))}
         for name in family.text_encoders:
             config = CLIPTextConfig.from_pretrained(folder / name)
-            model = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+            model = CLIPTextModelWithProjection if name in family.projected_text_encoders else CLIPTextModel
             parts[name] = model(config)
     return parts
 

@@ -15,7 +15,6 @@ from ..files.safetensors import SAVE_DTYPES
 from ..base_models.checkpoints import pipeline_to_original
 from ..reliability.durable import failure, fsync_folder, publish_folder, remove_tree, write_file
 from ..errors import ConfigError
-from ..base_models.families import SD2, detect_family
 from ..adapters.lora import AdaptedLayer
 from ..base_models.parts import components
 
@@ -61,8 +60,7 @@ def save_pipeline(pipe, output: Path, dtype: str = "fp16") -> Path:
         raise ConfigError(f"dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
     pipe.to(dtype=SAVE_DTYPES[dtype])
     if output.suffix == ".safetensors":
-        open_clip = detect_family(components(pipe)) is SD2  # SD 2.x checkpoints hold OpenCLIP's names
-        state = {name: tensor.contiguous() for name, tensor in pipeline_to_original(pipe, open_clip).items()}
+        state = {name: tensor.contiguous() for name, tensor in pipeline_to_original(pipe).items()}
         return write_file(output, save(state))
     partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
     remove_tree(partial)

@@ -23,7 +23,7 @@ from ..files.safetensors import read_adapter, write_adapter
 from ..errors import AdapterFileError
 from ..base_models.families import Family, detect_family, family_from_tensors, family_named_in_metadata
 from ..files.layouts import Parsed, to_kohya
-from ..files.names import split_key
+from ..base_models.module_keys import split_key
 from ..files.standard import parse_against, standard_parts
 from ..base_models.parts import components
 

@@ -21,7 +21,8 @@ from ..errors import ConfigError, ModelError
 from ..base_models.families import detect_family
 from ..files.standalone import kohya_state_dict
 from ..files.layouts import ModuleTensors
-from ..files.names import kohya_name, module_key
+from ..base_models.module_keys import module_key
+from ..files.names import kohya_name
 from ..base_models.parts import components, native_resolution
 from ..base_models.sgm import unet_module_map
 from ..adapters.targets import patterns_for, select

@@ -11,17 +11,7 @@ from pathlib import Path
 
 import torch
 
-
-def _clip_byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins that CLIP's byte-level BPE uses for raw bytes."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
+from ..base_models.clip_tokenizer import byte_symbols
 
 
 def _merges_for_word(word: str) -> list[tuple[str, str]]:
@@ -42,7 +32,7 @@ def build_clip_tokenizer(words: tuple[str, ...] = (), max_length: int = 77, pad_
     """
     from transformers import CLIPTokenizer
 
-    alphabet = _clip_byte_alphabet()
+    alphabet = byte_symbols()
     vocab: dict[str, int] = {}
     for symbol in alphabet + [c + "</w>" for c in alphabet]:
         vocab[symbol] = len(vocab)

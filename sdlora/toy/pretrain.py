@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from . import world as toy
+from ..training.caching import encode_pixels
 from .pipelines import build_clip_tokenizer
 
 # Every word the toy tokenizer knows as one token. Only "a", the colours and the pretraining shapes
@@ -255,11 +256,8 @@ def train_vae(vae, images: torch.Tensor, args) -> dict:
 @torch.no_grad()
 def encode_pool(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every image (latents are then sampled per step, as SD does)."""
-    means, stds = [], []
-    for start in range(0, len(images), batch):
-        posterior = vae.encode(to_model(images[start:start + batch])).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
+    means, stds = zip(*(encode_pixels(vae, to_model(images[start:start + batch]))
+                        for start in range(0, len(images), batch)))
     return torch.cat(means), torch.cat(stds)
 
 

@@ -63,8 +63,8 @@ class TrainConfig:
     rank: int = option(16, "LoRA rank", "adapter")
     alpha: typing.Optional[float] = option(None, "LoRA alpha; the update is scaled by alpha/rank "
                                            "(default: alpha = rank, scale 1)", "adapter")
-    dora: bool = option(False, "train DoRA: each layer W' = m (W + s BA) / ||W + s BA||, the norm per input column, the "
-                        "magnitude m trained too; written as lora_up/lora_down/alpha plus dora_scale = m, which "
+    dora: bool = option(False, "train DoRA: each layer W' = m (W + s BA) / ||W + s BA||, the norm per input column, "
+                        "the magnitude m trained too; written as lora_up/lora_down/alpha plus dora_scale = m, which "
                         "A1111, ComfyUI and LyCORIS read (diffusers drops dora_scale); convs included", "adapter")
     targets: str = option("attn", "layers to adapt: attn, attn-mlp (kohya's default set), full (+ convs, "
                           "LoCon), convs (UNet convs only), or a regular expression searched in module paths",

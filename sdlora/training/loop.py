@@ -237,7 +237,7 @@ class Trainer:
         self.pipe, self.unet = pipe, pipe.unet
         self.family = detect_family(components(pipe))
         self.text_encoders = [getattr(pipe, name) for name in self.family.text_encoders]
-        self.tokenizers = [pipe.tokenizer, *([pipe.tokenizer_2] if len(self.text_encoders) > 1 else [])]
+        self.tokenizers = [getattr(pipe, name) for name in self.family.tokenizers]
         self.trained_encoders = [name for name, wanted in zip(self.family.text_encoders, (
             config.train_text_encoder, config.train_text_encoder_2)) if wanted]
         if config.train_text_encoder_2 and len(self.text_encoders) < 2:

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..reliability.durable import remove_temporaries, write_file, write_text
+from .caching import add_weights
 from .data import BucketBatchSampler
 
 FINGERPRINT_FILE = "fingerprint.json"  # written last: its presence means every image is there
@@ -68,11 +69,7 @@ def model_fingerprint(pipe) -> str:
     digest = hashlib.sha256()
     for name, component in sorted(pipe.components.items()):
         if isinstance(component, torch.nn.Module):
-            tensors = sorted(component.state_dict().items())
-            # One sum per tensor, moved to the CPU at once: a model on a GPU is read without a sync per tensor.
-            sums = torch.stack([t.sum(dtype=torch.float64).cpu() for _, t in tensors]).tolist() if tensors else []
-            for (key, tensor), total in zip(tensors, sums):
-                digest.update(f"{name}.{key}:{tuple(tensor.shape)}:{tensor.dtype}:{total:.12e};".encode())
+            add_weights(digest, component, prefix=f"{name}.")
         elif name == "scheduler":
             # Keys with a leading underscore say where the model was loaded from, not what it does.
             settings = {k: v for k, v in dict(component.config).items() if not k.startswith("_")}
