@@ -28,7 +28,6 @@ from ..base_models.sgm import unet_module_map
 # Which UNet naming a kohya name uses: the original (SGM) layout or diffusers' block names.
 _SGM_UNET = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
 _DIFFUSERS_UNET = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_")
-SDXL_BASE_TEXT_WIDTH = 2048  # what SDXL base's cross-attention reads: both text encoders, concatenated
 _GROUPS = (
     (re.compile(r"^lora_unet_(down_blocks|input_blocks)_"), "UNet down"),
     (re.compile(r"^lora_unet_(mid_block|middle_block)_"), "UNet mid"),
@@ -129,24 +128,26 @@ def kohya_state_dict(modules: dict[str, ModuleTensors], dtype: torch.dtype) -> d
             for key, tensor in module_state_dict(name, weights, dtype).items()}
 
 
-def sdxl_original_names() -> dict[str, str]:
-    """kohya UNet name by diffusers path -> by the original layout, for SDXL base's UNet (from the shipped
-    config): the layout every SDXL base fine-tune shares."""
+def original_unet_names(family: Family) -> dict[str, str]:
+    """kohya UNet name by diffusers path -> by the original layout, for the family's standard UNet (from the
+    shipped config)."""
     from ..base_models.architectures import unet_config
 
-    return {f"lora_unet_{path.replace('.', '_')}": f"lora_unet_{original.replace('.', '_')}"
-            for path, original in unet_module_map(unet_config("sdxl-base")).items()}
+    prefix = family.kohya_prefixes["unet"]
+    return {f"{prefix}_{path.replace('.', '_')}": f"{prefix}_{original.replace('.', '_')}"
+            for path, original in unet_module_map(unet_config(family.standard_architecture)).items()}
 
 
-def with_original_unet_names(adapter: AdapterModules) -> AdapterModules | None:
-    """An SDXL base file's UNet modules renamed from diffusers' block names to the original layout's,
-    the names kohya and A1111 use for SDXL. None when the file may be for another UNet (the refiner's
-    cross-attention reads 1280 wide text, not 2048) or has a module outside SDXL base's layout."""
-    table = sdxl_original_names()
+def with_original_unet_names(adapter: AdapterModules, family: Family) -> AdapterModules | None:
+    """A file's UNet modules renamed from diffusers' block names to the original layout's, for a family that
+    kohya and A1111 name that way (SDXL) and whose fine-tunes share its standard UNet's layout. None when the
+    file may be for another UNet (SDXL's refiner cross-attends to 1280 wide text, not base's 2048) or has a
+    module outside the standard layout."""
+    table = original_unet_names(family)
     renamed = {}
     for name, weights in adapter.modules.items():
         if "attn2_to_k" in name and weights.kind == "lora" and \
-                weights.down.flatten(1).shape[1] != SDXL_BASE_TEXT_WIDTH:
+                weights.down.flatten(1).shape[1] != family.context_width:
             return None
         if name.startswith("lora_unet_"):
             if name not in table:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..files.reduce import Reduction, Update, reduce
 from ..files.safetensors import SAVE_DTYPES, check_output, recorded_targets, write_adapter
 from ..errors import AdapterFileError, ConfigError, FamilyMismatch
-from ..base_models.families import SDXL, Family
+from ..base_models.families import Family
 from ..files.standalone import (AdapterModules, kohya_state_dict, output_metadata, read_modules,
                            widest_dtype, with_original_unet_names)
 from ..files.layouts import ModuleTensors
@@ -99,13 +99,13 @@ def common_family(inputs: list[AdapterModules]) -> Family | None:
 
 def paired_names(inputs: list[AdapterModules], family: Family | None) -> list[AdapterModules]:
     """The inputs with one UNet naming. Files that name UNet modules by diffusers' blocks and files that
-    use the original layout pair up for SDXL base (its layout is known); otherwise nothing without a
-    model says which modules are the same, and the merge is refused."""
+    use the original layout pair up for a family kohya names by that layout (SDXL base, whose layout is
+    known); otherwise nothing without a model says which modules are the same, and the merge is refused."""
     named = [adapter for adapter in inputs if adapter.unet_naming is not None]
     if len({adapter.unet_naming for adapter in named}) <= 1:
         return inputs
-    if family is SDXL:
-        renamed = [with_original_unet_names(a) if a.unet_naming == "diffusers" else a for a in inputs]
+    if family is not None and family.sgm_unet_names:
+        renamed = [with_original_unet_names(a, family) if a.unet_naming == "diffusers" else a for a in inputs]
         if all(adapter is not None for adapter in renamed):
             return renamed
     first = named[0]
