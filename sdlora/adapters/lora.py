@@ -161,6 +161,8 @@ class LoRA(Adapter):
         return self.alpha / self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # nn.Module's contract (a LoRA called on its own); AdaptedLayer calls forward_unscaled instead, to fold
+        # scale and strength into one add
         return self.up(self.down(x)) * self.scale
 
     def forward_unscaled(self, x: torch.Tensor) -> torch.Tensor:
