@@ -75,3 +75,14 @@ def test_a_missing_file_is_one_line(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sdlora: error:") and "Traceback" not in err
+
+
+def test_a_module_mixing_two_kinds_is_named_as_such(tmp_path):
+    """LoHa's first factor beside a LoRA's down: no kind has these tensors, so the report does not guess one
+    (by prefix it was once called a LoHa, of the LoRA's rank)."""
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    save_file({f"{name}.hada_w1_a": torch.ones(320, 2), f"{name}.lora_down.weight": torch.ones(2, 320)},
+              tmp_path / "mixed.safetensors", metadata={"ss_base_model_version": "sd_v1"})
+    report = inspect(tmp_path / "mixed.safetensors")
+    assert report.kinds == {"unknown": 1} and report.ranks == {"None": 1}
+    assert any("mix several adapter kinds" in anomaly for anomaly in report.anomalies)

@@ -141,8 +141,9 @@ def inspect(path: str | Path) -> Report:
             try:
                 entry["norm"] = float(standalone_update(payload, alpha).norm())
             except (RuntimeError, ValueError, KeyError, IndexError):
-                anomalies.append(f"{name}: its tensors ({', '.join(sorted(payload))}) do not make a whole "
-                                 f"{weights.kind}")
+                problem = ("mix several adapter kinds" if weights.kind.startswith("unknown")
+                           else f"do not make a whole {weights.kind}")
+                anomalies.append(f"{name}: its tensors ({', '.join(sorted(payload))}) {problem}")
         if entry["norm"] is not None:
             norms[entry["block"]] = norms.get(entry["block"], 0.0) + entry["norm"] ** 2
         modules.append(entry)
