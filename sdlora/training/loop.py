@@ -30,6 +30,7 @@ from ..base_models.families import ImageGeometry, TextConditioning, TextOptions,
 from ..reliability.durable import remove_temporaries, write_file, write_text
 from ..base_models.parts import components, native_resolution
 from ..base_models.sources import load_pipeline
+from ..files.safetensors import kohya_training_header
 from ..reliability.runlock import RunLock
 from ..adapters.targets import PRESETS
 from .caching import LatentCache, TextCache, encode_pixels, latent_mask, sample_latents
@@ -542,22 +543,11 @@ class Trainer:
     def save_adapter(self, path: Path, dtype: str, step: int, ema: bool = False) -> Path:
         """The adapter file; with ema=True, the same file of the EMA weights (`ema_weights` swaps them in)."""
         config = self.config
-        header = {
-            "ss_learning_rate": str(config.lr), "ss_unet_lr": str(config.lr),
-            "ss_text_encoder_lr": str(config.text_encoder_lr or config.lr) if self.trained_encoders else "0",
-            "ss_optimizer": config.optimizer, "ss_lr_scheduler": config.lr_scheduler,
-            "ss_resolution": f"({self.resolution}, {self.resolution})", "ss_steps": str(step),
-            "ss_epoch": str(step // self.steps_per_epoch), "ss_num_train_images": str(len(self.dataset)),
-            "ss_noise_offset": str(config.noise_offset), "ss_min_snr_gamma": str(config.min_snr_gamma),
-            "ss_clip_skip": str(config.clip_skip or self.family.default_clip_skip),
-            "ss_max_token_length": str(config.max_token_length or 75),
-            "ss_zero_terminal_snr": str(config.zero_terminal_snr),
-            "ss_debiased_estimation": str(config.debiased_estimation), "ss_loss_type": config.loss_type,
-            "ss_huber_c": str(config.huber_c), "ss_huber_schedule": config.huber_schedule,
-            "ss_seed": str(config.seed), "ss_training_comment": "trained with sdlora" + (
-                f"; the exponential moving average of the weights (decay {config.ema_decay})" if ema else ""),
-            "ss_num_reg_images": str(len(self.class_dataset) if self.class_dataset else 0),
-        }
+        header = kohya_training_header(
+            asdict(config), steps=step, epoch=step // self.steps_per_epoch, resolution=self.resolution,
+            images=len(self.dataset), class_images=len(self.class_dataset) if self.class_dataset else 0,
+            clip_skip=config.clip_skip or self.family.default_clip_skip,
+            trains_text_encoder=bool(self.trained_encoders), ema_decay=config.ema_decay if ema else None)
         record = {"training": asdict(config), "steps": step, "resolution": self.resolution,
                   "prediction_type": self.prediction_type, **({"ema": True} if ema else {})}
         return loader.save(self.pipe, path, ADAPTER, dtype=dtype, title=config.name, record=record, header=header,
