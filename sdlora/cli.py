@@ -324,6 +324,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from .images import png_bytes
     from .tools import generate
     from .tools.merge import parse_weighted
 
@@ -338,7 +339,7 @@ def run_generate(args: argparse.Namespace) -> int:
     pipe, names = generate.load_with_adapters(args.model, loras, fuse=args.fuse)
     if args.compare:
         sheet = generate.compare(pipe, names, [strength for _, strength in loras], settings, args.num, args.fuse)
-        written = [write_file(args.output, generate.png_bytes(sheet))]
+        written = [write_file(args.output, png_bytes(sheet))]
     else:
         found = generate.images(pipe, settings, args.num)
         written = generate.write_images(args.output, found, settings, generate.image_size(pipe, size), loras)

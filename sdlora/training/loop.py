@@ -8,7 +8,6 @@ repeats exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -31,6 +30,7 @@ from ..reliability.durable import remove_temporaries, write_file, write_text
 from ..base_models.parts import components, native_resolution
 from ..base_models.sources import load_pipeline
 from ..files.safetensors import kohya_training_header
+from ..images import grid, png_bytes
 from ..reliability.runlock import RunLock
 from ..adapters.targets import PRESETS
 from .caching import LatentCache, TextCache, encode_pixels, latent_mask, sample_latents
@@ -152,17 +152,6 @@ def batch_keys(sampler: BucketBatchSampler, epoch: int, position: int, processes
             position += processes
             yield epoch, position, batches[position - processes + process]
         epoch, position = epoch + 1, 0
-
-
-def make_grid(images: list, columns: int):
-    from PIL import Image
-
-    width, height = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -581,11 +570,9 @@ class Trainer:
                                     guidance_scale=self.config.sample_guidance, generator=generator).images
         self.unet.train()
         path = self.paths.samples / f"step-{step:06d}.png"
-        grid = make_grid(images, columns=min(4, len(images)))
-        png = io.BytesIO()
-        grid.save(png, format="PNG")
-        write_file(path, png.getvalue())
-        self.log.image("samples", grid, step)
+        sheet = grid(images, columns=min(4, len(images)))
+        write_file(path, png_bytes(sheet))
+        self.log.image("samples", sheet, step)
         return path
 
     # -- the loop

@@ -18,7 +18,6 @@ concept leaks less into prompts that do not ask for it.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from contextlib import nullcontext
@@ -28,6 +27,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from ..images import png_bytes
 from ..reliability.durable import remove_temporaries, write_file, write_text
 from .caching import add_weights
 from .data import BucketBatchSampler
@@ -133,9 +133,7 @@ def prepare_class_images(pipe, folder: Path, prompts: list[str], count: int, res
             images = pipe([prompts[i % len(prompts)] for i in chunk], height=resolution, width=resolution,
                           num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
         for i, image in zip(chunk, images):
-            png = io.BytesIO()
-            image.save(png, format="PNG")
-            write_file(folder / f"{names[i]}.png", png.getvalue())
+            write_file(folder / f"{names[i]}.png", png_bytes(image))
             write_text(folder / f"{names[i]}.txt", prompts[i % len(prompts)] + "\n")
             bar.update(1)
     bar.close()
