@@ -14,6 +14,7 @@ import sdlora
 from sdlora.errors import FamilyMismatch
 from sdlora.base_models.families import SD1, SD2, SDXL, TextOptions, chunked_token_ids, detect_family
 from sdlora.base_models.parts import components
+from sdlora.files.names import kohya_name
 from sdlora.training.config import TrainConfig
 from sdlora.training.loop import Trainer
 from sdlora.toy.pipelines import save_tiny_pipeline
@@ -263,7 +264,7 @@ def test_sdxl_kohya_files_with_diffusers_paths_load_as_with_original_names(tmp_p
     expected = outputs(pipe)["unet"]
     sdlora.unload(pipe)
 
-    index = {sgm.kohya_unet_name(module, mapping): module
+    index = {kohya_name(SDXL, f"unet.{module}", mapping): module
              for mapping in [sgm.unet_module_map(pipe.unet.config)] for module in mapping}
     renamed = {}
     for key, tensor in load_file(path).items():
