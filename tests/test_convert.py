@@ -110,10 +110,13 @@ def test_the_command_converts_and_refuses_in_one_line(tmp_path, tiny_dir, capsys
     sdlora.add_adapter(pipe, "a", rank=2, targets="attn")
     randomize(pipe, "a", seed=1)
     original = sdlora.save(pipe, tmp_path / "a.safetensors", "a", dtype="fp32")
-    assert main(["convert", str(original), "--to", "peft", "--model", str(tiny_dir), "-o",
+    assert main(["convert", str(original), "--to", "diffusers", "--model", str(tiny_dir), "-o",
                  str(tmp_path / "peft.safetensors")]) == 0
     assert all(".lora_A." in key or ".lora_B." in key for key in load_file(tmp_path / "peft.safetensors"))
     capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # one name for one layout: diffusers' (PEFT names)
+        main(["convert", str(original), "--to", "peft", "-o", str(tmp_path / "p.safetensors")])
+    assert refused.value.code == 2 and "invalid choice: 'peft'" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "missing.safetensors"), "--to", "kohya", "-o",
                  str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
