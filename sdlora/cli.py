@@ -204,8 +204,7 @@ def add_adapter_commands(commands) -> None:
                "Without --model, the file is read against its family's standard architecture (SD 1.5, SD 2.1, "
                "SDXL base),\nbuilt from the configs sdlora ships; pass --model for any other.")
     convert.add_argument("file", type=Path, metavar="FILE", help="the adapter to convert (any layout sdlora reads)")
-    convert.add_argument("--to", required=True, choices=("kohya", "diffusers", "peft", "comfy"),
-                         help="the layout to write (peft: the same PEFT names diffusers writes)")
+    convert.add_argument("--to", required=True, choices=("kohya", "diffusers", "comfy"), help="the layout to write")
     convert.add_argument("--output", "-o", required=True, type=Path, help="the new file (*.safetensors)")
     convert.add_argument("--model", help="the model the adapter is for, when it is not its family's standard one")
 
@@ -408,7 +407,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
         quiet_libraries()
         model = load_pipeline(args.model)
-    output = convert(args.file, "diffusers" if args.to == "peft" else args.to, args.output, model)
+    output = convert(args.file, args.to, args.output, model)
     print(f"wrote {output} ({args.to} layout)")
     return 0
 
