@@ -138,7 +138,8 @@ class TrainConfig:
                             "training")
     weight_decay: float = option(1e-2, "AdamW weight decay", "training")
     lr_scheduler: str = option("constant", "constant, constant_with_warmup, cosine or linear", "training")
-    warmup_steps: int = option(0, "steps of linear learning-rate warm-up", "training")
+    warmup_steps: int = option(0, "steps of linear learning-rate warm-up (with constant_with_warmup, cosine or "
+                               "linear)", "training")
     max_grad_norm: float = option(1.0, "clip gradients to this norm (0: no clipping)", "training")
     gradient_accumulation: int = option(1, "micro-batches per optimizer step", "training")
     mixed_precision: str = option("no", "no, fp16 or bf16: frozen weights in that dtype, LoRA weights and "
@@ -347,8 +348,9 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"clip_skip counts layers from the end, 1 to 12, got {config.clip_skip}")
     if config.max_token_length not in (None, 75, 150, 225):
         raise ConfigError(f"max_token_length must be 75, 150 or 225, got {config.max_token_length}")
-    if config.num_workers < 0:
-        raise ConfigError(f"num_workers must be 0 or more, got {config.num_workers}")
+    for key in ("num_workers", "warmup_steps"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key} must be 0 or more, got {getattr(config, key)}")
     if config.zero_terminal_snr and config.prediction_type == "epsilon":
         raise ConfigError("zero_terminal_snr needs v_prediction: at the last step the noisy image is pure noise, so "
                           "predicting the noise is trivial and the image is never learnt")
@@ -372,6 +374,15 @@ def validate(config: TrainConfig) -> None:
     _check_acts(config, ("huber_c", "huber_schedule"), "loss_type", ("huber", "smooth_l1"))
     _check_acts(config, ("logit_mean", "logit_std"), "timestep_sampling", ("logit_normal",))
     _check_acts(config, ("sigmoid_scale",), "timestep_sampling", ("sigmoid",))
+    # Refused rather than made to act: "constant" is the schedule without warm-up here as in diffusers'
+    # get_scheduler (and kohya refuses warm-up steps with it), and constant_with_warmup is the one with it.
+    _check_acts(config, ("warmup_steps",), "lr_scheduler", ("constant_with_warmup", "cosine", "linear"))
+    _refuse_idle(config, ("keep_tokens",), config.shuffle_tags or config.tag_dropout > 0,
+                 "--shuffle-tags or --tag-dropout", "neither",
+                 "add --shuffle-tags or --tag-dropout P")
+    # Cached latents need no image loading during training, so workers would sit idle.
+    _refuse_idle(config, ("num_workers",), not config.cache_latents, "--no-cache-latents",
+                 "latents cached, the default", "add --no-cache-latents")
     if config.preserve_outside_window and (config.timestep_min, config.timestep_max) == (0, 1000):
         raise ConfigError("preserve_outside_window needs a timestep window: set timestep_min above 0 or "
                           "timestep_max below 1000")
@@ -446,12 +457,20 @@ def _validate_prior(config: TrainConfig) -> None:
 
 def _check_acts(config: TrainConfig, keys: tuple[str, ...], switch: str, acting: tuple[str, ...]) -> None:
     """An option changed from its default must be one that acts with the chosen `switch`."""
-    if getattr(config, switch) in acting:
+    value = getattr(config, switch)
+    _refuse_idle(config, keys, value in acting, f"{switch} {' or '.join(acting)}", f"{switch} {value}",
+                 f"set {switch}")
+
+
+def _refuse_idle(config: TrainConfig, keys: tuple[str, ...], acts: bool, needs: str, this_run: str,
+                 fix: str) -> None:
+    """An option changed from its default is refused when `acts` is false: it would be accepted and ignored."""
+    if acts:
         return
     for key in keys:
         if getattr(config, key) != TrainConfig.__dataclass_fields__[key].default:
-            raise ConfigError(f"{key} is set but acts only with {switch} {' or '.join(acting)} (this run has "
-                              f"{switch} {getattr(config, switch)}): set {switch} or drop {key}")
+            raise ConfigError(f"{key} is set but acts only with {needs} (this run has {this_run}): {fix} or drop "
+                              f"{key}")
 
 
 def _require(module: str, what: str, install: str) -> None:
