@@ -87,7 +87,10 @@ class TrainConfig:
         "seed + i)", "prior preservation")
     class_data_dir: typing.Optional[str] = option(
         None, "where generated class images are kept, with the fingerprint (base model, prompts, count, size, "
-        "seed) that lets a rerun reuse them (default: OUTPUT_DIR/class-images)", "prior preservation")
+        "seed, steps, guidance) that lets a rerun reuse them (default: OUTPUT_DIR/class-images)",
+        "prior preservation")
+    class_sample_steps: int = option(20, "denoising steps for each generated class image", "prior preservation")
+    class_guidance: float = option(7.5, "guidance scale for the generated class images", "prior preservation")
     prior_loss_weight: typing.Optional[float] = option(
         None, "weight of the class images' loss: loss = instance loss + weight * class loss (default 1 with "
         "--reg-data or --class-prompts)", "prior preservation")
@@ -196,8 +199,10 @@ class TrainConfig:
                                                   "images", "output")
     sample_every: typing.Optional[int] = option(None, "make sample images every N steps (and at the end)",
                                                 "output")
-    sample_steps: int = option(20, "denoising steps for samples", "output")
-    sample_guidance: float = option(7.5, "guidance scale for samples", "output")
+    sample_steps: int = option(20, "denoising steps for samples (class images have --class-sample-steps)",
+                               "output")
+    sample_guidance: float = option(7.5, "guidance scale for samples (class images have --class-guidance)",
+                                    "output")
     validation_every: typing.Optional[int] = option(None, "compute the validation loss every N steps",
                                                     "output")
     log_every: int = option(10, "write a metrics.jsonl record every N steps", "output")
@@ -320,7 +325,7 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, key)
         if value is not None and value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
-    positive = ("rank", "batch_size", "gradient_accumulation", "log_every", "sample_steps")
+    positive = ("rank", "batch_size", "gradient_accumulation", "log_every", "sample_steps", "class_sample_steps")
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(config, key)}")
@@ -441,6 +446,10 @@ def _validate_prior(config: TrainConfig) -> None:
     else:
         for key in ("num_class_images", "class_data_dir"):
             if getattr(config, key) is not None:
+                raise ConfigError(f"{key} is set but no class images are generated: add --class-prompts or drop "
+                                  f"--{key.replace('_', '-')}")
+        for key in ("class_sample_steps", "class_guidance"):
+            if getattr(config, key) != TrainConfig.__dataclass_fields__[key].default:
                 raise ConfigError(f"{key} is set but no class images are generated: add --class-prompts or drop "
                                   f"--{key.replace('_', '-')}")
     if config.num_class_images is not None and config.num_class_images < 1:

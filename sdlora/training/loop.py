@@ -39,7 +39,7 @@ from .config import TrainConfig, class_prompt_list, to_toml, validate
 from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, attach_masks,
                    bucket_histogram, collate, find_images, truncated_captions)
 from .loss import TimestepSampling, diffusion_loss, rows_of
-from .prior import ClassBatch, class_batch_keys, prepare_class_images
+from .prior import RENAMED_OPTIONS, ClassBatch, class_batch_keys, prepare_class_images
 from .runlog import RunLog
 
 ADAPTER = "lora"  # the adapter's name inside the pipeline while training
@@ -279,7 +279,7 @@ class Trainer:
         # The main process generates; the others then find the folder complete, with the same fingerprint.
         with self.accelerator.main_process_first():
             prepare_class_images(pipe, folder, class_prompt_list(config.class_prompts), config.num_class_images,
-                                 self.resolution, config.seed, config.sample_steps, config.sample_guidance,
+                                 self.resolution, config.seed, config.class_sample_steps, config.class_guidance,
                                  config.batch_size, autocast=self.accelerator.autocast,
                                  progress=not self.quiet and self.accelerator.is_main_process, say=self.say)
         if self.device.type == "cuda":
@@ -521,9 +521,12 @@ class Trainer:
     def restore(self, folder: Path) -> tuple[int, int, int]:
         state = load_state(folder)
         saved = json.loads(state["config"])
+        if saved.get("class_prompts"):  # from before class images had options of their own
+            saved.update({new: saved[old] for old, new in RENAMED_OPTIONS.items() if new not in saved})
         for key in ("rank", "alpha", "targets", "train_text_encoder", "train_text_encoder_2", "seed", "batch_size",
                     "gradient_accumulation", "resolution", "data", "clip_skip", "max_token_length", "dora",
-                    "loraplus_ratio", "ema_decay", "reg_data", "class_prompts", "num_class_images"):
+                    "loraplus_ratio", "ema_decay", "reg_data", "class_prompts", "num_class_images",
+                    "class_sample_steps", "class_guidance"):
             # a checkpoint from before an option existed was trained with its default
             was = saved.get(key, TrainConfig.__dataclass_fields__[key].default)
             if was != getattr(self.config, key):
