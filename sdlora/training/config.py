@@ -69,10 +69,13 @@ class TrainConfig:
     targets: str = option("attn", "layers to adapt: attn, attn-mlp (kohya's default set), full (+ convs, "
                           "LoCon), convs (UNet convs only), or a regular expression searched in module paths",
                           "adapter")
-    train_text_encoder: bool = option(False, "also train a LoRA on the (first) text encoder (needed to bind a "
-                                      "new trigger word); kohya names it lora_te_ (SDXL: lora_te1_)", "adapter")
-    train_text_encoder_2: bool = option(False, "SDXL: also train a LoRA on the second text encoder (lora_te2_)",
-                                        "adapter")
+    train_text_encoder: bool = option(False, "also train a LoRA on every text encoder of the model (needed to bind "
+                                      "a new trigger word), as diffusers' SDXL scripts and kohya do; kohya names "
+                                      "them lora_te_ (SDXL: lora_te1_, lora_te2_)", "adapter")
+    train_text_encoder_2: typing.Optional[bool] = option(
+        None, "SDXL: whether the second text encoder gets a LoRA (lora_te2_) (default: as --train-text-encoder); "
+        "--no-train-text-encoder-2 trains the first alone, --train-text-encoder-2 alone the second alone",
+        "adapter")
     # prior preservation
     reg_data: typing.Optional[str] = option(
         None, "prior preservation (DreamBooth): a folder of class images with captions, read like --data (no "
@@ -209,6 +212,17 @@ class TrainConfig:
 
     def resolved_epochs(self) -> int | None:
         return self.epochs if self.epochs is not None or self.max_steps is not None else 10
+
+    def trained_text_encoders(self, names: tuple[str, ...]) -> list[str]:
+        """Which of a model's text encoders (`names`, in the family's order) get a LoRA."""
+        return trained_text_encoders(self.train_text_encoder, self.train_text_encoder_2, names)
+
+
+def trained_text_encoders(first: bool, second: bool | None, names: tuple[str, ...]) -> list[str]:
+    """--train-text-encoder trains every text encoder; train_text_encoder_2, when set, decides the second alone.
+    (A run's config from before train_text_encoder_2 could be unset always set it, so it reads the same.)"""
+    wanted = (first, first if second is None else second)
+    return [name for name, train in zip(names, wanted) if train]
 
 
 def _types() -> dict[str, type]:
@@ -400,7 +414,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"sample prompts file {config.sample_prompts} does not exist")
     if config.validation_every is not None and config.validation_split == 0:
         raise ConfigError("--validation-every needs --validation-split > 0")
-    if config.text_encoder_lr is not None and not config.train_text_encoder:
+    if config.text_encoder_lr is not None and not (config.train_text_encoder or config.train_text_encoder_2):
         raise ConfigError("--text-encoder-lr is set but the text encoder is not trained: add "
                           "--train-text-encoder or drop --text-encoder-lr")
     _validate_prior(config)

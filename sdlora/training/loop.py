@@ -35,7 +35,7 @@ from ..adapters.targets import PRESETS
 from .caching import LatentCache, TextCache, encode_pixels, latent_mask, sample_latents
 from .checkpoint import (checkpoint_folders, load_state, resolve_resume, rng_states, save_checkpoint,
                          set_rng_states)
-from .config import TrainConfig, class_prompt_list, to_toml, validate
+from .config import TrainConfig, class_prompt_list, to_toml, trained_text_encoders, validate
 from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, attach_masks,
                    bucket_histogram, collate, find_images, truncated_captions)
 from .loss import TimestepSampling, diffusion_loss, rows_of
@@ -238,8 +238,7 @@ class Trainer:
         self.family = detect_family(components(pipe))
         self.text_encoders = [getattr(pipe, name) for name in self.family.text_encoders]
         self.tokenizers = [pipe.tokenizer, *([pipe.tokenizer_2] if len(self.text_encoders) > 1 else [])]
-        self.trained_encoders = [name for name, wanted in zip(self.family.text_encoders, (
-            config.train_text_encoder, config.train_text_encoder_2)) if wanted]
+        self.trained_encoders = config.trained_text_encoders(self.family.text_encoders)
         if config.train_text_encoder_2 and len(self.text_encoders) < 2:
             raise ConfigError(f"--train-text-encoder-2: this {self.family.title} model has one text encoder")
         self.text_options = TextOptions(clip_skip=config.clip_skip, chunks=(config.max_token_length or 75) // 75)
@@ -523,7 +522,13 @@ class Trainer:
         saved = json.loads(state["config"])
         if saved.get("class_prompts"):  # from before class images had options of their own
             saved.update({new: saved[old] for old, new in RENAMED_OPTIONS.items() if new not in saved})
-        for key in ("rank", "alpha", "targets", "train_text_encoder", "train_text_encoder_2", "seed", "batch_size",
+        was = trained_text_encoders(saved.get("train_text_encoder", False), saved.get("train_text_encoder_2"),
+                                    self.family.text_encoders)
+        if was != self.trained_encoders:
+            raise ConfigError(f"cannot resume from {folder}: it trained the text encoders {', '.join(was) or 'none'}, "
+                              f"this run trains {', '.join(self.trained_encoders) or 'none'}: set "
+                              "--train-text-encoder and --train-text-encoder-2 / --no-train-text-encoder-2 as it did")
+        for key in ("rank", "alpha", "targets", "seed", "batch_size",
                     "gradient_accumulation", "resolution", "data", "clip_skip", "max_token_length", "dora",
                     "loraplus_ratio", "ema_decay", "reg_data", "class_prompts", "num_class_images",
                     "class_sample_steps", "class_guidance"):
