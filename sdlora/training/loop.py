@@ -199,6 +199,11 @@ class Trainer:
             raise ConfigError(f"{self.paths.checkpoints} holds checkpoints of an earlier run (newest "
                               f"{earlier[-1].name}): "
                               "continue it with --resume latest, or choose another --output-dir")
+        # A finished run leaves no checkpoint to resume, only its adapter: a fresh run would overwrite that.
+        finished = [path for path in (self.paths.adapter, self.paths.ema_adapter) if path.exists()]
+        if finished and not config.resume:
+            raise ConfigError(f"{finished[0]} holds the adapter of an earlier run: choose another --output-dir or "
+                              "--name, or move that file away")
         self.prompts = ([line.strip() for line in Path(config.sample_prompts).read_text().splitlines()
                          if line.strip()] if config.sample_prompts else [])
         self.say(scan.summary())
