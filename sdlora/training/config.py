@@ -363,8 +363,10 @@ def validate(config: TrainConfig) -> None:
                               f"{config.targets!r} is neither ({error})") from None
     if config.resolution is not None and (config.resolution < 8 or config.resolution % 8):
         raise ConfigError(f"resolution must be a positive multiple of 8, got {config.resolution}")
-    if config.clip_skip is not None and not 1 <= config.clip_skip <= 12:
-        raise ConfigError(f"clip_skip counts layers from the end, 1 to 12, got {config.clip_skip}")
+    # The upper bound is the text encoder's depth, checked once the model is loaded (CLIP-L has 12 layers,
+    # SD 2.x's encoder 23, SDXL's second 32).
+    if config.clip_skip is not None and config.clip_skip < 1:
+        raise ConfigError(f"clip_skip counts layers from the end, 1 being the last, got {config.clip_skip}")
     if config.max_token_length not in (None, 75, 150, 225):
         raise ConfigError(f"max_token_length must be 75, 150 or 225, got {config.max_token_length}")
     for key in ("num_workers", "warmup_steps"):

@@ -242,6 +242,11 @@ class Trainer:
         self.pipe, self.unet = pipe, pipe.unet
         self.family = detect_family(components(pipe))
         self.text_encoders = [getattr(pipe, name) for name in self.family.text_encoders]
+        for name, encoder in zip(self.family.text_encoders, self.text_encoders):
+            depth = encoder.config.num_hidden_layers  # clip_skip = depth + 1 would be the token embeddings
+            if config.clip_skip is not None and config.clip_skip > depth:
+                raise ConfigError(f"clip_skip {config.clip_skip} is deeper than this {self.family.title} model's "
+                                  f"{name}, which has {depth} layers: give 1 to {depth}")
         self.tokenizers = [pipe.tokenizer, *([pipe.tokenizer_2] if len(self.text_encoders) > 1 else [])]
         self.trained_encoders = config.trained_text_encoders(self.family.text_encoders)
         if config.train_text_encoder_2 and len(self.text_encoders) < 2:
