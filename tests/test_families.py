@@ -236,6 +236,46 @@ def test_sdxl_trains_from_the_command_line(family_dir, images, tmp_path, capsys)
     assert (tmp_path / "lora.safetensors").is_file()
 
 
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sdxl") / "pipe", family="sdxl")
+
+
+@pytest.mark.parametrize("flags, trained", [
+    (["--train-text-encoder"], {"lora_te1_", "lora_te2_"}),  # both, as diffusers' SDXL scripts and kohya
+    (["--train-text-encoder", "--no-train-text-encoder-2"], {"lora_te1_"}),
+    (["--train-text-encoder-2"], {"lora_te2_"}),
+])
+def test_sdxl_train_text_encoder_trains_both_unless_one_is_picked(sdxl_dir, images, tmp_path, capsys, flags,
+                                                                  trained):
+    from sdlora.cli import main
+
+    code = main(["train", "--model", str(sdxl_dir), "--data", str(images), "--output-dir", str(tmp_path),
+                 "--max-steps", "2", "--rank", "2", "--quiet", *flags])
+    assert code == 0, capsys.readouterr().err
+    tensors = load_file(tmp_path / "lora.safetensors")
+    assert {key[:len("lora_te1_")] for key in tensors if key.startswith("lora_te")} == trained
+    assert any(key.startswith("lora_unet_") for key in tensors)
+    for prefix in trained:  # each trained encoder's update moved off its zero start
+        assert any(tensor.abs().max() > 0 for key, tensor in tensors.items()
+                   if key.startswith(prefix) and "lora_up" in key)
+
+
+def test_a_resume_must_train_the_text_encoders_its_checkpoint_did(sdxl_dir, images, tmp_path, capsys):
+    from sdlora.cli import main
+
+    args = ["train", "--model", str(sdxl_dir), "--data", str(images), "--output-dir", str(tmp_path), "--rank", "2",
+            "--quiet", "--train-text-encoder", "--save-every", "1"]
+    assert main([*args, "--max-steps", "1", "--no-train-text-encoder-2"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*args, "--max-steps", "2", "--resume", "latest"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(
+        f"sdlora: error: cannot resume from {tmp_path / 'checkpoints' / 'step-000001'}: it trained the text encoders "
+        "text_encoder, this run trains text_encoder, text_encoder_2: ")
+    assert main([*args, "--max-steps", "2", "--resume", "latest", "--no-train-text-encoder-2"]) == 0
+
+
 def test_sdxl_resume_is_exact(images, tmp_path):
     """Checkpoints of an SDXL run (SGM names, two text encoders) restore exactly."""
     from sdlora.training.loop import train
