@@ -114,7 +114,10 @@ def test_files_load_in_diffusers_with_our_outputs(family_dir, tmp_path, referenc
     reference = load_pipe(folder)
     base = outputs(reference)
     state_dict, alphas = reference.lora_state_dict(str(path))
-    assert not [key for key in load_file(path) if key.endswith("alpha")] or state_dict  # converted, nothing dropped
+    # converted out of the kohya layout, nothing dropped: a down and an up per module, and each module's alpha
+    file_modules = {n.rsplit(".", 2)[0] for n in names if n.endswith("lora_down.weight")}
+    assert all(key.startswith(tuple(f"{part}." for part in parts)) for key in state_dict)
+    assert len(state_dict) == 2 * len(file_modules) and len(alphas) == len(file_modules)
     reference.load_lora_weights(str(path))
     theirs = outputs(reference)
     for part in ours:
