@@ -204,8 +204,7 @@ def add_adapter_commands(commands) -> None:
                "Without --model, the file is read against its family's standard architecture (SD 1.5, SD 2.1, "
                "SDXL base),\nbuilt from the configs sdlora ships; pass --model for any other.")
     convert.add_argument("file", type=Path, metavar="FILE", help="the adapter to convert (any layout sdlora reads)")
-    convert.add_argument("--to", required=True, choices=("kohya", "diffusers", "peft", "comfy"),
-                         help="the layout to write (peft: the same PEFT names diffusers writes)")
+    convert.add_argument("--to", required=True, choices=("kohya", "diffusers", "comfy"), help="the layout to write")
     convert.add_argument("--output", "-o", required=True, type=Path, help="the new file (*.safetensors)")
     convert.add_argument("--model", help="the model the adapter is for, when it is not its family's standard one")
 
@@ -324,6 +323,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from .images import png_bytes
     from .tools import generate
     from .tools.merge import parse_weighted
 
@@ -338,7 +338,7 @@ def run_generate(args: argparse.Namespace) -> int:
     pipe, names = generate.load_with_adapters(args.model, loras, fuse=args.fuse)
     if args.compare:
         sheet = generate.compare(pipe, names, [strength for _, strength in loras], settings, args.num, args.fuse)
-        written = [write_file(args.output, generate.png_bytes(sheet))]
+        written = [write_file(args.output, png_bytes(sheet))]
     else:
         found = generate.images(pipe, settings, args.num)
         written = generate.write_images(args.output, found, settings, generate.image_size(pipe, size), loras)
@@ -407,7 +407,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
         quiet_libraries()
         model = load_pipeline(args.model)
-    output = convert(args.file, "diffusers" if args.to == "peft" else args.to, args.output, model)
+    output = convert(args.file, args.to, args.output, model)
     print(f"wrote {output} ({args.to} layout)")
     return 0
 

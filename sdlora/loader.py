@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from .files.safetensors import SAVE_DTYPES, build_metadata, read_adapter, recorded_targets, write_adapter
-from .files.layouts import ModuleTensors, describe_unsupported, parse_state_dict, to_kohya
+from .files.layouts import (ModuleTensors, describe_unsupported, group_tensors, module_key_of, parse_state_dict,
+                            split_tensor_name, to_kohya)
 from .errors import AdapterFileError, FamilyMismatch
 from .base_models.families import FAMILIES, detect_family, family_from_tensors, family_named_in_metadata
 from .base_models.module_keys import module_key
-from .files.names import component_of_file_key
+from .files.names import component_of_file_key, kohya_index
 from .adapters.lora import LoRA, AdaptedLayer
-from .adapters.kinds import build_adapter
+from .adapters.kinds import build_adapter, is_whole, standalone_update
 from .adapters.lycoris import DoRA
 from .base_models.parts import components, native_resolution, unet_block_counts
 from .base_models.sgm import unet_module_map
@@ -170,6 +171,45 @@ def _check_family(path: Path, tensors: dict, family) -> None:
                              f"on a {made_for.title} model, or use an adapter trained on {family.title}")
 
 
+def _update_is_zero(roles: dict[str, torch.Tensor]) -> bool:
+    """Whether a module's file tensors (by role, alpha included) change nothing at any strength."""
+    roles = dict(roles)
+    alpha = roles.pop("alpha", None)
+    bias = roles.pop("diff_b", None)
+    if (bias is not None and bias.any()) or "dora_scale" in roles:  # DoRA rescales the weight even with no update
+        return False
+    if not roles:
+        return bias is not None
+    if not is_whole(roles):
+        return False
+    if set(roles) == {"lora_down.weight", "lora_up.weight"} and not all(t.any() for t in roles.values()):
+        return True  # ComfyUI's zero pairs, without a product as large as a token embedding
+    try:
+        return not standalone_update(roles, None if alpha is None else alpha.item()).any()
+    except (RuntimeError, ValueError, IndexError):  # tensors that make no update: refused as before, not skipped
+        return False
+
+
+def _zero_modules(keys: list[str], tensors: dict) -> dict[str, list[str]]:
+    """Module name -> its file keys, for the modules among `keys` whose update is exactly zero.
+
+    ComfyUI's extractor writes a pair for every 2-D weight of a model difference, so its files hold
+    all-zero updates for modules sdlora does not adapt (the text encoders' position embedding) or that
+    diffusers' models lack (clip_l's text_projection): they change nothing, so they are skipped, not refused.
+    """
+    groups, sources, _ = group_tensors({key: tensors[key] for key in keys})
+    return {name: sources[name] for name, roles in groups.items() if _update_is_zero(roles)}
+
+
+def _embeddings_named(keys: list[str], parts: dict[str, nn.Module], family) -> list[str]:
+    """The module names among file keys that name an nn.Embedding of the model, in any layout."""
+    embeddings = [module_key(component, path) for component, model in parts.items()
+                  for path, module in model.named_modules() if isinstance(module, nn.Embedding)]
+    index = kohya_index(family, embeddings)
+    names = {split[0] for split in map(split_tensor_name, keys) if split is not None}
+    return sorted(name for name in names if module_key_of(name, family, index, {}) in embeddings)
+
+
 def _check_parsed(path: Path, parsed, tensors: dict, metadata: dict, layers: dict, parts: dict, family,
                   strict: bool) -> None:
     """Refuse a file that cannot be applied whole; report what strict=False skips."""
@@ -181,7 +221,17 @@ def _check_parsed(path: Path, parsed, tensors: dict, metadata: dict, layers: dic
             f"{path}: {len(parsed.unsupported)} tensor(s) sdlora cannot apply, first {parsed.unsupported[:3]}"
             + describe_unsupported(parsed.unsupported)
         )
+    zero = _zero_modules(unmatched, tensors)
+    skipped = {key for keys in zero.values() for key in keys}
+    unmatched = [k for k in unmatched if k not in skipped]
     if unmatched and strict:
+        embeddings = _embeddings_named(unmatched, parts, family)
+        if embeddings:
+            raise AdapterFileError(
+                f"{path}: {len(embeddings)} module(s) update an embedding, first {embeddings[:3]}; sdlora adapts "
+                "Linear and Conv2d layers only and does not apply embedding updates. Pass strict=False to load "
+                "the rest without them."
+            )
         raise AdapterFileError(
             f"{path}: {len(unmatched)} tensor(s) name no layer of this {family.title} model, first "
             f"{unmatched[:5]}. The file says it is for {file_family}. "
@@ -191,6 +241,9 @@ def _check_parsed(path: Path, parsed, tensors: dict, metadata: dict, layers: dic
         raise AdapterFileError(f"{path}: no tensor of this file matches a layer of this {family.title} model "
                                f"(the file says it is for {file_family})")
     _check_shapes(path, parsed.modules, layers, file_family, family.title)
+    if zero:
+        logger.warning("%s: skipped %d module(s) whose update is exactly zero (nothing to apply): %s",
+                       path, len(zero), ", ".join(sorted(zero)[:10]))
     if unmatched:
         logger.warning("%s: skipped %d tensor(s) that name no layer of this model: %s",
                        path, len(unmatched), ", ".join(unmatched[:10]))

@@ -15,7 +15,7 @@ import sdlora
 from sdlora.files.safetensors import read_adapter
 from sdlora.cli import main
 from sdlora.base_models.families import SD1, SDXL, detect_family
-from sdlora.tools.generate import label_height
+from sdlora.images import label_height
 from sdlora.base_models.module_keys import module_key
 from sdlora.files.names import kohya_name
 from sdlora.adapters.lora import AdaptedLayer

@@ -140,3 +140,43 @@ def test_optional_optimizer_names_the_extra_to_install(tmp_path, monkeypatch, op
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
     with pytest.raises(ConfigError, match=rf"needs the {package} package: pip install '{re.escape(extra)}'"):
         validate(valid(tmp_path, optimizer=optimizer))
+
+
+IDLE_OPTIONS = [
+    ({"warmup_steps": 10}, "warmup_steps is set but acts only with lr_scheduler constant_with_warmup or cosine or "
+     "linear (this run has lr_scheduler constant): set lr_scheduler or drop warmup_steps"),
+    ({"keep_tokens": 1}, "keep_tokens is set but acts only with --shuffle-tags or --tag-dropout (this run has "
+     "neither): add --shuffle-tags or --tag-dropout P or drop keep_tokens"),
+    ({"num_workers": 2}, "num_workers is set but acts only with --no-cache-latents (this run has latents cached, "
+     "the default): add --no-cache-latents or drop num_workers"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", IDLE_OPTIONS)
+def test_an_option_that_would_be_ignored_is_refused(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        validate(valid(tmp_path, **overrides))
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("overrides", [
+    {"warmup_steps": 10, "lr_scheduler": "constant_with_warmup"}, {"warmup_steps": 10, "lr_scheduler": "cosine"},
+    {"keep_tokens": 1, "shuffle_tags": True}, {"keep_tokens": 1, "tag_dropout": 0.1},
+    {"num_workers": 2, "cache_latents": False},
+])
+def test_the_same_options_pass_where_they_act(tmp_path, overrides):
+    validate(valid(tmp_path, **overrides))
+
+
+@pytest.mark.parametrize("overrides, message", IDLE_OPTIONS)
+def test_the_command_line_refuses_an_ignored_option_in_one_line_before_loading(tmp_path, capsys, monkeypatch,
+                                                                             overrides, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("sdlora.training.loop.load_pipeline", no_model)
+    config = valid(tmp_path)
+    flags = [part for key, value in overrides.items() for part in (f"--{key.replace('_', '-')}", str(value))]
+    code = cli.main(["train", "--model", config.model, "--data", config.data, "--output-dir", config.output_dir,
+                     *flags])
+    assert code == 2 and capsys.readouterr().err == f"sdlora: error: {message}\n"

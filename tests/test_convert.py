@@ -111,11 +111,56 @@ def test_the_command_converts_and_refuses_in_one_line(tmp_path, tiny_dir, capsys
     sdlora.add_adapter(pipe, "a", rank=2, targets="attn")
     randomize(pipe, "a", seed=1)
     original = sdlora.save(pipe, tmp_path / "a.safetensors", "a", dtype="fp32")
-    assert main(["convert", str(original), "--to", "peft", "--model", str(tiny_dir), "-o",
+    assert main(["convert", str(original), "--to", "diffusers", "--model", str(tiny_dir), "-o",
                  str(tmp_path / "peft.safetensors")]) == 0
     assert all(".lora_A." in key or ".lora_B." in key for key in load_file(tmp_path / "peft.safetensors"))
     capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # one name for one layout: diffusers' (PEFT names)
+        main(["convert", str(original), "--to", "peft", "-o", str(tmp_path / "p.safetensors")])
+    assert refused.value.code == 2 and "invalid choice: 'peft'" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "missing.safetensors"), "--to", "kohya", "-o",
                  str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sdlora: error:") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_converted_file_with_text_encoder_layers_loads_in_diffusers_with_our_outputs(
+        family, tiny_dir, sdxl_folder, tmp_path, reference_client):
+    """`convert --to diffusers` writes what diffusers' load_lora_weights takes under transformers 5 (whose CLIP
+    has no `text_model`), text encoders included, with per-module ranks and alphas in the header."""
+    folder = tiny_dir if family == "sd1" else sdxl_folder
+    pipe = load_pipeline(str(folder))
+    parts = ("unet", "text_encoder") if family == "sd1" else ("unet", "text_encoder", "text_encoder_2")
+    sdlora.add_adapter(pipe, "a", rank=2, alpha=1.0, targets="attn-mlp", components_to_adapt=parts)
+    randomize(pipe, "a", seed=4)
+    original = sdlora.save(pipe, tmp_path / "a.safetensors", "a", dtype="fp32")
+    # one text-encoder module of another rank and alpha, so the header needs its rank and alpha patterns
+    tensors = load_file(original)
+    odd = next(k.removesuffix(".lora_down.weight") for k in tensors
+               if k.startswith("lora_te") and k.endswith("mlp_fc1.lora_down.weight"))
+    tensors[f"{odd}.lora_down.weight"] = tensors[f"{odd}.lora_down.weight"][:1].clone()
+    tensors[f"{odd}.lora_up.weight"] = tensors[f"{odd}.lora_up.weight"][:, :1].clone()
+    tensors[f"{odd}.alpha"] = torch.tensor(3.0)
+    save_file(tensors, original, metadata=sdlora.read_adapter(original)[1])
+    ours = load_pipeline(str(folder))
+    converted = convert(original, "diffusers", tmp_path / "d.safetensors", model=ours)  # tiny: not standard
+    assert any(key.startswith("text_encoder.") for key in load_file(converted))
+
+    base = outputs(ours)
+    sdlora.load(ours, original)
+    expected = outputs(ours)
+    theirs = load_pipeline(str(folder))
+    theirs.load_lora_weights(str(converted))
+    got = outputs(theirs)
+    for part in parts:
+        assert not torch.allclose(expected[part], base[part], atol=1e-4), part  # the file changes every part
+        torch.testing.assert_close(got[part], expected[part], atol=1e-4, rtol=1e-4, msg=part)
+    modules = {key.rsplit(".", 2)[0] for key in tensors if key.endswith(".lora_down.weight")}
+    loaded = sum(1 for part in parts for path, _ in getattr(theirs, part).named_modules()
+                 if path.endswith("lora_A.default_0"))
+    assert loaded == len(modules)  # nothing left out
+    again = load_pipeline(str(folder))
+    sdlora.load(again, converted)  # and our own reader takes the header's patterns as diffusers does
+    for part, value in outputs(again).items():
+        torch.testing.assert_close(value, expected[part], atol=1e-5, rtol=1e-5, msg=part)

@@ -14,6 +14,7 @@ import sdlora
 from sdlora.errors import FamilyMismatch
 from sdlora.base_models.families import SD1, SD2, SDXL, TextOptions, chunked_token_ids, detect_family
 from sdlora.base_models.parts import components
+from sdlora.files.names import kohya_name
 from sdlora.training.config import TrainConfig
 from sdlora.training.loop import Trainer
 from sdlora.toy.pipelines import save_tiny_pipeline
@@ -113,7 +114,10 @@ def test_files_load_in_diffusers_with_our_outputs(family_dir, tmp_path, referenc
     reference = load_pipe(folder)
     base = outputs(reference)
     state_dict, alphas = reference.lora_state_dict(str(path))
-    assert not [key for key in load_file(path) if key.endswith("alpha")] or state_dict  # converted, nothing dropped
+    # converted out of the kohya layout, nothing dropped: a down and an up per module, and each module's alpha
+    file_modules = {n.rsplit(".", 2)[0] for n in names if n.endswith("lora_down.weight")}
+    assert all(key.startswith(tuple(f"{part}." for part in parts)) for key in state_dict)
+    assert len(state_dict) == 2 * len(file_modules) and len(alphas) == len(file_modules)
     reference.load_lora_weights(str(path))
     theirs = outputs(reference)
     for part in ours:
@@ -235,6 +239,46 @@ def test_sdxl_trains_from_the_command_line(family_dir, images, tmp_path, capsys)
     assert (tmp_path / "lora.safetensors").is_file()
 
 
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sdxl") / "pipe", family="sdxl")
+
+
+@pytest.mark.parametrize("flags, trained", [
+    (["--train-text-encoder"], {"lora_te1_", "lora_te2_"}),  # both, as diffusers' SDXL scripts and kohya
+    (["--train-text-encoder", "--no-train-text-encoder-2"], {"lora_te1_"}),
+    (["--train-text-encoder-2"], {"lora_te2_"}),
+])
+def test_sdxl_train_text_encoder_trains_both_unless_one_is_picked(sdxl_dir, images, tmp_path, capsys, flags,
+                                                                  trained):
+    from sdlora.cli import main
+
+    code = main(["train", "--model", str(sdxl_dir), "--data", str(images), "--output-dir", str(tmp_path),
+                 "--max-steps", "2", "--rank", "2", "--quiet", *flags])
+    assert code == 0, capsys.readouterr().err
+    tensors = load_file(tmp_path / "lora.safetensors")
+    assert {key[:len("lora_te1_")] for key in tensors if key.startswith("lora_te")} == trained
+    assert any(key.startswith("lora_unet_") for key in tensors)
+    for prefix in trained:  # each trained encoder's update moved off its zero start
+        assert any(tensor.abs().max() > 0 for key, tensor in tensors.items()
+                   if key.startswith(prefix) and "lora_up" in key)
+
+
+def test_a_resume_must_train_the_text_encoders_its_checkpoint_did(sdxl_dir, images, tmp_path, capsys):
+    from sdlora.cli import main
+
+    args = ["train", "--model", str(sdxl_dir), "--data", str(images), "--output-dir", str(tmp_path), "--rank", "2",
+            "--quiet", "--train-text-encoder", "--save-every", "1"]
+    assert main([*args, "--max-steps", "1", "--no-train-text-encoder-2"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*args, "--max-steps", "2", "--resume", "latest"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(
+        f"sdlora: error: cannot resume from {tmp_path / 'checkpoints' / 'step-000001'}: it trained the text encoders "
+        "text_encoder, this run trains text_encoder, text_encoder_2: ")
+    assert main([*args, "--max-steps", "2", "--resume", "latest", "--no-train-text-encoder-2"]) == 0
+
+
 def test_sdxl_resume_is_exact(images, tmp_path):
     """Checkpoints of an SDXL run (SGM names, two text encoders) restore exactly."""
     from sdlora.training.loop import train
@@ -263,7 +307,7 @@ def test_sdxl_kohya_files_with_diffusers_paths_load_as_with_original_names(tmp_p
     expected = outputs(pipe)["unet"]
     sdlora.unload(pipe)
 
-    index = {sgm.kohya_unet_name(module, mapping): module
+    index = {kohya_name(SDXL, f"unet.{module}", mapping): module
              for mapping in [sgm.unet_module_map(pipe.unet.config)] for module in mapping}
     renamed = {}
     for key, tensor in load_file(path).items():

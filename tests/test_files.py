@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import sdlora
 from sdlora.files.safetensors import AdapterFileError, write_adapter
-from conftest import make_adapter_file, unet_out
+from conftest import make_adapter_file, te_out, unet_out
 
 
 def untouched(pipe, before):
@@ -142,8 +142,9 @@ def test_shape_mismatch_names_the_module_and_the_family(pipe, tmp_path):
 def test_unknown_keys_strict_and_lenient(pipe, tmp_path, caplog):
     before = unet_out(pipe)
     tensors = load_file(make_adapter_file(pipe, tmp_path / "a.safetensors"))
-    tensors["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight"] = torch.zeros(4, 8)
-    tensors["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight"] = torch.zeros(8, 4)
+    # a non-zero update: a module whose update is exactly zero is skipped, not refused (the next test)
+    tensors["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight"] = torch.ones(4, 8)
+    tensors["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight"] = torch.ones(8, 4)
     save_file(tensors, tmp_path / "b.safetensors")
     with pytest.raises(AdapterFileError, match="name no layer") as error:
         sdlora.load(pipe, tmp_path / "b.safetensors")
@@ -155,6 +156,61 @@ def test_unknown_keys_strict_and_lenient(pipe, tmp_path, caplog):
         sdlora.load(pipe, tmp_path / "b.safetensors", strict=False)
     assert "skipped 2 tensor(s)" in caplog.text
     assert sum(sdlora.list_adapters(pipe)[0].modules.values()) == 64
+
+
+def comfyui_extracted(pipe, path, embedding_up=None, projection_up=None):
+    """A file in the layout of ComfyUI's own extractor ("LoRA save" over a model difference): a pair for
+    every 2-D weight, here a real update of one UNet and one text-encoder layer, and the all-zero pairs its
+    SVD gives for weights the difference left alone: the position embedding (an nn.Embedding) and clip_l's
+    text_projection (which diffusers' CLIPTextModel lacks). Its zero pairs have up = U·S = 0, down = Vh."""
+    generator = torch.Generator().manual_seed(5)
+    tensors = {}
+    for name, (out, inn) in {"diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q": (16, 16),
+                             "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj": (32, 32),
+                             "text_encoders.clip_l.transformer.text_model.embeddings.position_embedding": (77, 32),
+                             "text_encoders.clip_l.transformer.text_projection": (32, 32)}.items():
+        down = torch.linalg.qr(torch.randn(inn, 2, generator=generator))[0].T.contiguous()  # like SVD's Vh
+        up = torch.randn(out, 2, generator=generator) * 0.1
+        if "position_embedding" in name:
+            up = torch.zeros(out, 2) if embedding_up is None else embedding_up
+        if "text_projection" in name:
+            up = torch.zeros(out, 2) if projection_up is None else projection_up
+        tensors |= {f"{name}.lora_up.weight": up.half(), f"{name}.lora_down.weight": down.half()}
+    save_file(tensors, path)
+    return path
+
+
+def test_a_comfyui_extracted_file_loads_strictly_skipping_its_zero_updates(pipe, tmp_path, caplog):
+    """Its zero pairs change nothing, so a strict load skips them with a note naming them; the real updates
+    load as the same file without those pairs does. A non-zero update of an embedding, or of a module the
+    model lacks, is still refused, with nothing changed."""
+    before = unet_out(pipe), te_out(pipe)
+    path = comfyui_extracted(pipe, tmp_path / "comfy.safetensors")
+    tensors = load_file(path)
+    save_file({k: v for k, v in tensors.items() if "position_embedding" not in k and "text_projection" not in k},
+              tmp_path / "real.safetensors")
+    sdlora.load(pipe, tmp_path / "real.safetensors")
+    expected = unet_out(pipe), te_out(pipe)
+    sdlora.unload(pipe)
+    assert not torch.equal(expected[0], before[0]) and not torch.equal(expected[1], before[1])
+
+    with caplog.at_level(logging.WARNING, logger="sdlora"):
+        sdlora.load(pipe, path)
+    assert "skipped 2 module(s) whose update is exactly zero" in caplog.text
+    assert "position_embedding" in caplog.text and "text_projection" in caplog.text
+    assert sdlora.list_adapters(pipe)[0].modules == {"unet": 1, "text_encoder": 1}
+    assert torch.equal(unet_out(pipe), expected[0]) and torch.equal(te_out(pipe), expected[1])
+    sdlora.unload(pipe)
+
+    updated = comfyui_extracted(pipe, tmp_path / "embedding.safetensors", embedding_up=torch.full((77, 2), 0.01))
+    with pytest.raises(AdapterFileError, match=r"1 module\(s\) update an embedding, .*position_embedding.*"
+                                               r"strict=False"):
+        sdlora.load(pipe, updated)
+    untouched(pipe, before[0])
+    lacking = comfyui_extracted(pipe, tmp_path / "projection.safetensors", projection_up=torch.full((32, 2), 0.01))
+    with pytest.raises(AdapterFileError, match=r"2 tensor\(s\) name no layer .*text_projection"):
+        sdlora.load(pipe, lacking)
+    untouched(pipe, before[0])
 
 
 def test_kinds_sdlora_does_not_read_are_named(pipe, tmp_path):

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import sdlora
-from conftest import unet_out
+from conftest import te_out, unet_out
 
 LINEAR = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # [16, 16] in the tiny UNet
 CONV = "unet.down_blocks.0.resnets.0.conv1"  # [16, 16, 3, 3]
@@ -188,3 +188,67 @@ def test_a_file_module_is_its_kind_without_a_layer(pipe, kind, key):
     update = standalone_update(tensors, alpha)
     torch.testing.assert_close(update.reshape(weight.shape), delta, atol=1e-6, rtol=1e-5)
     assert update.numel() == weight.numel()
+
+
+TE_LINEAR = "text_encoder.encoder.layers.0.self_attn.q_proj"  # [32, 32] with a bias
+BIASED_CONV = "unet.down_blocks.0.attentions.0.proj_in"  # a conv with a bias
+KIND_MODULES = {"lora": [LINEAR, CONV, TE_LINEAR], "locon-tucker": [CONV], "loha": [LINEAR, CONV, TE_LINEAR],
+                "lokr": [LINEAR, CONV, TE_LINEAR], "lokr-whole": [LINEAR, CONV],
+                "full": [LINEAR, BIASED_CONV, TE_LINEAR], "dora": [LINEAR, TE_LINEAR]}
+
+
+def kohya_any(key: str) -> str:
+    """kohya's name; text encoder names keep the canonical `text_model_` even where transformers 5 dropped it."""
+    if key.startswith("text_encoder."):
+        return "lora_te_text_model_" + key.removeprefix("text_encoder.").replace(".", "_")
+    return kohya(key)
+
+
+def kind_file(pipe, kind: str) -> dict[str, torch.Tensor]:
+    """A file of one kind over the modules KIND_MODULES names; full adds diff_b where a layer has a bias."""
+    state = {}
+    for seed, key in enumerate(KIND_MODULES[kind], start=1):
+        component, path = key.split(".", 1)
+        layer = getattr(pipe, component).get_submodule(path)
+        weight = layer.weight.detach()
+        if kind in ("lora", "dora"):
+            out, inn = weight.shape[:2]
+            tensors = {"lora_down.weight": rand(4, inn, *weight.shape[2:], seed=10 * seed),
+                       "lora_up.weight": rand(out, 4, *([1, 1] if weight.dim() == 4 else []), seed=10 * seed + 1),
+                       "alpha": torch.tensor(2.0)}
+            if kind == "dora":
+                tensors["dora_scale"] = rand(out, 1, seed=10 * seed + 2).abs() + 0.5
+        else:
+            tensors, _ = naive(kind, weight, seed=10 * seed)
+        if kind == "full" and layer.bias is not None:
+            tensors["diff_b"] = rand(*layer.bias.shape, seed=10 * seed + 5)
+        state.update({f"{kohya_any(key)}.{role}": tensor for role, tensor in tensors.items()})
+    return state
+
+
+@pytest.mark.parametrize("kind", list(KIND_MODULES))
+def test_merge_into_bakes_each_kind_as_loading_it(pipe, tiny_dir, tmp_path, kind):
+    """`sdlora merge --into` gives the model that loading the file at strength 1 gives, bias updates included."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdlora.cli import main
+
+    path = tmp_path / f"{kind}.safetensors"
+    save_file(kind_file(pipe, kind), path)
+    before = unet_out(pipe), te_out(pipe)
+    base_bias = pipe.unet.get_submodule(BIASED_CONV.removeprefix("unet.")).bias.detach().clone()
+    sdlora.load(pipe, path)
+    expected = unet_out(pipe), te_out(pipe)
+    assert not torch.equal(expected[0], before[0])  # the file changes what is compared
+    assert torch.equal(expected[1], before[1]) == (TE_LINEAR not in KIND_MODULES[kind])
+
+    folder = tmp_path / "baked"
+    assert main(["merge", f"{path}:1", "--into", str(tiny_dir), "-o", str(folder), "--dtype", "fp32"]) == 0
+    baked = StableDiffusionPipeline.from_pretrained(folder)
+    torch.testing.assert_close(unet_out(baked), expected[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(te_out(baked), expected[1], atol=1e-5, rtol=0)
+    if kind == "full":  # diff_b reached the bias
+        baked_bias = baked.unet.get_submodule(BIASED_CONV.removeprefix("unet.")).bias
+        diff_b = load_file(path)[f"{kohya(BIASED_CONV)}.diff_b"]
+        assert not torch.equal(baked_bias, base_bias)
+        torch.testing.assert_close(baked_bias, base_bias + diff_b, atol=1e-6, rtol=0)

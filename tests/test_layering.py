@@ -1,6 +1,6 @@
 """The package's import rules, checked over its own import graph (top-level and in-function imports).
 
-The subpackages depend one way: errors and reliability, then base models, adapters, files, the
+The subpackages depend one way: errors, reliability and images, then base models, adapters, files, the
 loader, then training, tools and the toy world, then the command line. No tool imports another
 (each command's module uses the library, never a sibling command), and the graph has no cycle.
 `sdlora/__init__.py` is the public facade and may name anything.
@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).parents[1] / "sdlora"
 
 # Lower layers never import higher ones; a module may import its own layer and any below it.
 LAYERS = [
-    {"errors", "threads", "reliability"},
+    {"errors", "threads", "reliability", "images"},
     {"base_models"},
     {"adapters"},
     {"files"},

@@ -55,6 +55,11 @@ def class_images(tmp_path_factory) -> Path:
     ({"class_prompts": ["a dog"], "num_class_images": 0}, "num_class_images must be at least 1, got 0"),
     ({"num_class_images": 10}, "num_class_images is set but no class images are generated"),
     ({"class_data_dir": "x"}, "class_data_dir is set but no class images are generated"),
+    ({"class_sample_steps": 5}, "class_sample_steps is set but no class images are generated: add --class-prompts "
+     "or drop --class-sample-steps"),
+    ({"class_guidance": 3.0}, "class_guidance is set but no class images are generated"),
+    ({"class_prompts": ["a dog"], "num_class_images": 4, "class_sample_steps": 0},
+     "class_sample_steps must be at least 1, got 0"),
     ({"prior_loss_weight": 0.5}, "prior_loss_weight is set but prior preservation is off"),
     ({"class_prompts": ["a dog"], "num_class_images": 4, "prior_loss_weight": -1.0},
      "prior_loss_weight must be 0 or more, got -1.0"),
@@ -146,9 +151,48 @@ def test_generated_class_images_are_cached_with_the_base_models_fingerprint(pipe
     assert said[0].startswith(f"class images in {folder} were made with other settings (model): generating 6 anew")
 
 
+def test_class_images_follow_their_own_options_not_the_sample_options(tiny_dir, images, tmp_path):
+    """Preview settings (sample_steps, sample_guidance) leave the class images as they are; the class
+    options decide them and their fingerprint."""
+    folder = tmp_path / "class"
+    settings = dict(class_prompts=["a blue square"], num_class_images=2, class_data_dir=str(folder),
+                    class_sample_steps=2, max_steps=1)
+
+    def make(run: str, **changes) -> tuple[dict, dict]:
+        Trainer(config(tiny_dir, images, tmp_path / run, **{**settings, **changes}), quiet=True)
+        recorded = json.loads((folder / FINGERPRINT_FILE).read_text())
+        return recorded, {path.name: path.read_bytes() for path in folder.glob("*.png")}
+
+    first, first_images = make("first")
+    assert (first["class_sample_steps"], first["class_guidance"]) == (2, 7.5)
+    stamp = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
+    assert make("previews", sample_steps=7, sample_guidance=2.0) == (first, first_images)
+    assert {path.name: path.stat().st_mtime_ns for path in folder.iterdir()} == stamp  # reused, not rewritten
+    steps, steps_images = make("steps", class_sample_steps=3)
+    assert steps["class_sample_steps"] == 3 and steps_images != first_images
+    guidance, guidance_images = make("guidance", class_sample_steps=3, class_guidance=2.0)
+    assert guidance["class_guidance"] == 2.0 and guidance_images != steps_images
+
+
+def test_a_fingerprint_written_under_the_old_option_names_is_still_reused(pipe, tmp_path):
+    """Before class images had options of their own, the fingerprint named the sample options."""
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path / "class"
+    generate(pipe, folder, count=2)
+    recorded = json.loads((folder / FINGERPRINT_FILE).read_text())
+    old = {("sample_steps" if key == "class_sample_steps" else "sample_guidance" if key == "class_guidance" else key):
+           value for key, value in recorded.items()}
+    assert old.keys() != recorded.keys()
+    (folder / FINGERPRINT_FILE).write_text(json.dumps(old))
+    assert generate(pipe, folder, count=2) == [f"class images: reusing the 2 in {folder} (same base model and "
+                                               "settings)"]
+    assert generate(pipe, folder, count=2, steps=4)[0].startswith(
+        f"class images in {folder} were made with other settings (class_sample_steps 3 -> 4)")
+
+
 def test_a_kill_during_generation_leaves_no_cache_that_is_taken_as_complete(tiny_dir, images, tmp_path):
     out = tmp_path / "out"
-    options = dict(class_prompts="a blue square", num_class_images=6, sample_steps=3, max_steps=1)
+    options = dict(class_prompts="a blue square", num_class_images=6, class_sample_steps=3, max_steps=1)
     environment = {**os.environ, "SDLORA_TEST_FAULT": "kill:write:1:00003.png"}  # halfway through the 4th image
     done = subprocess.run([sys.executable, "-m", "sdlora", *cli_args(tiny_dir, images, out, **options)],
                           env=environment, capture_output=True, text=True, timeout=300)
@@ -158,7 +202,7 @@ def test_a_kill_during_generation_leaves_no_cache_that_is_taken_as_complete(tiny
     kept = {i: (folder / f"{i:05d}.png").read_bytes() for i in range(3)}
 
     trainer = Trainer(config(tiny_dir, images, out, class_prompts=["a blue square"], num_class_images=6,
-                             sample_steps=3, max_steps=1), quiet=True)
+                             class_sample_steps=3, max_steps=1), quiet=True)
     assert len(trainer.class_dataset) == 6 and (folder / FINGERPRINT_FILE).exists()
     assert not (folder / PENDING_FILE).exists() and not list(folder.glob(".*sdlora-tmp"))
     assert all((folder / f"{i:05d}.png").read_bytes() == content for i, content in kept.items())  # finished ones kept
@@ -236,7 +280,7 @@ def test_class_batch_keys_start_anywhere_and_stride_over_processes():
 def test_a_killed_prior_preservation_run_resumes_to_the_same_adapter(tiny_dir, images, tmp_path):
     settings = dict(max_steps=20, save_every=5, keep_checkpoints=2, flip=0.5, shuffle_tags=True,
                     gradient_accumulation=2, lr_scheduler="cosine", warmup_steps=3, caption_prefix="zkz",
-                    class_prompts="a blue square", num_class_images=6, sample_steps=3, prior_loss_weight=0.7)
+                    class_prompts="a blue square", num_class_images=6, class_sample_steps=3, prior_loss_weight=0.7)
     as_config = {**settings, "class_prompts": [settings["class_prompts"]]}
     reference = train(config(tiny_dir, images, tmp_path / "reference", **as_config), quiet=True)
 

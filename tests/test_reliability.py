@@ -231,3 +231,20 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tiny_dir, imag
     assert error == (f"sdlora: error: {out / 'checkpoints'} holds checkpoints of an earlier run (newest step-000006): "
                      "continue it with --resume latest, or choose another --output-dir\n")
     assert all(path.read_bytes() == content for path, content in before.items())
+
+
+def test_a_fresh_run_never_overwrites_a_finished_runs_adapter(tiny_dir, images, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    earlier = train(config(tiny_dir, images, out, max_steps=2), quiet=True)  # finished: no checkpoint is left
+    assert not (out / "checkpoints").exists()
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    capsys.readouterr()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("sdlora.training.loop.load_pipeline", no_model)
+    assert cli.main(cli_args(tiny_dir, images, out, max_steps=3)) == 2
+    assert capsys.readouterr().err == (f"sdlora: error: {earlier} holds the adapter of an earlier run: choose another "
+                                       "--output-dir or --name, or move that file away\n")
+    assert all(path.read_bytes() == content for path, content in before.items())

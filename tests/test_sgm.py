@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from sdlora.base_models import sgm
+from sdlora.base_models.families import SDXL as SDXL_FAMILY
+from sdlora.files.names import kohya_index, kohya_name
 from sdlora.toy.pipelines import build_clip_tokenizer, tiny_sdxl_unet, tiny_unet, tiny_vae
 
 # Public UNet configs (huggingface.co/<repo>/blob/main/unet/config.json); the rest are diffusers' defaults.
@@ -98,7 +100,8 @@ def test_diffusers_single_file_converter_gives_the_state_dict_back(any_unet):
     assert converted.keys() == state_dict.keys()
     # The very same tensors, each under the name it came from (meta tensors have no values to compare).
     assert all(converted[name] is state_dict[name] for name in state_dict)
-    assert sgm.unet_state_dict_to_diffusers(checkpoint, unet.config, prefix="model.diffusion_model.").keys() \
+    inverse = sgm.invert(sgm.unet_module_map(unet.config))
+    assert {sgm.to_diffusers(name.removeprefix("model.diffusion_model."), inverse) for name in checkpoint} \
         == state_dict.keys()
 
 
@@ -124,7 +127,7 @@ def test_names_agree_with_diffusers_sgm_lora_mapping(unet):
     config = SimpleNamespace(layers_per_block=unet.config.layers_per_block)
     landed = {}
     for module in lora_modules(unet):
-        name = sgm.kohya_unet_name(module, mapping)
+        name = kohya_name(SDXL_FAMILY, f"unet.{module}", mapping)
         lora = {f"{name}.lora_down.weight": torch.zeros(1), f"{name}.lora_up.weight": torch.zeros(1)}
         converted, _ = _convert_non_diffusers_lora_to_diffusers(_maybe_map_sgm_blocks_to_diffusers(lora, config))
         [down] = [key for key in converted if key.endswith(".down.weight")]
@@ -142,7 +145,7 @@ def test_known_sdxl_names():
     mapping = sgm.unet_module_map(SDXL)
     assert mapping["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"] == \
         "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
-    assert sgm.kohya_unet_name("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", mapping) == \
+    assert kohya_name(SDXL_FAMILY, "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", mapping) == \
         "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
     assert mapping["mid_block.attentions.0.transformer_blocks.9.ff.net.2"] == \
         "middle_block.1.transformer_blocks.9.ff.net.2"
@@ -152,8 +155,8 @@ def test_known_sdxl_names():
     assert mapping["add_embedding.linear_2"] == "label_emb.0.2"
     assert sgm.to_diffusers("input_blocks.7.1.proj_in.lora_down.weight", sgm.invert(mapping)) == \
         "down_blocks.2.attentions.0.proj_in.lora_down.weight"
-    assert sgm.kohya_unet_index(mapping)["lora_unet_output_blocks_0_0_emb_layers_1"] == \
-        "up_blocks.0.resnets.0.time_emb_proj"
+    index = kohya_index(SDXL_FAMILY, [f"unet.{path}" for path in mapping], mapping)
+    assert index["lora_unet_output_blocks_0_0_emb_layers_1"] == "unet.up_blocks.0.resnets.0.time_emb_proj"
     with pytest.raises(KeyError):
         sgm.to_original("down_blocks.0.attentions.0.proj_in.weight", mapping)  # SDXL's first level has none
     assert sgm.unet_module_map(SD15)["up_blocks.0.upsamplers.0.conv"] == "output_blocks.2.1.conv"
@@ -204,7 +207,7 @@ def test_sdxl_pipeline_loads_a_kohya_lora_named_by_us(reference_client):
     generator = torch.Generator().manual_seed(0)
     lora, downs = {}, {}
     for path in lora_modules(pipe.unet):
-        layer, name = modules[path], sgm.kohya_unet_name(path, mapping)
+        layer, name = modules[path], kohya_name(SDXL_FAMILY, f"unet.{path}", mapping)
         if isinstance(layer, torch.nn.Conv2d):  # kohya's LoCon: the layer's kernel down, 1x1 up
             down = torch.randn(2, layer.in_channels, *layer.kernel_size, generator=generator)
             up = torch.randn(layer.out_channels, 2, 1, 1, generator=generator)

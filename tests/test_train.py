@@ -255,3 +255,23 @@ def test_resolution_defaults_to_the_models_own_and_upscaling_is_named(tiny_dir, 
     assert "resolution 16 (the model's own" in capsys.readouterr().out
     Trainer(config(tiny_dir, images, tmp_path / "b", resolution=64, max_steps=1))
     assert "8 of 8 images are enlarged more than 2x" in capsys.readouterr().out
+
+
+def test_clip_skip_is_bounded_by_the_loaded_text_encoders_depth(tiny_dir, images, tmp_path, capsys):
+    from sdlora import cli
+    from sdlora.errors import ConfigError
+    from sdlora.training.config import validate
+    from test_config import valid
+    from test_reliability import cli_args
+
+    depth = __import__("transformers").CLIPTextConfig.from_pretrained(tiny_dir / "text_encoder").num_hidden_layers
+    assert depth < 12  # so that the old bound (CLIP-L's 12 layers) would have let depth + 1 through
+    assert cli.main(cli_args(tiny_dir, images, tmp_path / "deep", clip_skip=depth + 1)) == 2
+    assert capsys.readouterr().err == (f"sdlora: error: clip_skip {depth + 1} is deeper than this Stable Diffusion "
+                                       f"1.x model's text_encoder, which has {depth} layers: give 1 to {depth}\n")
+    assert not (tmp_path / "deep" / "lora.safetensors").exists()
+    trainer = Trainer(config(tiny_dir, images, tmp_path / "within", clip_skip=depth, max_steps=1), quiet=True)
+    assert trainer.text_options.clip_skip == depth
+    validate(valid(tmp_path, clip_skip=23))  # SD 2.x's encoder has 23 layers: the model decides, not validate
+    with pytest.raises(ConfigError, match="clip_skip counts layers from the end, 1 being the last, got 0"):
+        validate(valid(tmp_path, clip_skip=0))

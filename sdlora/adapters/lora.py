@@ -278,7 +278,12 @@ class AdaptedLayer(nn.Module):
         return sum(updates) if updates else None
 
     @torch.no_grad()
-    def fuse(self) -> None:
+    def fuse(self, keep_original: bool = True) -> None:
+        """Add the adapters' strength-scaled updates (weight and bias) into the base layer, in fp32.
+
+        keep_original=False fuses for good (a bake): no copy of the original weights is kept, so a
+        whole model is not held twice, and unfusing then restores nothing.
+        """
         if self.fused:
             raise RuntimeError("this layer is already fused: unfuse it before fusing again")
         names = [name for name, strength in self.strengths.items() if strength != 0.0]
@@ -286,10 +291,12 @@ class AdaptedLayer(nn.Module):
             return
         weight, bias = self.base.weight, self.base.bias
         delta, bias_delta = self.delta_weight(names), self.delta_bias(names)
-        self._original_weight = weight.detach().to("cpu", copy=True)
+        if keep_original:
+            self._original_weight = weight.detach().to("cpu", copy=True)
         weight.copy_((weight.float() + delta).to(weight.dtype))
         if bias_delta is not None:
-            self._original_bias = bias.detach().to("cpu", copy=True)
+            if keep_original:
+                self._original_bias = bias.detach().to("cpu", copy=True)
             bias.copy_((bias.float() + bias_delta.to(bias.device)).to(bias.dtype))
         self.fused = names
 

@@ -206,26 +206,8 @@ def to_diffusers(name: str, inverse: Mapping[str, str]) -> str:
     return _rename(name, inverse)
 
 
-def kohya_unet_name(diffusers_module: str, mapping: Mapping[str, str]) -> str:
-    """kohya's SGM-style module name: `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`."""
-    return "lora_unet_" + mapping[diffusers_module].replace(".", "_")
-
-
-def kohya_unet_index(mapping: Mapping[str, str]) -> dict[str, str]:
-    """kohya SGM-style name -> diffusers module path (kohya names lose the dots, so look them up)."""
-    return {kohya_unet_name(diffusers, mapping): diffusers for diffusers in mapping}
-
-
 def unet_state_dict_to_original(state_dict: Mapping[str, Any], unet_config: Mapping[str, Any],
                                 prefix: str = "") -> dict[str, Any]:
     """A diffusers UNet state dict with original names; prefix `model.diffusion_model.` for checkpoints."""
     mapping = unet_module_map(unet_config)
     return {prefix + to_original(name, mapping): value for name, value in state_dict.items()}
-
-
-def unet_state_dict_to_diffusers(state_dict: Mapping[str, Any], unet_config: Mapping[str, Any],
-                                 prefix: str = "") -> dict[str, Any]:
-    """The inverse: original names (each starting with `prefix`, which is dropped) to diffusers'."""
-    inverse = invert(unet_module_map(unet_config))
-    return {to_diffusers(name.removeprefix(prefix), inverse): value
-            for name, value in state_dict.items() if name.startswith(prefix)}

@@ -158,3 +158,26 @@ def build_metadata(
     if args:
         metadata["ss_network_args"] = json.dumps(args)
     return metadata
+
+
+def kohya_training_header(options: dict, *, steps: int, epoch: int, resolution: int, images: int,
+                          class_images: int, clip_skip: int, trains_text_encoder: bool,
+                          ema_decay: float | None = None) -> dict[str, str]:
+    """The `ss_*` keys kohya's trainer writes about a run, which A1111's and ComfyUI's LoRA browsers
+    show: `options` is the run's options by their sdlora names (a TrainConfig as a dict); `ema_decay`
+    says that the file holds the exponential moving average of the weights."""
+    text_encoder_lr = options.get("text_encoder_lr") or options["lr"]
+    return {
+        "ss_learning_rate": str(options["lr"]), "ss_unet_lr": str(options["lr"]),
+        "ss_text_encoder_lr": str(text_encoder_lr) if trains_text_encoder else "0",
+        "ss_optimizer": options["optimizer"], "ss_lr_scheduler": options["lr_scheduler"],
+        "ss_resolution": f"({resolution}, {resolution})", "ss_steps": str(steps), "ss_epoch": str(epoch),
+        "ss_num_train_images": str(images), "ss_num_reg_images": str(class_images),
+        "ss_noise_offset": str(options["noise_offset"]), "ss_min_snr_gamma": str(options["min_snr_gamma"]),
+        "ss_clip_skip": str(clip_skip), "ss_max_token_length": str(options["max_token_length"] or 75),
+        "ss_zero_terminal_snr": str(options["zero_terminal_snr"]),
+        "ss_debiased_estimation": str(options["debiased_estimation"]), "ss_loss_type": options["loss_type"],
+        "ss_huber_c": str(options["huber_c"]), "ss_huber_schedule": options["huber_schedule"],
+        "ss_seed": str(options["seed"]), "ss_training_comment": "trained with sdlora" + (
+            f"; the exponential moving average of the weights (decay {ema_decay})" if ema_decay is not None else ""),
+    }

@@ -23,18 +23,17 @@ from ..base_models.parts import components
 def bake(pipe, sources: list[tuple[Path, float]]) -> None:
     """Add each adapter file's update at its strength into the pipeline's weights, for good.
 
-    The files are loaded with the loader (every layout, checked against the model), their summed
-    update added to each base weight in fp32, and the adapters removed again: what stays is a
-    plain pipeline whose weights hold them.
+    The files are loaded with the loader (every layout, checked against the model), each layer fused
+    by its own `fuse` (weight and bias, fp32), and the adapters removed again: what stays is a plain
+    pipeline whose weights hold them.
     """
     for index, (path, strength) in enumerate(sources):
         loader.load(pipe, path, strength=strength, name=f"bake{index}")
     layers = [module for model in components(pipe).values() for module in model.modules()
               if isinstance(module, AdaptedLayer)]
     for layer in tqdm(layers, desc="bake", unit="module"):
-        weight = layer.base.weight
-        weight.copy_((weight.float() + layer.delta_weight()).to(weight.dtype))
-    # Nothing was fused through the loader, so unloading restores nothing: it only unwraps the layers.
+        layer.fuse(keep_original=False)  # the one fusing path: a copy of it here once dropped diff_b
+    # The layers kept no original to restore, so unloading only unwraps them, leaving the fused weights.
     loader.unload(pipe)
 
 

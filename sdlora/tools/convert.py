@@ -76,7 +76,11 @@ def to_diffusers(modules: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]
         state_dict[f"{key}.lora_A.weight"] = weights.down
         state_dict[f"{key}.lora_B.weight"] = weights.up
         component, path = split_key(key)
-        configs.setdefault(component, {})[path] = (weights.rank, weights.effective_alpha)
+        # The header's module paths are matched by PEFT against the end of the model's own module names, and
+        # transformers 5's CLIP has no `text_model.`: diffusers strips it from tensor names but not from the
+        # header, and refuses a target `text_model.…` (NoMatchingPeftModuleError). A path without it ends both
+        # the old and the new module names; the tensor names keep it, which old and new diffusers both read.
+        configs.setdefault(component, {})[path.removeprefix("text_model.")] = (weights.rank, weights.effective_alpha)
     header = {}
     for component, per_module in configs.items():
         rank = Counter(r for r, _ in per_module.values()).most_common(1)[0][0]

@@ -7,20 +7,19 @@ CPU in fp32.
 
 from __future__ import annotations
 
-import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
-from PIL.PngImagePlugin import PngInfo
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import loader
 from ..reliability.durable import write_file
 from ..errors import AdapterFileError, ConfigError
 from ..base_models.parts import native_resolution
+from ..images import labelled_columns, png_bytes
 
 COMPARE_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -109,41 +108,8 @@ def compare(pipe, names: list[str], strengths: list[float], settings: Settings, 
                 loader.fuse(pipe)
             columns.append(images(pipe, settings, num, progress))
     narrow = columns[0][0].width < 128  # "strength 0.25" would not fit: the number alone
-    return grid(columns, [f"{fraction:g}" if narrow else f"strength {fraction:g}" for fraction in COMPARE_STRENGTHS])
-
-
-def label_height(width: int) -> int:
-    """The height of the band above each column that holds its label, growing with the images."""
-    return max(20, width // 16)
-
-
-def _font(text: str, width: int, largest: int):
-    """The largest font up to `largest` px in which `text` fits `width`; Pillow's fixed bitmap font
-    where it has no scalable one (before 10.1, or built without FreeType)."""
-    try:
-        for size in range(largest, 5, -1):
-            font = ImageFont.load_default(size=size)
-            if font.getlength(text) <= width:
-                return font
-        return font
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
-
-
-def grid(columns: list[list[Image.Image]], labels: list[str]) -> Image.Image:
-    """Columns of equal-sized images side by side, each under a white band holding its label."""
-    width, height = columns[0][0].size
-    band = label_height(width)
-    sheet = Image.new("RGB", (width * len(columns), band + height * len(columns[0])), "white")
-    margin = band // 5
-    for index, (column, label) in enumerate(zip(columns, labels)):
-        header = Image.new("RGB", (width, band), "white")  # drawn apart so a long label is cut at its column
-        font = _font(label, width - 2 * margin, int(band * 0.6))
-        ImageDraw.Draw(header).text((margin, margin), label, fill="black", font=font)
-        sheet.paste(header, (index * width, 0))
-        for row, image in enumerate(column):
-            sheet.paste(image, (index * width, band + row * height))
-    return sheet
+    return labelled_columns(columns, [f"{fraction:g}" if narrow else f"strength {fraction:g}"
+                                      for fraction in COMPARE_STRENGTHS])
 
 
 def parameters_text(settings: Settings, seed: int, size: tuple[int, int], loras: list[tuple[Path, float]]) -> str:
@@ -156,15 +122,6 @@ def parameters_text(settings: Settings, seed: int, size: tuple[int, int], loras:
     fields += [f"Lora: {Path(path).name}:{strength:g}" for path, strength in loras]
     lines.append(", ".join(fields))
     return "\n".join(lines)
-
-
-def png_bytes(image: Image.Image, text: str | None = None) -> bytes:
-    info = PngInfo()
-    if text:
-        info.add_text("parameters", text)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
 
 
 def output_paths(path: Path, num: int) -> list[Path]:

@@ -158,6 +158,12 @@ def demo(out: Path, config_path: Path) -> int:
     from ..training.loop import train
 
     settings = build({"output_dir": str(out)}, config_path)
+    # The demo's folder holds the last demo's results, which a rerun replaces (its grids and table too);
+    # `sdlora train` itself refuses to overwrite a finished run's adapter.
+    earlier = out / f"{settings.name}.safetensors"
+    if earlier.exists():
+        print(f"replacing the earlier demo's adapter {earlier}")
+        earlier.unlink()
     started = time.time()
     adapter = train(settings)
     trained = time.time() - started

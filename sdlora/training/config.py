@@ -69,10 +69,13 @@ class TrainConfig:
     targets: str = option("attn", "layers to adapt: attn, attn-mlp (kohya's default set), full (+ convs, "
                           "LoCon), convs (UNet convs only), or a regular expression searched in module paths",
                           "adapter")
-    train_text_encoder: bool = option(False, "also train a LoRA on the (first) text encoder (needed to bind a "
-                                      "new trigger word); kohya names it lora_te_ (SDXL: lora_te1_)", "adapter")
-    train_text_encoder_2: bool = option(False, "SDXL: also train a LoRA on the second text encoder (lora_te2_)",
-                                        "adapter")
+    train_text_encoder: bool = option(False, "also train a LoRA on every text encoder of the model (needed to bind "
+                                      "a new trigger word), as diffusers' SDXL scripts and kohya do; kohya names "
+                                      "them lora_te_ (SDXL: lora_te1_, lora_te2_)", "adapter")
+    train_text_encoder_2: typing.Optional[bool] = option(
+        None, "SDXL: whether the second text encoder gets a LoRA (lora_te2_) (default: as --train-text-encoder); "
+        "--no-train-text-encoder-2 trains the first alone, --train-text-encoder-2 alone the second alone",
+        "adapter")
     # prior preservation
     reg_data: typing.Optional[str] = option(
         None, "prior preservation (DreamBooth): a folder of class images with captions, read like --data (no "
@@ -87,7 +90,10 @@ class TrainConfig:
         "seed + i)", "prior preservation")
     class_data_dir: typing.Optional[str] = option(
         None, "where generated class images are kept, with the fingerprint (base model, prompts, count, size, "
-        "seed) that lets a rerun reuse them (default: OUTPUT_DIR/class-images)", "prior preservation")
+        "seed, steps, guidance) that lets a rerun reuse them (default: OUTPUT_DIR/class-images)",
+        "prior preservation")
+    class_sample_steps: int = option(20, "denoising steps for each generated class image", "prior preservation")
+    class_guidance: float = option(7.5, "guidance scale for the generated class images", "prior preservation")
     prior_loss_weight: typing.Optional[float] = option(
         None, "weight of the class images' loss: loss = instance loss + weight * class loss (default 1 with "
         "--reg-data or --class-prompts)", "prior preservation")
@@ -138,7 +144,8 @@ class TrainConfig:
                             "training")
     weight_decay: float = option(1e-2, "AdamW weight decay", "training")
     lr_scheduler: str = option("constant", "constant, constant_with_warmup, cosine or linear", "training")
-    warmup_steps: int = option(0, "steps of linear learning-rate warm-up", "training")
+    warmup_steps: int = option(0, "steps of linear learning-rate warm-up (with constant_with_warmup, cosine or "
+                               "linear)", "training")
     max_grad_norm: float = option(1.0, "clip gradients to this norm (0: no clipping)", "training")
     gradient_accumulation: int = option(1, "micro-batches per optimizer step", "training")
     mixed_precision: str = option("no", "no, fp16 or bf16: frozen weights in that dtype, LoRA weights and "
@@ -195,14 +202,27 @@ class TrainConfig:
                                                   "images", "output")
     sample_every: typing.Optional[int] = option(None, "make sample images every N steps (and at the end)",
                                                 "output")
-    sample_steps: int = option(20, "denoising steps for samples", "output")
-    sample_guidance: float = option(7.5, "guidance scale for samples", "output")
+    sample_steps: int = option(20, "denoising steps for samples (class images have --class-sample-steps)",
+                               "output")
+    sample_guidance: float = option(7.5, "guidance scale for samples (class images have --class-guidance)",
+                                    "output")
     validation_every: typing.Optional[int] = option(None, "compute the validation loss every N steps",
                                                     "output")
     log_every: int = option(10, "write a metrics.jsonl record every N steps", "output")
 
     def resolved_epochs(self) -> int | None:
         return self.epochs if self.epochs is not None or self.max_steps is not None else 10
+
+    def trained_text_encoders(self, names: tuple[str, ...]) -> list[str]:
+        """Which of a model's text encoders (`names`, in the family's order) get a LoRA."""
+        return trained_text_encoders(self.train_text_encoder, self.train_text_encoder_2, names)
+
+
+def trained_text_encoders(first: bool, second: bool | None, names: tuple[str, ...]) -> list[str]:
+    """--train-text-encoder trains every text encoder; train_text_encoder_2, when set, decides the second alone.
+    (A run's config from before train_text_encoder_2 could be unset always set it, so it reads the same.)"""
+    wanted = (first, first if second is None else second)
+    return [name for name, train in zip(names, wanted) if train]
 
 
 def _types() -> dict[str, type]:
@@ -319,7 +339,7 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, key)
         if value is not None and value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
-    positive = ("rank", "batch_size", "gradient_accumulation", "log_every", "sample_steps")
+    positive = ("rank", "batch_size", "gradient_accumulation", "log_every", "sample_steps", "class_sample_steps")
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(config, key)}")
@@ -343,12 +363,15 @@ def validate(config: TrainConfig) -> None:
                               f"{config.targets!r} is neither ({error})") from None
     if config.resolution is not None and (config.resolution < 8 or config.resolution % 8):
         raise ConfigError(f"resolution must be a positive multiple of 8, got {config.resolution}")
-    if config.clip_skip is not None and not 1 <= config.clip_skip <= 12:
-        raise ConfigError(f"clip_skip counts layers from the end, 1 to 12, got {config.clip_skip}")
+    # The upper bound is the text encoder's depth, checked once the model is loaded (CLIP-L has 12 layers,
+    # SD 2.x's encoder 23, SDXL's second 32).
+    if config.clip_skip is not None and config.clip_skip < 1:
+        raise ConfigError(f"clip_skip counts layers from the end, 1 being the last, got {config.clip_skip}")
     if config.max_token_length not in (None, 75, 150, 225):
         raise ConfigError(f"max_token_length must be 75, 150 or 225, got {config.max_token_length}")
-    if config.num_workers < 0:
-        raise ConfigError(f"num_workers must be 0 or more, got {config.num_workers}")
+    for key in ("num_workers", "warmup_steps"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key} must be 0 or more, got {getattr(config, key)}")
     if config.zero_terminal_snr and config.prediction_type == "epsilon":
         raise ConfigError("zero_terminal_snr needs v_prediction: at the last step the noisy image is pure noise, so "
                           "predicting the noise is trivial and the image is never learnt")
@@ -372,6 +395,15 @@ def validate(config: TrainConfig) -> None:
     _check_acts(config, ("huber_c", "huber_schedule"), "loss_type", ("huber", "smooth_l1"))
     _check_acts(config, ("logit_mean", "logit_std"), "timestep_sampling", ("logit_normal",))
     _check_acts(config, ("sigmoid_scale",), "timestep_sampling", ("sigmoid",))
+    # Refused rather than made to act: "constant" is the schedule without warm-up here as in diffusers'
+    # get_scheduler (and kohya refuses warm-up steps with it), and constant_with_warmup is the one with it.
+    _check_acts(config, ("warmup_steps",), "lr_scheduler", ("constant_with_warmup", "cosine", "linear"))
+    _refuse_idle(config, ("keep_tokens",), config.shuffle_tags or config.tag_dropout > 0,
+                 "--shuffle-tags or --tag-dropout", "neither",
+                 "add --shuffle-tags or --tag-dropout P")
+    # Cached latents need no image loading during training, so workers would sit idle.
+    _refuse_idle(config, ("num_workers",), not config.cache_latents, "--no-cache-latents",
+                 "latents cached, the default", "add --no-cache-latents")
     if config.preserve_outside_window and (config.timestep_min, config.timestep_max) == (0, 1000):
         raise ConfigError("preserve_outside_window needs a timestep window: set timestep_min above 0 or "
                           "timestep_max below 1000")
@@ -384,7 +416,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"sample prompts file {config.sample_prompts} does not exist")
     if config.validation_every is not None and config.validation_split == 0:
         raise ConfigError("--validation-every needs --validation-split > 0")
-    if config.text_encoder_lr is not None and not config.train_text_encoder:
+    if config.text_encoder_lr is not None and not (config.train_text_encoder or config.train_text_encoder_2):
         raise ConfigError("--text-encoder-lr is set but the text encoder is not trained: add "
                           "--train-text-encoder or drop --text-encoder-lr")
     _validate_prior(config)
@@ -432,6 +464,10 @@ def _validate_prior(config: TrainConfig) -> None:
             if getattr(config, key) is not None:
                 raise ConfigError(f"{key} is set but no class images are generated: add --class-prompts or drop "
                                   f"--{key.replace('_', '-')}")
+        for key in ("class_sample_steps", "class_guidance"):
+            if getattr(config, key) != TrainConfig.__dataclass_fields__[key].default:
+                raise ConfigError(f"{key} is set but no class images are generated: add --class-prompts or drop "
+                                  f"--{key.replace('_', '-')}")
     if config.num_class_images is not None and config.num_class_images < 1:
         raise ConfigError(f"num_class_images must be at least 1, got {config.num_class_images}")
     if config.prior_loss_weight is not None:
@@ -446,12 +482,20 @@ def _validate_prior(config: TrainConfig) -> None:
 
 def _check_acts(config: TrainConfig, keys: tuple[str, ...], switch: str, acting: tuple[str, ...]) -> None:
     """An option changed from its default must be one that acts with the chosen `switch`."""
-    if getattr(config, switch) in acting:
+    value = getattr(config, switch)
+    _refuse_idle(config, keys, value in acting, f"{switch} {' or '.join(acting)}", f"{switch} {value}",
+                 f"set {switch}")
+
+
+def _refuse_idle(config: TrainConfig, keys: tuple[str, ...], acts: bool, needs: str, this_run: str,
+                 fix: str) -> None:
+    """An option changed from its default is refused when `acts` is false: it would be accepted and ignored."""
+    if acts:
         return
     for key in keys:
         if getattr(config, key) != TrainConfig.__dataclass_fields__[key].default:
-            raise ConfigError(f"{key} is set but acts only with {switch} {' or '.join(acting)} (this run has "
-                              f"{switch} {getattr(config, switch)}): set {switch} or drop {key}")
+            raise ConfigError(f"{key} is set but acts only with {needs} (this run has {this_run}): {fix} or drop "
+                              f"{key}")
 
 
 def _require(module: str, what: str, install: str) -> None:

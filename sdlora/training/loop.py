@@ -8,7 +8,6 @@ repeats exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -30,16 +29,18 @@ from ..base_models.families import ImageGeometry, TextConditioning, TextOptions,
 from ..reliability.durable import remove_temporaries, write_file, write_text
 from ..base_models.parts import components, native_resolution
 from ..base_models.sources import load_pipeline
+from ..files.safetensors import kohya_training_header
+from ..images import grid, png_bytes
 from ..reliability.runlock import RunLock
 from ..adapters.targets import PRESETS
 from .caching import LatentCache, TextCache, encode_pixels, latent_mask, sample_latents
 from .checkpoint import (checkpoint_folders, load_state, resolve_resume, rng_states, save_checkpoint,
                          set_rng_states)
-from .config import TrainConfig, class_prompt_list, to_toml, validate
+from .config import TrainConfig, class_prompt_list, to_toml, trained_text_encoders, validate
 from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, attach_masks,
                    bucket_histogram, collate, find_images, truncated_captions)
 from .loss import TimestepSampling, diffusion_loss, rows_of
-from .prior import ClassBatch, class_batch_keys, prepare_class_images
+from .prior import RENAMED_OPTIONS, ClassBatch, class_batch_keys, prepare_class_images
 from .runlog import RunLog
 
 ADAPTER = "lora"  # the adapter's name inside the pipeline while training
@@ -153,17 +154,6 @@ def batch_keys(sampler: BucketBatchSampler, epoch: int, position: int, processes
         epoch, position = epoch + 1, 0
 
 
-def make_grid(images: list, columns: int):
-    from PIL import Image
-
-    width, height = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -199,6 +189,11 @@ class Trainer:
             raise ConfigError(f"{self.paths.checkpoints} holds checkpoints of an earlier run (newest "
                               f"{earlier[-1].name}): "
                               "continue it with --resume latest, or choose another --output-dir")
+        # A finished run leaves no checkpoint to resume, only its adapter: a fresh run would overwrite that.
+        finished = [path for path in (self.paths.adapter, self.paths.ema_adapter) if path.exists()]
+        if finished and not config.resume:
+            raise ConfigError(f"{finished[0]} holds the adapter of an earlier run: choose another --output-dir or "
+                              "--name, or move that file away")
         self.prompts = ([line.strip() for line in Path(config.sample_prompts).read_text().splitlines()
                          if line.strip()] if config.sample_prompts else [])
         self.say(scan.summary())
@@ -237,9 +232,13 @@ class Trainer:
         self.pipe, self.unet = pipe, pipe.unet
         self.family = detect_family(components(pipe))
         self.text_encoders = [getattr(pipe, name) for name in self.family.text_encoders]
+        for name, encoder in zip(self.family.text_encoders, self.text_encoders):
+            depth = encoder.config.num_hidden_layers  # clip_skip = depth + 1 would be the token embeddings
+            if config.clip_skip is not None and config.clip_skip > depth:
+                raise ConfigError(f"clip_skip {config.clip_skip} is deeper than this {self.family.title} model's "
+                                  f"{name}, which has {depth} layers: give 1 to {depth}")
         self.tokenizers = [getattr(pipe, name) for name in self.family.tokenizers]
-        self.trained_encoders = [name for name, wanted in zip(self.family.text_encoders, (
-            config.train_text_encoder, config.train_text_encoder_2)) if wanted]
+        self.trained_encoders = config.trained_text_encoders(self.family.text_encoders)
         if config.train_text_encoder_2 and len(self.text_encoders) < 2:
             raise ConfigError(f"--train-text-encoder-2: this {self.family.title} model has one text encoder")
         self.text_options = TextOptions(clip_skip=config.clip_skip, chunks=(config.max_token_length or 75) // 75)
@@ -279,7 +278,7 @@ class Trainer:
         # The main process generates; the others then find the folder complete, with the same fingerprint.
         with self.accelerator.main_process_first():
             prepare_class_images(pipe, folder, class_prompt_list(config.class_prompts), config.num_class_images,
-                                 self.resolution, config.seed, config.sample_steps, config.sample_guidance,
+                                 self.resolution, config.seed, config.class_sample_steps, config.class_guidance,
                                  config.batch_size, autocast=self.accelerator.autocast,
                                  progress=not self.quiet and self.accelerator.is_main_process, say=self.say)
         if self.device.type == "cuda":
@@ -521,9 +520,18 @@ class Trainer:
     def restore(self, folder: Path) -> tuple[int, int, int]:
         state = load_state(folder)
         saved = json.loads(state["config"])
-        for key in ("rank", "alpha", "targets", "train_text_encoder", "train_text_encoder_2", "seed", "batch_size",
+        if saved.get("class_prompts"):  # from before class images had options of their own
+            saved.update({new: saved[old] for old, new in RENAMED_OPTIONS.items() if new not in saved})
+        was = trained_text_encoders(saved.get("train_text_encoder", False), saved.get("train_text_encoder_2"),
+                                    self.family.text_encoders)
+        if was != self.trained_encoders:
+            raise ConfigError(f"cannot resume from {folder}: it trained the text encoders {', '.join(was) or 'none'}, "
+                              f"this run trains {', '.join(self.trained_encoders) or 'none'}: set "
+                              "--train-text-encoder and --train-text-encoder-2 / --no-train-text-encoder-2 as it did")
+        for key in ("rank", "alpha", "targets", "seed", "batch_size",
                     "gradient_accumulation", "resolution", "data", "clip_skip", "max_token_length", "dora",
-                    "loraplus_ratio", "ema_decay", "reg_data", "class_prompts", "num_class_images"):
+                    "loraplus_ratio", "ema_decay", "reg_data", "class_prompts", "num_class_images",
+                    "class_sample_steps", "class_guidance"):
             # a checkpoint from before an option existed was trained with its default
             was = saved.get(key, TrainConfig.__dataclass_fields__[key].default)
             if was != getattr(self.config, key):
@@ -542,22 +550,11 @@ class Trainer:
     def save_adapter(self, path: Path, dtype: str, step: int, ema: bool = False) -> Path:
         """The adapter file; with ema=True, the same file of the EMA weights (`ema_weights` swaps them in)."""
         config = self.config
-        header = {
-            "ss_learning_rate": str(config.lr), "ss_unet_lr": str(config.lr),
-            "ss_text_encoder_lr": str(config.text_encoder_lr or config.lr) if self.trained_encoders else "0",
-            "ss_optimizer": config.optimizer, "ss_lr_scheduler": config.lr_scheduler,
-            "ss_resolution": f"({self.resolution}, {self.resolution})", "ss_steps": str(step),
-            "ss_epoch": str(step // self.steps_per_epoch), "ss_num_train_images": str(len(self.dataset)),
-            "ss_noise_offset": str(config.noise_offset), "ss_min_snr_gamma": str(config.min_snr_gamma),
-            "ss_clip_skip": str(config.clip_skip or self.family.default_clip_skip),
-            "ss_max_token_length": str(config.max_token_length or 75),
-            "ss_zero_terminal_snr": str(config.zero_terminal_snr),
-            "ss_debiased_estimation": str(config.debiased_estimation), "ss_loss_type": config.loss_type,
-            "ss_huber_c": str(config.huber_c), "ss_huber_schedule": config.huber_schedule,
-            "ss_seed": str(config.seed), "ss_training_comment": "trained with sdlora" + (
-                f"; the exponential moving average of the weights (decay {config.ema_decay})" if ema else ""),
-            "ss_num_reg_images": str(len(self.class_dataset) if self.class_dataset else 0),
-        }
+        header = kohya_training_header(
+            asdict(config), steps=step, epoch=step // self.steps_per_epoch, resolution=self.resolution,
+            images=len(self.dataset), class_images=len(self.class_dataset) if self.class_dataset else 0,
+            clip_skip=config.clip_skip or self.family.default_clip_skip,
+            trains_text_encoder=bool(self.trained_encoders), ema_decay=config.ema_decay if ema else None)
         record = {"training": asdict(config), "steps": step, "resolution": self.resolution,
                   "prediction_type": self.prediction_type, **({"ema": True} if ema else {})}
         return loader.save(self.pipe, path, ADAPTER, dtype=dtype, title=config.name, record=record, header=header,
@@ -591,11 +588,9 @@ class Trainer:
                                     guidance_scale=self.config.sample_guidance, generator=generator).images
         self.unet.train()
         path = self.paths.samples / f"step-{step:06d}.png"
-        grid = make_grid(images, columns=min(4, len(images)))
-        png = io.BytesIO()
-        grid.save(png, format="PNG")
-        write_file(path, png.getvalue())
-        self.log.image("samples", grid, step)
+        sheet = grid(images, columns=min(4, len(images)))
+        write_file(path, png_bytes(sheet))
+        self.log.image("samples", sheet, step)
         return path
 
     # -- the loop

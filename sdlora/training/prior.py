@@ -18,7 +18,6 @@ concept leaks less into prompts that do not ask for it.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from contextlib import nullcontext
@@ -28,6 +27,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from ..images import png_bytes
 from ..reliability.durable import remove_temporaries, write_file, write_text
 from .caching import add_weights
 from .data import BucketBatchSampler
@@ -35,6 +35,9 @@ from .data import BucketBatchSampler
 FINGERPRINT_FILE = "fingerprint.json"  # written last: its presence means every image is there
 PENDING_FILE = ".pending.json"  # the fingerprint being generated; hidden, so the image scan skips it
 IMAGE_NAME = re.compile(r"^\d{5}\.(png|txt)$")  # our own files: nothing else in the folder is deleted
+# Before class images had options of their own, the sample options decided them, and fingerprints (and
+# checkpoints) written then name those: read under today's names, such a folder is still reused.
+RENAMED_OPTIONS = {"sample_steps": "class_sample_steps", "sample_guidance": "class_guidance"}  # old: new
 
 
 class ClassBatch(NamedTuple):
@@ -77,11 +80,14 @@ def model_fingerprint(pipe) -> str:
     return digest.hexdigest()[:24]
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_fingerprint(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        fingerprint = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(fingerprint, dict):
+        return None
+    return {RENAMED_OPTIONS.get(key, key): value for key, value in fingerprint.items()}
 
 
 def _changed(old: dict, new: dict) -> str:
@@ -104,10 +110,10 @@ def prepare_class_images(pipe, folder: Path, prompts: list[str], count: int, res
     """
     # Named as the config keys they come from, so that a message about a change names the key to look at.
     wanted = {"model": model_fingerprint(pipe), "class_prompts": prompts, "num_class_images": count,
-              "resolution": resolution, "seed": seed, "sample_steps": steps, "sample_guidance": guidance}
+              "resolution": resolution, "seed": seed, "class_sample_steps": steps, "class_guidance": guidance}
     folder.mkdir(parents=True, exist_ok=True)
     remove_temporaries(folder)
-    done = _read_json(folder / FINGERPRINT_FILE)
+    done = _read_fingerprint(folder / FINGERPRINT_FILE)
     names = [f"{i:05d}" for i in range(count)]
     missing = [i for i, name in enumerate(names)
                if not (folder / f"{name}.png").is_file() or not (folder / f"{name}.txt").is_file()]
@@ -115,7 +121,7 @@ def prepare_class_images(pipe, folder: Path, prompts: list[str], count: int, res
         say(f"class images: reusing the {count} in {folder} (same base model and settings)")
         return folder
     (folder / FINGERPRINT_FILE).unlink(missing_ok=True)  # from here on, never complete until the end
-    if wanted not in (done, _read_json(folder / PENDING_FILE)):
+    if wanted not in (done, _read_fingerprint(folder / PENDING_FILE)):
         if done is not None:
             say(f"class images in {folder} were made with other settings ({_changed(done, wanted)}): generating "
                 f"{count} anew")
@@ -133,9 +139,7 @@ def prepare_class_images(pipe, folder: Path, prompts: list[str], count: int, res
             images = pipe([prompts[i % len(prompts)] for i in chunk], height=resolution, width=resolution,
                           num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
         for i, image in zip(chunk, images):
-            png = io.BytesIO()
-            image.save(png, format="PNG")
-            write_file(folder / f"{names[i]}.png", png.getvalue())
+            write_file(folder / f"{names[i]}.png", png_bytes(image))
             write_text(folder / f"{names[i]}.txt", prompts[i % len(prompts)] + "\n")
             bar.update(1)
     bar.close()
