@@ -14,6 +14,7 @@ Stable Diffusion 1.x pretrained on coloured shapes) and the bundled datasets:
 - `datasets/style-outline`: shapes drawn as outlines, a style the base model never saw;
 - `datasets/character-star`: a star bound to the trigger word `zkz`, a shape the base model never saw."""),
     ("code", """import logging
+import shutil
 from pathlib import Path
 
 import sdlora
@@ -23,7 +24,8 @@ from sdlora.toy import eval as toy_eval
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 ROOT = Path.cwd() if (Path.cwd() / "models").is_dir() else Path.cwd().parent  # repo root
-OUT = ROOT / "out" / "quickstart\""""),
+OUT = ROOT / "out" / "quickstart"
+shutil.rmtree(OUT, ignore_errors=True)  # a rerun starts over: `train` never overwrites a finished adapter"""),
     ("markdown", """## 1. Train a style adapter
 
 The recommended settings live in `datasets/style-outline/train.toml`; any of them can be overridden
