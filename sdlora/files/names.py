@@ -4,6 +4,7 @@ kohya's `lora_unet_…`/`lora_te1_…` and the prefixes an adapter file's keys s
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from ..base_models.module_keys import TEXT_ENCODERS, split_key
@@ -63,3 +64,42 @@ def component_of_file_key(file_key: str) -> str | None:
         if file_key.startswith(prefix):
             return component
     return None
+
+
+# -- the one vocabulary every command's output names UNet blocks in: `down 1`, `mid`, `up 2`
+# (diffusers' blocks), or `input 4`, `middle`, `output 3` where a name in the original layout cannot be
+# placed in a diffusers block; text-encoder modules by their component (`text_encoder`, `text_encoder_2`).
+
+_BLOCK_PATTERNS = (
+    (r"(?:^|_)down_blocks_(\d+)_", "down {}"), (r"(?:^|_)up_blocks_(\d+)_", "up {}"),
+    (r"(?:^|_)mid_block_", "mid"), (r"(?:^|_)input_blocks_(\d+)_", "input {}"),
+    (r"(?:^|_)middle_block_", "middle"), (r"(?:^|_)output_blocks_(\d+)_", "output {}"),
+)
+_ORIGINAL_KINDS = {"input": "down", "middle": "mid", "output": "up"}
+BLOCK_KINDS = ("down", "mid", "up", "other", *TEXT_ENCODERS)  # in the order reports list them
+
+
+def block_of(name: str, component: str | None, original: dict[str, str] | None = None) -> str:
+    """A module's block from its file name in any layout: `down 1`, `mid`, `up 2`, `other` (the UNet
+    outside its blocks), or the text encoder's component. `original` (original UNet path with `_` ->
+    diffusers path, for the model's UNet) places original-layout names in diffusers' blocks; without
+    it they keep their own (`input 4`)."""
+    if component not in (None, "unet"):
+        return component
+    flat = name.replace(".", "_")
+    if original:
+        unet_prefixes = [prefix.replace(".", "_") for prefix, part in _file_prefixes() if part == "unet"]
+        for prefix in (*unet_prefixes, "diffusion_model_"):  # kohya's, diffusers', ComfyUI's
+            if flat.startswith(prefix) and flat.removeprefix(prefix) in original:
+                flat = original[flat.removeprefix(prefix)].replace(".", "_")
+    for pattern, label in _BLOCK_PATTERNS:
+        match = re.search(pattern, flat)
+        if match:
+            return label.format(*match.groups())
+    return "other"
+
+
+def block_kind(block: str) -> str:
+    """`down 1` and `input 4` -> `down`; `mid`, `middle` -> `mid`; a component or `other` as it is."""
+    head = block.split(" ")[0]
+    return _ORIGINAL_KINDS.get(head, head)

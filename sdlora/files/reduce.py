@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from .layouts import ModuleTensors
 from .lowrank import Factored, rank_for_energy, spectrum, truncate
-from .standalone import GROUP_ORDER, group_of
+from .names import BLOCK_KINDS
+from .standalone import group_of
 
 Update = Factored | torch.Tensor
 
@@ -55,7 +56,7 @@ class Reduction:
         groups: dict[str, list[ModuleResult]] = {}
         for row in self.rows:
             groups.setdefault(group_of(row.name), []).append(row)
-        return {group: self.kept_fraction(groups[group]) for group in GROUP_ORDER if group in groups}
+        return {group: self.kept_fraction(groups[group]) for group in BLOCK_KINDS if group in groups}
 
     def error_lines(self) -> list[str]:
         worst = self.worst()

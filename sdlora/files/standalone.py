@@ -22,22 +22,13 @@ from ..base_models.families import SD1, SDXL, Family, family_from_tensors, famil
 from .layouts import (ModuleTensors, describe_unsupported, dotted_module_key, module_state_dict, module_tensors,
                       group_tensors, peft_alpha, peft_alphas)
 from ..base_models.module_keys import split_key
+from .names import block_kind, block_of, component_of_file_key
 from ..adapters.kinds import is_whole
 from ..base_models.sgm import unet_module_map
 
 # Which UNet naming a kohya name uses: the original (SGM) layout or diffusers' block names.
 _SGM_UNET = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
 _DIFFUSERS_UNET = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_")
-_GROUPS = (
-    (re.compile(r"^lora_unet_(down_blocks|input_blocks)_"), "UNet down"),
-    (re.compile(r"^lora_unet_(mid_block|middle_block)_"), "UNet mid"),
-    (re.compile(r"^lora_unet_(up_blocks|output_blocks)_"), "UNet up"),
-    (re.compile(r"^lora_unet_"), "UNet other"),
-    (re.compile(r"^lora_te2_"), "text encoder 2"),
-    (re.compile(r"^lora_te1?_"), "text encoder"),
-)
-
-
 @dataclass
 class AdapterModules:
     """One file's modules (kohya name -> weights) and what its header and tensors say about it."""
@@ -58,12 +49,10 @@ class AdapterModules:
         return None
 
 
-GROUP_ORDER = ("UNet down", "UNet mid", "UNet up", "UNet other", "text encoder", "text encoder 2", "other")
-
-
 def group_of(name: str) -> str:
-    """The part of the model a kohya module name belongs to, for reports: UNet down/mid/up, text encoder."""
-    return next((group for pattern, group in _GROUPS if pattern.match(name)), "other")
+    """The part of the model a kohya module name belongs to, for reports: the kind of its UNet block
+    (`down`, `mid`, `up`, `other`) or its text encoder, in the vocabulary inspect uses too."""
+    return block_kind(block_of(name, component_of_file_key(name)))
 
 
 def widest_dtype(dtypes: list[torch.dtype]) -> torch.dtype:

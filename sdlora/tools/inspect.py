@@ -16,7 +16,7 @@ from ..base_models.families import Family, family_from_tensors, family_named_in_
 from ..base_models.sgm import unet_module_map
 from ..files.layouts import file_layout, group_tensors, module_tensors
 from ..files.standard import parse_against, standard_parts
-from ..files.names import component_of_file_key
+from ..files.names import block_of, component_of_file_key
 from ..adapters.kinds import standalone_update
 
 # Header keys worth showing, in this order, with a label.
@@ -60,26 +60,6 @@ def _original_names(parts: dict | None) -> dict[str, str]:
         return {}
     mapping = unet_module_map(dict(parts["unet"].config))
     return {original.replace(".", "_"): path for path, original in mapping.items()}
-
-
-def _block(name: str, component: str | None, original: dict[str, str]) -> str:
-    """A UNet module's block from its name in any layout (`down 1`, `mid`, `up 2`; `input 4` when the
-    original-layout name is not in the family's standard UNet)."""
-    if component not in (None, "unet"):
-        return component
-    flat = name.replace(".", "_")
-    for prefix in ("lora_unet_", "diffusion_model_"):
-        if flat.removeprefix(prefix) in original:
-            flat = original[flat.removeprefix(prefix)].replace(".", "_")
-    for pattern, label in (
-        (r"(?:^|_)down_blocks_(\d+)_", "down {}"), (r"(?:^|_)up_blocks_(\d+)_", "up {}"),
-        (r"(?:^|_)mid_block_", "mid"), (r"(?:^|_)input_blocks_(\d+)_", "input {}"),
-        (r"(?:^|_)middle_block_", "middle"), (r"(?:^|_)output_blocks_(\d+)_", "output {}"),
-    ):
-        match = re.search(pattern, flat)
-        if match:
-            return label.format(*match.groups())
-    return "other"
 
 
 def _component(name: str) -> str | None:
@@ -130,8 +110,8 @@ def inspect(path: str | Path) -> Report:
         weights = module_tensors(roles)
         payload, alpha = weights.tensors, weights.alpha
         component = _component(name)
-        entry = {"name": name, "component": component, "block": _block(name, component, original), "kind": weights.kind,
-                 "rank": weights.rank, "alpha": alpha, "norm": None}
+        entry = {"name": name, "component": component, "block": block_of(name, component, original),
+                 "kind": weights.kind, "rank": weights.rank, "alpha": alpha, "norm": None}
         if "lora_up.weight" in payload and not payload["lora_up.weight"].any():
             zero_up.append(name)
         if {"lora_down.weight", "lora_up.weight"} <= set(payload) and \
