@@ -24,7 +24,8 @@ from sdlora.loader import up_parameters
 from sdlora.adapters.lora import AdaptedLayer
 from sdlora.adapters.lycoris import DoRA
 from sdlora.training.config import TrainConfig, validate
-from sdlora.training.loop import Trainer, lr_factor, train
+from sdlora.training.loop import Trainer, train
+from sdlora.training.steps import lr_factor
 from test_train import adapter_tensors, config as train_config
 
 

@@ -20,7 +20,8 @@ from sdlora.errors import ConfigError
 from sdlora.training.caching import sample_latents
 from sdlora.training.config import build, class_prompt_list, to_toml, validate
 from sdlora.training.data import BucketBatchSampler
-from sdlora.training.loop import Trainer, step_generator, train
+from sdlora.training.loop import Trainer, train
+from sdlora.training.steps import step_generator
 from sdlora.training.loss import diffusion_loss
 from sdlora.training.prior import (FINGERPRINT_FILE, PENDING_FILE, ClassBatch, class_batch_keys,
                                    prepare_class_images)

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 import sdlora
 from sdlora.training.config import TrainConfig
-from sdlora.training.loop import Trainer, TrainingDiverged, lr_factor, train
+from sdlora.training.loop import Trainer, TrainingDiverged, train
+from sdlora.training.steps import lr_factor
 from sdlora.training.loss import diffusion_loss
 from conftest import te_out, unet_out
 

@@ -681,7 +681,7 @@ class BucketBatchSampler:
     """Batches of dataset indices, each from one bucket, in an order fixed by (seed, epoch).
 
     `batches(epoch)` is a pure function, so a resumed run finds its place by (epoch, position)
-    alone (see `training.loop.batch_keys`).
+    alone (see `training.steps.batch_keys`).
     """
 
     def __init__(
