@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from PIL import Image, ImageDraw
 
 from . import world as toy
 from ..training.caching import encode_pixels
+from ..training.steps import ema_decay_at, lr_factor, update_ema
 from .pipelines import build_clip_tokenizer
 
 # Every word the toy tokenizer knows as one token. Only "a", the colours and the pretraining shapes
@@ -186,11 +186,8 @@ def to_model(images: torch.Tensor) -> torch.Tensor:
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    """Linear warm-up, then cosine decay to a tenth of the peak: the trainer's schedule with a floor."""
+    return peak * lr_factor(step, "cosine", warmup, steps, floor=0.1)
 
 
 class Progress:
@@ -293,8 +290,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))  # short memory early, while weights move fast
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.parameters], 1 - decay)
+        # The trainer's warm-up (short memory early, while weights move fast), one step later; at the
+        # first step the toy keeps 0.9 of the initial weights, as when the shipped model was made.
+        decay = ema_decay_at(step + 1, self.decay) if step else min(self.decay, 0.1)
+        update_ema(self.shadow, self.parameters, decay)
 
     @torch.no_grad()
     def copy_to_model(self) -> None:

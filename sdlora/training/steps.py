@@ -16,8 +16,8 @@ from ..errors import ConfigError
 from .data import BucketBatchSampler, DatasetScan
 
 
-def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
-    """Multiplier of the base learning rate at an optimizer step."""
+def lr_factor(step: int, schedule: str, warmup: int, total: int, floor: float = 0.0) -> float:
+    """Multiplier of the base learning rate at an optimizer step; a cosine ends at `floor`."""
     if warmup and step < warmup and schedule != "constant":
         return (step + 1) / warmup
     if schedule in ("constant", "constant_with_warmup"):
@@ -25,7 +25,7 @@ def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "linear":
         return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def ema_decay_at(step: int, decay: float) -> float:
