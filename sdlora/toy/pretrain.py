@@ -291,7 +291,8 @@ class EMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         # The trainer's warm-up (short memory early, while weights move fast), one step later; at the
-        # first step the toy keeps 0.9 of the initial weights, as when the shipped model was made.
+        # first step the toy's average keeps a tenth of the initial weights (the trainer's none), as when
+        # the shipped model was made.
         decay = ema_decay_at(step + 1, self.decay) if step else min(self.decay, 0.1)
         update_ema(self.shadow, self.parameters, decay)
 
