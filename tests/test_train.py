@@ -80,11 +80,12 @@ def test_cached_and_uncached_runs_give_the_same_adapter(tiny_dir, images, tmp_pa
 
 def test_disk_cache_is_reused(tiny_dir, images, tmp_path):
     first = Trainer(config(tiny_dir, images, tmp_path / "a", cache_dir=str(tmp_path / "cache")), quiet=True)
-    assert first.latents.reused == 0 and len(list((tmp_path / "cache").iterdir())) == 8
+    assert first.images.cache.reused == 0 and len(list((tmp_path / "cache").iterdir())) == 8
     second = Trainer(config(tiny_dir, images, tmp_path / "b", cache_dir=str(tmp_path / "cache")), quiet=True)
-    assert second.latents.reused == 8
-    for key, (mean, std) in first.latents.entries.items():
-        assert torch.equal(second.latents.entries[key][0], mean) and torch.equal(second.latents.entries[key][1], std)
+    assert second.images.cache.reused == 8
+    for key, (mean, std) in first.images.cache.entries.items():
+        again = second.images.cache.entries[key]
+        assert torch.equal(again[0], mean) and torch.equal(again[1], std)
 
 
 def test_killed_run_resumes_to_the_same_adapter(tiny_dir, images, tmp_path):
@@ -268,8 +269,8 @@ def test_clip_skip_is_bounded_by_the_loaded_text_encoders_depth(tiny_dir, images
     depth = __import__("transformers").CLIPTextConfig.from_pretrained(tiny_dir / "text_encoder").num_hidden_layers
     assert depth < 12  # so that the old bound (CLIP-L's 12 layers) would have let depth + 1 through
     assert cli.main(cli_args(tiny_dir, images, tmp_path / "deep", clip_skip=depth + 1)) == 2
-    assert capsys.readouterr().err == (f"sdlora: error: clip_skip {depth + 1} is deeper than this Stable Diffusion 1.x model's "
-                                       f"text_encoder, which has {depth} layers: give 1 to {depth}\n")
+    assert capsys.readouterr().err == (f"sdlora: error: clip_skip {depth + 1} is deeper than this Stable Diffusion "
+                                       f"1.x model's text_encoder, which has {depth} layers: give 1 to {depth}\n")
     assert not (tmp_path / "deep" / "lora.safetensors").exists()
     trainer = Trainer(config(tiny_dir, images, tmp_path / "within", clip_skip=depth, max_steps=1), quiet=True)
     assert trainer.text_options.clip_skip == depth
