@@ -32,9 +32,9 @@ from ..base_models.sources import load_pipeline
 from ..reliability.runlock import RunLock
 from ..adapters.targets import PRESETS
 from .caching import LatentCache, TextCache, encode_pixels, latent_mask, sample_latents
-from .checkpoint import (checkpoint_folders, load_state, resolve_resume, rng_states, save_checkpoint,
+from .checkpoint import (ADAPTER_FILE, checkpoint_folders, load_state, resolve_resume, rng_states, save_checkpoint,
                          set_rng_states)
-from .config import TrainConfig, class_prompt_list, to_toml, trained_text_encoders, validate
+from .config import RESUME_KEYS, TrainConfig, class_prompt_list, to_toml, trained_text_encoders, validate
 from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, attach_masks,
                    bucket_histogram, collate, find_images, truncated_captions)
 from .loss import TimestepSampling, diffusion_loss, rows_of
@@ -507,16 +507,13 @@ class Trainer:
             raise ConfigError(f"cannot resume from {folder}: it trained the text encoders {', '.join(was) or 'none'}, "
                               f"this run trains {', '.join(self.trained_encoders) or 'none'}: set "
                               "--train-text-encoder and --train-text-encoder-2 / --no-train-text-encoder-2 as it did")
-        for key in ("rank", "alpha", "targets", "seed", "batch_size",
-                    "gradient_accumulation", "resolution", "data", "clip_skip", "max_token_length", "dora",
-                    "loraplus_ratio", "ema_decay", "reg_data", "class_prompts", "num_class_images",
-                    "class_sample_steps", "class_guidance"):
+        for key in RESUME_KEYS:
             # a checkpoint from before an option existed was trained with its default
             was = saved.get(key, TrainConfig.__dataclass_fields__[key].default)
             if was != getattr(self.config, key):
                 raise ConfigError(f"cannot resume from {folder}: it was trained with {key}={was!r}, this run has "
                                   f"{key}={getattr(self.config, key)!r}")
-        loader.copy_weights_from(self.pipe, ADAPTER, folder / "adapter.safetensors")
+        loader.copy_weights_from(self.pipe, ADAPTER, folder / ADAPTER_FILE)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.ema is not None:
