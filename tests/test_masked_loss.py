@@ -260,7 +260,8 @@ def masked_images(images, tmp_path) -> Path:
 
 def test_cached_and_uncached_masked_runs_give_the_same_adapter(tiny_dir, masked_images, tmp_path):
     cached = Trainer(config(tiny_dir, masked_images, tmp_path / "cached", flip=0.5, masked_loss=True), quiet=True)
-    assert len(cached.latents.masks) == 16 and cached.latents.masks[0, False].shape == (1, 8, 8)  # the VAE's 2x
+    masks = cached.images.cache.masks
+    assert len(masks) == 16 and masks[0, False].shape == (1, 8, 8)  # the VAE's 2x
     cached_path = cached.run()
     uncached = train(config(tiny_dir, masked_images, tmp_path / "uncached", flip=0.5, masked_loss=True,
                             cache_latents=False, cache_text=False), quiet=True)

@@ -204,7 +204,7 @@ def test_a_kill_during_generation_leaves_no_cache_that_is_taken_as_complete(tiny
 
     trainer = Trainer(config(tiny_dir, images, out, class_prompts=["a blue square"], num_class_images=6,
                              class_sample_steps=3, max_steps=1), quiet=True)
-    assert len(trainer.class_dataset) == 6 and (folder / FINGERPRINT_FILE).exists()
+    assert len(trainer.class_images.dataset) == 6 and (folder / FINGERPRINT_FILE).exists()
     assert not (folder / PENDING_FILE).exists() and not list(folder.glob(".*sdlora-tmp"))
     assert all((folder / f"{i:05d}.png").read_bytes() == content for i, content in kept.items())  # finished ones kept
 
@@ -227,10 +227,10 @@ def test_the_loss_is_the_instance_loss_plus_the_weighted_class_loss(tiny_dir, im
     generator = step_generator(7, 5)
     with torch.no_grad():
         instance = trainer.micro_batch_loss(1, indices, generator)
-        dataset = trainer.class_dataset
+        dataset = trainer.class_images.dataset
         captions = [dataset.caption(i, 2) for i in prior.indices]
         assert captions == [class_images.joinpath(f"{i}.txt").read_text() for i in prior.indices]
-        pairs = [trainer.class_latents.entries[i, dataset.flipped(i, 2)] for i in prior.indices]
+        pairs = [trainer.class_images.cache.entries[i, dataset.flipped(i, 2)] for i in prior.indices]
         latents = sample_latents(trainer.vae.config, torch.stack([m for m, _ in pairs]),
                                  torch.stack([s for _, s in pairs]), generator)
         inputs = {"encoder_hidden_states": trainer._encode_text(captions).hidden}

@@ -80,11 +80,12 @@ def test_cached_and_uncached_runs_give_the_same_adapter(tiny_dir, images, tmp_pa
 
 def test_disk_cache_is_reused(tiny_dir, images, tmp_path):
     first = Trainer(config(tiny_dir, images, tmp_path / "a", cache_dir=str(tmp_path / "cache")), quiet=True)
-    assert first.latents.reused == 0 and len(list((tmp_path / "cache").iterdir())) == 8
+    assert first.images.cache.reused == 0 and len(list((tmp_path / "cache").iterdir())) == 8
     second = Trainer(config(tiny_dir, images, tmp_path / "b", cache_dir=str(tmp_path / "cache")), quiet=True)
-    assert second.latents.reused == 8
-    for key, (mean, std) in first.latents.entries.items():
-        assert torch.equal(second.latents.entries[key][0], mean) and torch.equal(second.latents.entries[key][1], std)
+    assert second.images.cache.reused == 8
+    for key, (mean, std) in first.images.cache.entries.items():
+        again = second.images.cache.entries[key]
+        assert torch.equal(again[0], mean) and torch.equal(again[1], std)
 
 
 def test_killed_run_resumes_to_the_same_adapter(tiny_dir, images, tmp_path):
@@ -276,3 +277,13 @@ def test_clip_skip_is_bounded_by_the_loaded_text_encoders_depth(tiny_dir, images
     validate(valid(tmp_path, clip_skip=23))  # SD 2.x's encoder has 23 layers: the model decides, not validate
     with pytest.raises(ConfigError, match="clip_skip counts layers from the end, 1 being the last, got 0"):
         validate(valid(tmp_path, clip_skip=0))
+
+
+@pytest.mark.parametrize("second", [True, False])
+def test_the_second_text_encoder_option_is_refused_on_a_model_with_one(tiny_dir, images, tmp_path, second):
+    from sdlora.errors import ConfigError
+
+    flag = "--train-text-encoder-2" if second else "--no-train-text-encoder-2"
+    with pytest.raises(ConfigError) as error:
+        Trainer(config(tiny_dir, images, tmp_path, train_text_encoder=True, train_text_encoder_2=second), quiet=True)
+    assert str(error.value) == f"{flag}: this Stable Diffusion 1.x model has one text encoder; drop {flag}"

@@ -38,6 +38,11 @@ CHOICES = {
 
 
 REQUIRED = ("model", "data", "output_dir")
+# What decides the adapter's shape or a step's draws: a resumed run must have what its checkpoint had.
+# (Which text encoders are trained is compared too, resolved for the model: see trained_text_encoders.)
+RESUME_KEYS = ("rank", "alpha", "targets", "seed", "batch_size", "gradient_accumulation", "resolution", "data",
+               "clip_skip", "max_token_length", "dora", "loraplus_ratio", "ema_decay", "reg_data", "class_prompts",
+               "num_class_images", "class_sample_steps", "class_guidance")
 
 
 

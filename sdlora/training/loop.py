@@ -32,9 +32,9 @@ from ..images import grid, png_bytes
 from ..reliability.runlock import RunLock
 from ..adapters.targets import PRESETS
 from .caching import LatentCache, TextCache, encode_pixels, latent_mask, sample_latents
-from .checkpoint import (checkpoint_folders, load_state, resolve_resume, rng_states, save_checkpoint,
+from .checkpoint import (ADAPTER_FILE, checkpoint_folders, load_state, resolve_resume, rng_states, save_checkpoint,
                          set_rng_states)
-from .config import TrainConfig, class_prompt_list, to_toml, trained_text_encoders, validate
+from .config import RESUME_KEYS, TrainConfig, class_prompt_list, to_toml, trained_text_encoders, validate
 from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, attach_masks,
                    bucket_histogram, collate, find_images, truncated_captions)
 from .loss import TimestepSampling, diffusion_loss, rows_of
@@ -86,6 +86,18 @@ class RunPaths:
                 for path in remove_temporaries(folder)]
 
 
+@dataclass
+class ImageSet:
+    """One set of images as the trainer reads them: the dataset, the order of its batches and, when
+    latents are cached, their cache. A run holds one for its training images, and one each for its
+    validation and class images when it has them. Validation images have no sampler (they are scored
+    in a fixed order) and no cache (they are few)."""
+
+    dataset: ImageCaptionDataset
+    sampler: BucketBatchSampler | None = None
+    cache: LatentCache | None = None
+
+
 # ---------------------------------------------------------------- small helpers
 
 
@@ -114,10 +126,10 @@ class Trainer:
         scan = find_images(config.data, config.caption_extension)
         if config.masked_loss or config.alpha_mask:
             scan = attach_masks(scan, alpha=config.alpha_mask)
-        self.train_scan, self.val_scan = split_validation(scan, config.validation_split, config.seed)
+        train_scan, val_scan = split_validation(scan, config.validation_split, config.seed)
         # Class images for prior preservation: a folder is scanned now, before any model loads; generated
-        # ones are made by _load_model, from the base model before the adapter is attached.
-        self.class_scan = find_images(config.reg_data, config.caption_extension) if config.reg_data else None
+        # ones are made once the model is loaded, from the base model before the adapter is attached.
+        class_scan = find_images(config.reg_data, config.caption_extension) if config.reg_data else None
         self.resume_folder = resolve_resume(config.resume, self.paths.checkpoints) if config.resume else None
         earlier = checkpoint_folders(self.paths.checkpoints)
         if earlier and not config.resume:  # a fresh run would mix its checkpoints with these and prune them
@@ -132,8 +144,8 @@ class Trainer:
         self.prompts = ([line.strip() for line in Path(config.sample_prompts).read_text().splitlines()
                          if line.strip()] if config.sample_prompts else [])
         self.say(scan.summary())
-        if self.class_scan:
-            self.say("class images (prior preservation): " + self.class_scan.summary())
+        if class_scan:
+            self.say("class images (prior preservation): " + class_scan.summary())
 
         # accelerate keeps its settings process-wide; a second run in one process (a notebook) may
         # ask for another precision. The distributed part (PartialState) is kept.
@@ -145,7 +157,21 @@ class Trainer:
             config.mixed_precision]
         torch.manual_seed(config.seed)
         self._load_model()
-        self._build_data()
+        if config.class_prompts:  # the base model as it is: its own sampler, no adapter, weights unchanged
+            class_scan = self._generate_class_images()
+        self._attach_adapter()
+
+        dataset, sampler = self._training_data(train_scan)
+        self.steps_per_epoch, self.total_steps = self._step_counts(sampler)  # too few batches fail before caching
+        self.images = ImageSet(dataset, sampler, self._latent_cache(dataset))
+        if self.images.cache is not None and config.cache_dir:
+            self.say(f"latent cache: {self.images.cache.reused} of {len(self.images.cache.entries)} reused from "
+                     f"{config.cache_dir}")
+        self.validation = ImageSet(self._dataset(val_scan, training=False)) if val_scan else None
+        self.prior_loss_weight = 1.0 if config.prior_loss_weight is None else config.prior_loss_weight
+        self.class_images = self._class_images(class_scan) if class_scan else None
+        self.text_cache = self._text_cache()
+        self._release_idle_models()
         self._build_optimizer()
 
     def say(self, message: str) -> None:
@@ -158,8 +184,6 @@ class Trainer:
     # -- setup
 
     def _load_model(self) -> None:
-        from diffusers import DDPMScheduler
-
         config = self.config
         pipe = load_pipeline(config.model, dtype=self.weight_dtype, model_config=config.model_config,
                              prediction_type=config.prediction_type)
@@ -174,8 +198,9 @@ class Trainer:
                                   f"{name}, which has {depth} layers: give 1 to {depth}")
         self.tokenizers = [getattr(pipe, name) for name in self.family.tokenizers]
         self.trained_encoders = config.trained_text_encoders(self.family.text_encoders)
-        if config.train_text_encoder_2 and len(self.text_encoders) < 2:
-            raise ConfigError(f"--train-text-encoder-2: this {self.family.title} model has one text encoder")
+        if config.train_text_encoder_2 is not None and len(self.text_encoders) < 2:  # set either way, it would not act
+            flag = "--train-text-encoder-2" if config.train_text_encoder_2 else "--no-train-text-encoder-2"
+            raise ConfigError(f"{flag}: this {self.family.title} model has one text encoder; drop {flag}")
         self.text_options = TextOptions(clip_skip=config.clip_skip, chunks=(config.max_token_length or 75) // 75)
         self.resolution = config.resolution or native_resolution(pipe)
         self.vae = pipe.vae.to(torch.float32)  # an fp16 VAE can overflow; it runs rarely when caching
@@ -184,8 +209,26 @@ class Trainer:
             raise ConfigError("zero_terminal_snr needs v_prediction, and this model predicts "
                               f"{self.prediction_type}: add --prediction-type v_prediction (and train long enough "
                               "for the model to adapt) or drop --zero-terminal-snr")
-        if config.class_prompts:  # the base model as it is: its own sampler, no adapter, weights unchanged
-            self._generate_class_images(pipe)
+
+    def _generate_class_images(self) -> DatasetScan:
+        config, pipe = self.config, self.pipe
+        folder = Path(config.class_data_dir or self.paths.root / "class-images")
+        pipe.to(self.device)
+        # The main process generates; the others then find the folder complete, with the same fingerprint.
+        with self.accelerator.main_process_first():
+            prepare_class_images(pipe, folder, class_prompt_list(config.class_prompts), config.num_class_images,
+                                 self.resolution, config.seed, config.class_sample_steps, config.class_guidance,
+                                 config.batch_size, autocast=self.accelerator.autocast,
+                                 progress=not self.quiet and self.accelerator.is_main_process, say=self.say)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # what generation held is not needed for training
+        return find_images(folder, ".txt")
+
+    def _attach_adapter(self) -> None:
+        """The training schedule, the frozen base on the device, and the adapter to train on it."""
+        from diffusers import DDPMScheduler
+
+        config, pipe = self.config, self.pipe
         # The training schedule, and the sampler's when it changes: ZTSNR samples from the last step.
         rescale = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if config.zero_terminal_snr else {}
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, **rescale)
@@ -206,20 +249,6 @@ class Trainer:
         for name, encoder in zip(self.family.text_encoders, self.text_encoders):
             encoder.train(name in self.trained_encoders)
 
-    def _generate_class_images(self, pipe) -> None:
-        config = self.config
-        folder = Path(config.class_data_dir or self.paths.root / "class-images")
-        pipe.to(self.device)
-        # The main process generates; the others then find the folder complete, with the same fingerprint.
-        with self.accelerator.main_process_first():
-            prepare_class_images(pipe, folder, class_prompt_list(config.class_prompts), config.num_class_images,
-                                 self.resolution, config.seed, config.class_sample_steps, config.class_guidance,
-                                 config.batch_size, autocast=self.accelerator.autocast,
-                                 progress=not self.quiet and self.accelerator.is_main_process, say=self.say)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # what generation held is not needed for training
-        self.class_scan = find_images(folder, ".txt")
-
     def _dataset(self, scan: DatasetScan, training: bool, class_images: bool = False) -> ImageCaptionDataset:
         """The dataset of `scan`. Class images get no caption prefix or suffix, which name the instance
         concept (a trigger word in the class captions would teach the class prompts the concept: the leak
@@ -237,61 +266,66 @@ class Trainer:
                                    caption_options=captions, seed=f"{config.seed}:class" if class_images else
                                    config.seed, **sides)
 
-    def _build_data(self) -> None:
+    def _training_data(self, scan: DatasetScan) -> tuple[ImageCaptionDataset, BucketBatchSampler]:
+        """The training images and the order of their batches, with what a user should know about them."""
         config = self.config
-        self.dataset = self._dataset(self.train_scan, training=True)
-        self.sampler = BucketBatchSampler(self.dataset.sample_buckets, config.batch_size, seed=config.seed)
+        dataset = self._dataset(scan, training=True)
+        sampler = BucketBatchSampler(dataset.sample_buckets, config.batch_size, seed=config.seed)
         source = "" if config.resolution else " (the model's own size; set --resolution to change it)"
-        self.say(f"resolution {self.resolution}{source}; buckets:\n" + bucket_histogram(self.dataset.sample_buckets))
-        upscaled = self.dataset.upscaled(2.0)
-        if upscaled > len(self.dataset) / 2:
-            self.say(f"{upscaled} of {len(self.dataset)} images are enlarged more than 2x to fill their buckets at "
+        self.say(f"resolution {self.resolution}{source}; buckets:\n" + bucket_histogram(dataset.sample_buckets))
+        upscaled = dataset.upscaled(2.0)
+        if upscaled > len(dataset) / 2:
+            self.say(f"{upscaled} of {len(dataset)} images are enlarged more than 2x to fill their buckets at "
                      f"{self.resolution} px: training learns their blur, and each step costs more. Give larger "
                      "images, or a lower --resolution")
-        if message := truncated_captions(self.dataset, self.tokenizers[0], self.train_scan.root,
-                                         windows=self.text_options.chunks):
+        if message := truncated_captions(dataset, self.tokenizers[0], scan.root, windows=self.text_options.chunks):
             self.say(message)
-        processes = self.accelerator.num_processes
-        per_epoch = len(epoch_batches(self.sampler, 0, processes)) // processes // config.gradient_accumulation
-        self.steps_per_epoch = max(1, per_epoch)
-        epochs = config.resolved_epochs()
-        self.total_steps = config.max_steps or epochs * self.steps_per_epoch
+        return dataset, sampler
 
-        options = self.dataset.caption_options
-        self.captions_vary = options.shuffle_tags or options.caption_dropout > 0 or options.tag_dropout > 0
-        self.latents = None
-        if config.cache_latents:
-            cache_dir = Path(config.cache_dir) if config.cache_dir else None
-            self.latents = LatentCache(self.vae, self.dataset, flips=config.flip > 0, cache_dir=cache_dir,
-                                       progress=not self.quiet and self.accelerator.is_main_process)
-            if cache_dir:
-                self.say(f"latent cache: {self.latents.reused} of {len(self.latents.entries)} reused from {cache_dir}")
-        self.val_dataset = self._dataset(self.val_scan, training=False) if self.val_scan else None
-        self.class_dataset = self.class_sampler = self.class_latents = None
-        self.prior_loss_weight = 1.0 if config.prior_loss_weight is None else config.prior_loss_weight
-        if self.class_scan:
-            self.class_dataset = self._dataset(self.class_scan, training=True, class_images=True)
-            # Batches of batch_size class images, from one bucket each, in an order of their own seed.
-            self.class_sampler = BucketBatchSampler(self.class_dataset.sample_buckets, config.batch_size,
-                                                    seed=f"{config.seed}:class")
-            self.say(f"prior preservation: {len(self.class_dataset)} class images, up to {config.batch_size} per "
-                     f"micro-batch, prior_loss_weight {self.prior_loss_weight:g}; buckets:\n"
-                     + bucket_histogram(self.class_dataset.sample_buckets))
-            if self.latents is not None:
-                self.class_latents = LatentCache(self.vae, self.class_dataset, flips=config.flip > 0,
-                                                 cache_dir=Path(config.cache_dir) if config.cache_dir else None,
-                                                 progress=not self.quiet and self.accelerator.is_main_process)
-        self.text_cache = None
-        if config.cache_text and not self.trained_encoders and not self.captions_vary:
-            datasets = [self.dataset, *([self.val_dataset] if self.val_dataset else []),
-                        *([self.class_dataset] if self.class_dataset else [])]
-            captions = [data.caption(i, 0) for data in datasets for i in range(len(data))]
-            self.text_cache = TextCache(self._encode_text, captions)
-            if not self.prompts:  # nothing else needs the text encoders: free the accelerator's memory
-                for encoder in self.text_encoders:
-                    encoder.to("cpu")
-        if self.latents is not None and self.val_dataset is None and not self.prompts:
-            self.vae.to("cpu")  # every latent is cached and nothing decodes: free the accelerator's memory
+    def _step_counts(self, sampler: BucketBatchSampler) -> tuple[int, int]:
+        """(optimizer steps per epoch, steps of the run)."""
+        config = self.config
+        processes = self.accelerator.num_processes
+        per_epoch = len(epoch_batches(sampler, 0, processes)) // processes // config.gradient_accumulation
+        steps_per_epoch = max(1, per_epoch)
+        return steps_per_epoch, config.max_steps or config.resolved_epochs() * steps_per_epoch
+
+    def _latent_cache(self, dataset: ImageCaptionDataset) -> LatentCache | None:
+        """Every latent of `dataset` encoded once (None without --cache-latents)."""
+        config = self.config
+        if not config.cache_latents:
+            return None
+        return LatentCache(self.vae, dataset, flips=config.flip > 0,
+                           cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+                           progress=not self.quiet and self.accelerator.is_main_process)
+
+    def _class_images(self, scan: DatasetScan) -> ImageSet:
+        config = self.config
+        dataset = self._dataset(scan, training=True, class_images=True)
+        # Batches of batch_size class images, from one bucket each, in an order of their own seed.
+        sampler = BucketBatchSampler(dataset.sample_buckets, config.batch_size, seed=f"{config.seed}:class")
+        self.say(f"prior preservation: {len(dataset)} class images, up to {config.batch_size} per "
+                 f"micro-batch, prior_loss_weight {self.prior_loss_weight:g}; buckets:\n"
+                 + bucket_histogram(dataset.sample_buckets))
+        return ImageSet(dataset, sampler, self._latent_cache(dataset))
+
+    def _text_cache(self) -> TextCache | None:
+        """Every caption encoded once, when nothing changes its encoding: the text encoders frozen and the
+        captions the same each epoch (None otherwise, or without --cache-text)."""
+        options = self.images.dataset.caption_options
+        captions_vary = options.shuffle_tags or options.caption_dropout > 0 or options.tag_dropout > 0
+        if not self.config.cache_text or self.trained_encoders or captions_vary:
+            return None
+        datasets = [images.dataset for images in (self.images, self.validation, self.class_images) if images]
+        return TextCache(self._encode_text, [data.caption(i, 0) for data in datasets for i in range(len(data))])
+
+    def _release_idle_models(self) -> None:
+        """Models nothing will run again go to the CPU, freeing the accelerator's memory."""
+        if self.text_cache is not None and not self.prompts:  # samples would need the text encoders
+            for encoder in self.text_encoders:
+                encoder.to("cpu")
+        if self.images.cache is not None and self.validation is None and not self.prompts:
+            self.vae.to("cpu")  # every latent is cached and nothing decodes
 
     def _build_optimizer(self) -> None:
         config = self.config
@@ -363,37 +397,36 @@ class Trainer:
         return sample_latents(self.vae.config, mean, std, generator)
 
     def micro_batch_loss(self, epoch: int, indices: list[int], generator: torch.Generator,
-                         dataset: ImageCaptionDataset | None = None, training: bool = True,
+                         images: ImageSet | None = None, training: bool = True,
                          pixels: torch.Tensor | None = None, prior: ClassBatch | None = None) -> torch.Tensor:
         """The loss of one micro-batch: a training batch (the adapter's wrapped models, cached latents)
-        or, with training=False, an evaluation batch of `dataset` (plain models, images encoded now).
+        or, with training=False, an evaluation batch of `images` (plain models, images encoded now).
 
         With `prior` (class images), DreamBooth's prior-preservation loss: the instance loss plus
         prior_loss_weight times the class loss. The class batch draws its randomness after the instance
         batch, from the same generator, so the instance half sees the draws it would see without it.
         """
-        loss = self._images_loss(epoch, indices, generator, dataset or self.dataset, self.latents, training, pixels)
+        loss = self._images_loss(epoch, indices, generator, images or self.images, training, pixels)
         if prior is None:
             return loss
-        class_loss = self._images_loss(prior.epoch, prior.indices, generator, self.class_dataset, self.class_latents,
-                                       training, prior.pixels)
+        class_loss = self._images_loss(prior.epoch, prior.indices, generator, self.class_images, training,
+                                       prior.pixels)
         return loss + self.prior_loss_weight * class_loss
 
-    def _images_loss(self, epoch: int, indices: list[int], generator: torch.Generator, dataset: ImageCaptionDataset,
-                     cache: LatentCache | None, training: bool, pixels: torch.Tensor | None) -> torch.Tensor:
-        """The diffusion loss of one batch of `dataset`'s images (instance or class)."""
-        config = self.config
-        if training:
-            latents = self._latents(dataset, cache, epoch, indices, generator, pixels)
-        else:  # validation images are few and never cached
-            pixels = collate([dataset[(epoch, i)] for i in indices])["pixel_values"]
-            latents = sample_latents(self.vae.config, *encode_pixels(self.vae, pixels), generator)
+    def _images_loss(self, epoch: int, indices: list[int], generator: torch.Generator, images: ImageSet,
+                     training: bool, pixels: torch.Tensor | None) -> torch.Tensor:
+        """The diffusion loss of one batch of `images` (instance or class)."""
+        config, dataset = self.config, images.dataset
+        # An evaluation batch encodes its images now, whether or not the run caches latents: validation
+        # images are few and never cached, and a fixed-noise loss then reads the same with caching or without.
+        cache = images.cache if training else None
+        latents = self._latents(dataset, cache, epoch, indices, generator, pixels if training else None)
         captions = [dataset.caption(i, epoch) for i in indices]
         text = self._text(captions, training)
         geometry = [ImageGeometry(*dataset.geometry(i, epoch)) for i in indices]
         inputs = self.family.unet_inputs(text, geometry)
         preserve = self._base_prediction(captions, inputs, geometry) if config.preserve_outside_window else None
-        weight = self._loss_weight(dataset, epoch, indices, latents, cache if training else None)
+        weight = self._loss_weight(dataset, epoch, indices, latents, cache)
         with self.accelerator.autocast():
             return diffusion_loss(self.wrapped_unet if training else self.unet, self.scheduler, latents, inputs,
                                   generator,
@@ -434,11 +467,12 @@ class Trainer:
         return predict
 
     @torch.no_grad()
-    def fixed_noise_loss(self, dataset: ImageCaptionDataset | None = None, seed: int = 1234) -> float:
-        """Mean loss over a dataset at fixed noise and timesteps: comparable across steps and runs."""
-        dataset = dataset or self.dataset
-        sampler = BucketBatchSampler(dataset.sample_buckets, self.config.batch_size, seed=0, shuffle=False)
-        losses = [self.micro_batch_loss(0, batch, step_generator(seed, i), dataset, training=False).item()
+    def fixed_noise_loss(self, images: ImageSet | None = None, seed: int = 1234) -> float:
+        """Mean loss over a set of images (the training images by default) at fixed noise and timesteps:
+        comparable across steps and runs."""
+        images = images or self.images
+        sampler = BucketBatchSampler(images.dataset.sample_buckets, self.config.batch_size, seed=0, shuffle=False)
+        losses = [self.micro_batch_loss(0, batch, step_generator(seed, i), images, training=False).item()
                   for i, batch in enumerate(sampler.batches(0))]
         return sum(losses) / len(losses)
 
@@ -463,16 +497,13 @@ class Trainer:
             raise ConfigError(f"cannot resume from {folder}: it trained the text encoders {', '.join(was) or 'none'}, "
                               f"this run trains {', '.join(self.trained_encoders) or 'none'}: set "
                               "--train-text-encoder and --train-text-encoder-2 / --no-train-text-encoder-2 as it did")
-        for key in ("rank", "alpha", "targets", "seed", "batch_size",
-                    "gradient_accumulation", "resolution", "data", "clip_skip", "max_token_length", "dora",
-                    "loraplus_ratio", "ema_decay", "reg_data", "class_prompts", "num_class_images",
-                    "class_sample_steps", "class_guidance"):
+        for key in RESUME_KEYS:
             # a checkpoint from before an option existed was trained with its default
             was = saved.get(key, TrainConfig.__dataclass_fields__[key].default)
             if was != getattr(self.config, key):
                 raise ConfigError(f"cannot resume from {folder}: it was trained with {key}={was!r}, this run has "
                                   f"{key}={getattr(self.config, key)!r}")
-        loader.copy_weights_from(self.pipe, ADAPTER, folder / "adapter.safetensors")
+        loader.copy_weights_from(self.pipe, ADAPTER, folder / ADAPTER_FILE)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.ema is not None:
@@ -487,7 +518,7 @@ class Trainer:
         config = self.config
         header = kohya_training_header(
             asdict(config), steps=step, epoch=step // self.steps_per_epoch, resolution=self.resolution,
-            images=len(self.dataset), class_images=len(self.class_dataset) if self.class_dataset else 0,
+            images=len(self.images.dataset), class_images=len(self.class_images.dataset) if self.class_images else 0,
             clip_skip=config.clip_skip or self.family.default_clip_skip,
             trains_text_encoder=bool(self.trained_encoders), ema_decay=config.ema_decay if ema else None)
         record = {"training": asdict(config), "steps": step, "resolution": self.resolution,
@@ -572,18 +603,18 @@ class Trainer:
                  f"{self.total_steps} steps, {self.steps_per_epoch} per epoch"
                  + (f"; resuming at step {step}" if step else ""))
         processes, process = accelerator.num_processes, accelerator.process_index
-        keys = batch_keys(self.sampler, epoch, position, processes, process)
+        images, classes = self.images, self.class_images
+        keys = batch_keys(images.sampler, epoch, position, processes, process)
         pixels = None
-        if self.latents is None:
-            pixels = self._pixel_batches(self.dataset, ((e, batch) for e, _, batch in batch_keys(
-                self.sampler, epoch, position, processes, process)))
+        if images.cache is None:
+            pixels = self._pixel_batches(images.dataset, ((e, batch) for e, _, batch in batch_keys(
+                images.sampler, epoch, position, processes, process)))
         prior_keys = prior_pixels = None
-        if self.class_dataset:  # micro-batch number n of the whole run takes class batch n (see class_batch_keys)
+        if classes:  # micro-batch number n of the whole run takes class batch n (see class_batch_keys)
             first = step * config.gradient_accumulation * processes + process
-            prior_keys = class_batch_keys(self.class_sampler, first, processes)
-            if self.class_latents is None:
-                prior_pixels = self._pixel_batches(self.class_dataset,
-                                                   class_batch_keys(self.class_sampler, first, processes))
+            prior_keys = class_batch_keys(classes.sampler, first, processes)
+            if classes.cache is None:
+                prior_pixels = self._pixel_batches(classes.dataset, class_batch_keys(classes.sampler, first, processes))
         bar = tqdm(total=self.total_steps, initial=step, desc="training", unit="step",
                    disable=self.quiet or not accelerator.is_main_process)
         started, smoothed = time.time(), None
@@ -626,7 +657,7 @@ class Trainer:
                     self.log.write({"step": step, "loss": total, "loss_smoothed": smoothed, "lr": lr, "epoch": epoch,
                                     "time": round(time.time() - started, 3)})
                 if config.validation_every and (step % config.validation_every == 0 or step == self.total_steps):
-                    self.log.write({"step": step, "val_loss": self.fixed_noise_loss(self.val_dataset),
+                    self.log.write({"step": step, "val_loss": self.fixed_noise_loss(self.validation),
                                     "time": round(time.time() - started, 3)})
                 if config.sample_every and step % config.sample_every == 0:
                     self.sample(step)
