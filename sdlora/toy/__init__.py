@@ -5,6 +5,7 @@ measurements it makes possible.
     pipelines.py  tiny Stable Diffusion pipelines built in code (tests, demos, benchmarks)
     pretrain.py   how models/toy-sd1 was made
     eval.py       scoring adapters at several strengths, and the CPU demo
+    compare.py    two configs trained and scored side by side (`sdlora toy eval --config … --change …`)
 
 `from sdlora import toy` gives the world's names (toy.score, toy.DATASETS, ...), as before.
 """

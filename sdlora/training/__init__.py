@@ -4,6 +4,7 @@
     data.py        finding images and captions, buckets, the dataset and its sampler
     caching.py     latents and text-encoder outputs, computed once
     loss.py        the diffusion loss and its options, as pure functions
+    prior.py       prior preservation: class images made once and kept with their fingerprint
     steps.py       the step math: lr schedule, EMA, generators, which batch each step takes
     checkpoint.py  checkpoints and resuming
     runlog.py      the metrics log and TensorBoard, opened once on the main process
