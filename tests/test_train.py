@@ -277,13 +277,3 @@ def test_clip_skip_is_bounded_by_the_loaded_text_encoders_depth(tiny_dir, images
     validate(valid(tmp_path, clip_skip=23))  # SD 2.x's encoder has 23 layers: the model decides, not validate
     with pytest.raises(ConfigError, match="clip_skip counts layers from the end, 1 being the last, got 0"):
         validate(valid(tmp_path, clip_skip=0))
-
-
-@pytest.mark.parametrize("second", [True, False])
-def test_the_second_text_encoder_option_is_refused_on_a_model_with_one(tiny_dir, images, tmp_path, second):
-    from sdlora.errors import ConfigError
-
-    flag = "--train-text-encoder-2" if second else "--no-train-text-encoder-2"
-    with pytest.raises(ConfigError) as error:
-        Trainer(config(tiny_dir, images, tmp_path, train_text_encoder=True, train_text_encoder_2=second), quiet=True)
-    assert str(error.value) == f"{flag}: this Stable Diffusion 1.x model has one text encoder; drop {flag}"

@@ -198,9 +198,8 @@ class Trainer:
                                   f"{name}, which has {depth} layers: give 1 to {depth}")
         self.tokenizers = [getattr(pipe, name) for name in self.family.tokenizers]
         self.trained_encoders = config.trained_text_encoders(self.family.text_encoders)
-        if config.train_text_encoder_2 is not None and len(self.text_encoders) < 2:  # set either way, it would not act
-            flag = "--train-text-encoder-2" if config.train_text_encoder_2 else "--no-train-text-encoder-2"
-            raise ConfigError(f"{flag}: this {self.family.title} model has one text encoder; drop {flag}")
+        if config.train_text_encoder_2 and len(self.text_encoders) < 2:
+            raise ConfigError(f"--train-text-encoder-2: this {self.family.title} model has one text encoder")
         self.text_options = TextOptions(clip_skip=config.clip_skip, chunks=(config.max_token_length or 75) // 75)
         self.resolution = config.resolution or native_resolution(pipe)
         self.vae = pipe.vae.to(torch.float32)  # an fp16 VAE can overflow; it runs rarely when caching
