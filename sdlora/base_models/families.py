@@ -272,8 +272,8 @@ def detect_family(parts: dict) -> Family:
         raise ModelError(f"this UNet has addition_embed_type={unet.config.addition_embed_type!r}: it is not a "
                          "Stable Diffusion 1.x, 2.x or XL model, which are what sdlora trains")
     width = unet.config.cross_attention_dim if unet is not None else parts["text_encoder"].config.hidden_size
-    if family_of_context_width(width) is not None:
-        return family_of_context_width(width)
+    if (family := family_of_context_width(width)) is not None:
+        return family
     # A model of another size (a tiny one for tests): SD 2.x's OpenCLIP uses gelu where SD 1.x's CLIP
     # uses quick_gelu, and its UNet projects with Linear layers where SD 1.x's uses 1x1 convs.
     if "text_encoder" in parts:

@@ -4,6 +4,7 @@ kohya's `lora_unet_…`/`lora_te1_…` and the prefixes an adapter file's keys s
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,7 @@ def kohya_index(family: Family, keys: list[str], original_paths: dict[str, str] 
     return index
 
 
+@functools.cache  # the same for every call, and asked once per module of a file
 def _file_prefixes() -> tuple[tuple[str, str], ...]:
     """(prefix, component) for every prefix an adapter file's key may start with, longest first."""
     from ..base_models.families import FAMILIES  # here: families imports torch, and this module stays torch-free
