@@ -119,17 +119,22 @@ MERGE_EXAMPLES = """examples:
   sdlora merge style.safetensors:0.7 detail.safetensors:0.3 -o merged.safetensors --rank 32
   sdlora merge style.safetensors:0.8 --into v1-5-pruned-emaonly.safetensors -o my-model/    # a diffusers folder
   sdlora merge style.safetensors:0.8 --into models/toy-sd1 -o my-model.safetensors          # one checkpoint
+  sdlora merge out/a/a.safetensors out/b/b.safetensors --model models/toy-sd1 -o ab.safetensors
 
 A weight after the last colon scales that file's update (default 1; negative subtracts). Without
 --rank the merged file holds the rank of all inputs together and equals their weighted sum exactly;
 with --rank each module's summed update is cut to that rank by SVD and the error is printed.
+Files are read against their family's standard model (SD 1.x, 2.x, XL base), so modules pair whatever
+layout each file has; --model gives the model for adapters made for another one (a refiner, a toy).
 """
 
 RESIZE_EXAMPLES = """examples:
   sdlora resize style.safetensors --rank 8 -o style-r8.safetensors
   sdlora resize style.safetensors --energy 0.95 -o style-dynamic.safetensors   # rank chosen per module
+  sdlora resize out/a/a.safetensors --rank 2 --model models/toy-sd1 -o a-r2.safetensors
 
 Each module's update up @ down * alpha / rank is decomposed by SVD; the output has alpha = its rank.
+The file is read against its family's standard model, or the one --model gives.
 """
 
 EXTRACT_EXAMPLES = """examples:
@@ -175,6 +180,8 @@ def add_adapter_commands(commands) -> None:
                        help="the adapter (*.safetensors); with --into a model folder, or a *.safetensors checkpoint")
     merge.add_argument("--rank", type=positive_int, help="cut each module to this rank by SVD (default: exact)")
     merge.add_argument("--into", metavar="MODEL", help="bake the adapters into this model and save the model")
+    merge.add_argument("--model", help="the model the adapters are for, when it is not their family's standard "
+                                       "one (diffusers folder, hub id or single file)")
     merge.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
                        help="tensor type written (default: the inputs' for an adapter, fp16 for a model)")
 
@@ -188,6 +195,7 @@ def add_adapter_commands(commands) -> None:
     amount.add_argument("--energy", type=float,
                         help="per module, the smallest rank whose squared singular values reach this fraction")
     resize.add_argument("--output", "-o", required=True, type=Path, help="the new adapter (*.safetensors)")
+    resize.add_argument("--model", help="the model the adapter is for, when it is not its family's standard one")
     resize.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="tensor type written (default: the input's)")
 
     convert = commands.add_parser(
@@ -346,6 +354,23 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def reading_model(model: str | None, files: list[Path], output: Path):
+    """The pipeline `--model` names, to read adapter files against (None: their family's standard one),
+    once the files and the output are known to be usable: loading a model takes a while."""
+    from .files.safetensors import check_output
+
+    check_output(output)
+    for path in files:
+        if not path.is_file():
+            raise AdapterFileError(f"{path}: no such adapter file")
+    if not model:
+        return None
+    from .base_models.sources import load_pipeline
+
+    quiet_libraries()
+    return load_pipeline(model)
+
+
 def run_merge(args: argparse.Namespace) -> int:
     from .tools.merge import merge_files, parse_weighted
 
@@ -356,6 +381,9 @@ def run_merge(args: argparse.Namespace) -> int:
 
         if args.rank:
             raise ConfigError("--rank applies to merged adapter files; --into bakes the full update into the model")
+        if args.model:
+            raise ConfigError("--model is for merging into an adapter file; with --into the files are read against "
+                              "the model they are baked into")
         bake.check_model_output(args.output, args.into)
         for path, _ in sources:
             if not path.exists():
@@ -368,7 +396,8 @@ def run_merge(args: argparse.Namespace) -> int:
         bake.save_pipeline(pipe, args.output, args.dtype or "fp16")
         print(f"wrote {args.output}: {args.into} with {len(sources)} adapter(s) baked in")
         return 0
-    report = merge_files(sources, args.output, args.rank, args.dtype)
+    model = reading_model(args.model, [path for path, _ in sources], args.output)
+    report = merge_files(sources, args.output, args.rank, args.dtype, model)
     print(f"wrote {args.output}: {len(sources)} file(s) merged " + ("exactly (ranks concatenated)" if report is None
                                                                    else f"at rank {args.rank}"))
     if report is not None:
@@ -379,7 +408,8 @@ def run_merge(args: argparse.Namespace) -> int:
 def run_resize(args: argparse.Namespace) -> int:
     from .tools.merge import resize_file
 
-    report = resize_file(args.file, args.output, args.rank, args.energy, args.dtype)
+    report = resize_file(args.file, args.output, args.rank, args.energy, args.dtype,
+                         reading_model(args.model, [args.file], args.output))
     print(f"wrote {args.output}")
     print("\n".join([*report.energy_lines(), *report.error_lines(), report.rank_line()]))
     return 0
@@ -401,13 +431,7 @@ def run_extract(args: argparse.Namespace) -> int:
 def run_convert(args: argparse.Namespace) -> int:
     from .tools.convert import convert
 
-    model = None
-    if args.model:
-        from .base_models.sources import load_pipeline
-
-        quiet_libraries()
-        model = load_pipeline(args.model)
-    output = convert(args.file, args.to, args.output, model)
+    output = convert(args.file, args.to, args.output, reading_model(args.model, [args.file], args.output))
     print(f"wrote {output} ({args.to} layout)")
     return 0
 

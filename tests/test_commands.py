@@ -119,10 +119,10 @@ def sdxl_dir(tmp_path_factory):
 # ---------------------------------------------------------------- merge
 
 
-def test_merge_by_concatenation_equals_loading_both(pipe, two_files, tmp_path, capsys):
+def test_merge_by_concatenation_equals_loading_both(pipe, tiny_dir, two_files, tmp_path, capsys):
     a, b = two_files
     out = tmp_path / "merged.safetensors"
-    run(capsys, "merge", f"{a}:0.7", f"{b}:0.3", "-o", out)
+    run(capsys, "merge", f"{a}:0.7", f"{b}:0.3", "-o", out, "--model", tiny_dir)
 
     sdlora.load(pipe, a, strength=0.7)
     sdlora.load(pipe, b, strength=0.3)
@@ -143,12 +143,12 @@ def test_merge_by_concatenation_equals_loading_both(pipe, two_files, tmp_path, c
     assert read_adapter(out)[1]["ss_base_model_version"] == "sd_v1"
 
 
-def test_merge_by_svd(pipe, two_files, tmp_path, capsys):
+def test_merge_by_svd(pipe, tiny_dir, two_files, tmp_path, capsys):
     a, b = two_files
     target = weighted((file_deltas(a), 0.7), (file_deltas(b), 0.3))
 
     exact = tmp_path / "r7.safetensors"
-    text = run(capsys, "merge", f"{a}:0.7", f"{b}:0.3", "-o", exact, "--rank", 7)
+    text = run(capsys, "merge", f"{a}:0.7", f"{b}:0.3", "-o", exact, "--rank", 7, "--model", tiny_dir)
     assert printed(r"overall ([\d.e-]+)", text)[0] < 1e-4
     sdlora.load(pipe, a, strength=0.7)
     sdlora.load(pipe, b, strength=0.3)
@@ -159,7 +159,7 @@ def test_merge_by_svd(pipe, two_files, tmp_path, capsys):
     torch.testing.assert_close(te_out(pipe), expected[1], atol=1e-4, rtol=0)
 
     low = tmp_path / "r2.safetensors"
-    text = run(capsys, "merge", f"{a}:0.7", f"{b}:0.3", "-o", low, "--rank", 2)
+    text = run(capsys, "merge", f"{a}:0.7", f"{b}:0.3", "-o", low, "--rank", 2, "--model", tiny_dir)
     overall, worst = printed(r"overall ([\d.e-]+), worst ([\d.e-]+)", text)
     got = file_deltas(low)
     assert got.keys() == target.keys()
@@ -178,8 +178,8 @@ def test_merge_and_resize_read_diffusers_peft_files(pipe, tiny_dir, two_files, t
     peft = diffusers_written_file(tiny_dir, tmp_path, rank=4, alpha=8, te_alpha=2)
     a, _ = two_files
     merged, resized = tmp_path / "m.safetensors", tmp_path / "r.safetensors"
-    run(capsys, "merge", f"{peft}:0.5", f"{a}:0.5", "-o", merged)
-    run(capsys, "resize", peft, "--rank", 4, "-o", resized)
+    run(capsys, "merge", f"{peft}:0.5", f"{a}:0.5", "-o", merged, "--model", tiny_dir)
+    run(capsys, "resize", peft, "--rank", 4, "-o", resized, "--model", tiny_dir)
     sdlora.load(pipe, peft, strength=0.5)
     sdlora.load(pipe, a, strength=0.5)
     expected = unet_out(pipe), te_out(pipe)
@@ -218,14 +218,16 @@ def lora_tensors(name: str, out: int, width: int, rank: int = 2) -> dict[str, to
             f"{name}.lora_up.weight": torch.randn(out, rank, generator=generator)}
 
 
-@pytest.mark.parametrize("case", ["sdxl", "refiner", "sd1"])
-def test_merge_pairs_unet_names_only_where_the_layout_is_known(tmp_path, capsys, case):
-    """One file names UNet modules by the original layout, another by diffusers' blocks. For SDXL base
-    the layout is known and the two pair up under the original names; for anything else (the SDXL
-    refiner reads 1280-wide text; SD 1.x files need not follow one layout) the merge stops, naming both."""
+@pytest.mark.parametrize("case", ["sdxl", "sd1", "refiner"])
+def test_merge_pairs_modules_by_the_layer_whatever_the_unet_naming(tmp_path, capsys, case):
+    """One file names UNet modules by the original layout, another by diffusers' blocks. Both are read against
+    their family's standard architecture, so the two pair up by the layer they adapt, and the merge is written
+    under kohya's names for the family (the original layout for SDXL, diffusers' blocks for SD 1.x). A file
+    that does not fit the standard model (the SDXL refiner reads 1280-wide text, base 2048) is refused in one
+    line that says to give the model."""
     from safetensors.torch import save_file
 
-    width = 1280 if case == "refiner" else 2048
+    width = {"sdxl": 2048, "sd1": 768, "refiner": 1280}[case]
     header = {"ss_base_model_version": "sd_v1" if case == "sd1" else "sdxl_base_v1-0"}
     save_file({**lora_tensors("lora_unet_input_blocks_4_1_proj_in", 640, 640),
                **lora_tensors("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", 640, width)},
@@ -235,21 +237,36 @@ def test_merge_pairs_unet_names_only_where_the_layout_is_known(tmp_path, capsys,
               tmp_path / "diffusers.safetensors", metadata=header)
     out = tmp_path / "m.safetensors"
     code = main(["merge", str(tmp_path / "sgm.safetensors"), str(tmp_path / "diffusers.safetensors"), "-o", str(out)])
-    if case == "sdxl":
-        assert code == 0
-        merged = file_deltas(out)
-        assert set(merged) == {"lora_unet_input_blocks_4_1_proj_in",
-                               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"}
-        expected = weighted((file_deltas(tmp_path / "sgm.safetensors"), 1.0),
-                            ({n.replace("down_blocks_1_attentions_0", "input_blocks_4_1"): d
-                              for n, d in file_deltas(tmp_path / "diffusers.safetensors").items()}, 1.0))
-        for name, delta in expected.items():
-            torch.testing.assert_close(merged[name], delta, atol=1e-5, rtol=1e-5)
+    if case == "refiner":
+        assert code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "sgm.safetensors" in err and "[640, 1280]" in err
+        assert "--model" in err and not out.exists()
         return
-    assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "sgm.safetensors" in err and "diffusers.safetensors" in err
-    assert "--into" in err and not out.exists()
+    assert code == 0
+    old, new = ("down_blocks_1_attentions_0", "input_blocks_4_1") if case == "sdxl" else \
+        ("input_blocks_4_1", "down_blocks_1_attentions_0")
+    merged = file_deltas(out)
+    assert set(merged) == {f"lora_unet_{new}_proj_in", f"lora_unet_{new}_transformer_blocks_0_attn2_to_k"}
+    renamed = {"sgm": {}, "diffusers": {}}
+    for source in renamed:
+        renamed[source] = {n.replace(old, new): d for n, d in file_deltas(tmp_path / f"{source}.safetensors").items()}
+    expected = weighted((renamed["sgm"], 1.0), (renamed["diffusers"], 1.0))
+    for name, delta in expected.items():
+        torch.testing.assert_close(merged[name].flatten(1), delta.flatten(1), atol=1e-5, rtol=1e-5)
+
+
+def test_a_file_for_another_model_is_refused_without_it(pipe, tmp_path, capsys):
+    """A file for a model unlike its family's standard one (here a tiny test model) names layers that model
+    does not have: merge and resize say, in one line, to give the model, and write nothing."""
+    a = make_adapter_file(pipe, tmp_path / "a.safetensors")
+    capsys.readouterr()
+    for argv in (["merge", str(a), "-o", str(tmp_path / "m.safetensors")],
+                 ["resize", str(a), "--rank", "2", "-o", str(tmp_path / "m.safetensors")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "a.safetensors" in err and "pass --model" in err
+        assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_merge_into_a_model_folder_and_a_checkpoint(pipe, tiny_dir, two_files, tmp_path, capsys):
@@ -277,10 +294,10 @@ def test_merge_into_a_model_folder_and_a_checkpoint(pipe, tiny_dir, two_files, t
 # ---------------------------------------------------------------- resize
 
 
-def test_resize_full_rank_is_exact_and_lower_rank_reports_its_energy(pipe, tmp_path, capsys):
+def test_resize_full_rank_is_exact_and_lower_rank_reports_its_energy(pipe, tiny_dir, tmp_path, capsys):
     source = make_adapter_file(pipe, tmp_path / "a.safetensors", seed=3, rank=4, alpha=2.0, targets="full")
     full = tmp_path / "r4.safetensors"
-    run(capsys, "resize", source, "--rank", 4, "-o", full)
+    run(capsys, "resize", source, "--rank", 4, "-o", full, "--model", tiny_dir)
     sdlora.load(pipe, source, name="source")
     expected = unet_out(pipe), te_out(pipe)
     sdlora.unload(pipe)
@@ -288,7 +305,7 @@ def test_resize_full_rank_is_exact_and_lower_rank_reports_its_energy(pipe, tmp_p
     torch.testing.assert_close(unet_out(pipe), expected[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(te_out(pipe), expected[1], atol=1e-5, rtol=0)
 
-    text = run(capsys, "resize", source, "--rank", 2, "-o", tmp_path / "r2.safetensors")
+    text = run(capsys, "resize", source, "--rank", 2, "-o", tmp_path / "r2.safetensors", "--model", tiny_dir)
     spectra = {name: torch.linalg.svdvals(delta) ** 2 for name, delta in file_deltas(source).items()}
     kept = sum(float(s[:2].sum()) for s in spectra.values()) / sum(float(s.sum()) for s in spectra.values())
     assert printed(r"overall\s+([\d.]+)", text)[0] == pytest.approx(kept, abs=1e-6)
@@ -298,7 +315,7 @@ def test_resize_full_rank_is_exact_and_lower_rank_reports_its_energy(pipe, tmp_p
 
     # by energy: per module the smallest rank reaching the fraction, and "Dynamic" when ranks differ
     dynamic = tmp_path / "e.safetensors"
-    run(capsys, "resize", source, "--energy", 0.8, "-o", dynamic)
+    run(capsys, "resize", source, "--energy", 0.8, "-o", dynamic, "--model", tiny_dir)
     tensors, metadata = read_adapter(dynamic)
     ranks = {}
     for name, s in spectra.items():
@@ -368,8 +385,8 @@ def test_extract_sdxl_uses_original_names_and_loads_in_diffusers(sdxl_dir, tmp_p
 
 def test_merged_and_resized_files_load_in_diffusers(tiny_dir, two_files, tmp_path, capsys, reference_client):
     a, b = two_files
-    run(capsys, "merge", f"{a}:0.7", f"{b}:0.3", "-o", tmp_path / "m.safetensors")
-    run(capsys, "resize", a, "--energy", 0.9, "-o", tmp_path / "r.safetensors")
+    run(capsys, "merge", f"{a}:0.7", f"{b}:0.3", "-o", tmp_path / "m.safetensors", "--model", tiny_dir)
+    run(capsys, "resize", a, "--energy", 0.9, "-o", tmp_path / "r.safetensors", "--model", tiny_dir)
     check_in_diffusers(tiny_dir, tmp_path / "m.safetensors")
     check_in_diffusers(tiny_dir, tmp_path / "r.safetensors")
 

@@ -58,7 +58,7 @@ def test_resize_goes_through_the_full_update(pipe, tmp_path, variant):
     from sdlora.tools.merge import resize_file
 
     reference = make_reference(pipe, variant, tmp_path / f"{variant}.safetensors")
-    resize_file(reference.path, tmp_path / "resized.safetensors", energy=1.0, dtype="fp32")
+    resize_file(reference.path, tmp_path / "resized.safetensors", energy=1.0, dtype="fp32", model=pipe)
     sdlora.load(pipe, tmp_path / "resized.safetensors")
     assert sdlora.list_adapters(pipe)[0].kinds == {"lora": sum(sdlora.list_adapters(pipe)[0].modules.values())}
     torch.testing.assert_close(unet_out(pipe), reference.outputs["unet"][1.0], atol=5e-5, rtol=1e-4)
@@ -70,8 +70,8 @@ def test_what_a_lora_cannot_hold_is_refused_by_resize(pipe, tmp_path):
 
     reference = make_reference(pipe, "full", tmp_path / "full.safetensors")  # it changes biases too
     with pytest.raises(sdlora.AdapterFileError, match="changes the bias"):
-        resize_file(reference.path, tmp_path / "resized.safetensors", energy=1.0)
+        resize_file(reference.path, tmp_path / "resized.safetensors", energy=1.0, model=pipe)
     dora = make_reference(pipe, "locon-dora", tmp_path / "dora.safetensors")
     with pytest.raises(sdlora.AdapterFileError, match="DoRA rescales the base model's weight"):
-        resize_file(dora.path, tmp_path / "resized.safetensors", rank=2)
+        resize_file(dora.path, tmp_path / "resized.safetensors", rank=2, model=pipe)
     assert not (tmp_path / "resized.safetensors").exists()

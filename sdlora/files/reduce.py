@@ -14,10 +14,15 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from .layouts import ModuleTensors
 from .lowrank import Factored, rank_for_energy, spectrum, truncate
-from .names import BLOCK_KINDS
-from .standalone import group_of
+from .names import BLOCK_KINDS, block_kind, block_of, component_of_file_key
 
 Update = Factored | torch.Tensor
+
+
+def group_of(name: str) -> str:
+    """The part of the model a kohya module name belongs to, for reports: the kind of its UNet block
+    (`down`, `mid`, `up`, `other`) or its text encoder, in the vocabulary inspect uses too."""
+    return block_kind(block_of(name, component_of_file_key(name)))
 
 
 @dataclass

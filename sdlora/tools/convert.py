@@ -8,7 +8,7 @@
 
 A file names modules, not a model, and kohya names lose the dots of module paths; so conversion reads
 the file against a model's module names: the model given, or the family's standard architecture
-(sdlora/files/standard.py).
+(`sdlora.files.standard.read_against`).
 """
 
 from __future__ import annotations
@@ -19,37 +19,14 @@ from pathlib import Path
 
 import torch
 
-from ..files.safetensors import read_adapter, write_adapter
-from ..errors import AdapterFileError
-from ..base_models.families import Family, detect_family, family_from_tensors, family_named_in_metadata
-from ..files.layouts import Parsed, to_kohya
+from ..base_models.families import Family
 from ..base_models.module_keys import split_key
-from ..files.standard import parse_against, standard_parts
-from ..base_models.parts import components
+from ..errors import AdapterFileError
+from ..files.layouts import to_kohya
+from ..files.safetensors import write_adapter
+from ..files.standard import read_against
 
 LAYOUTS = ("kohya", "diffusers", "comfy")
-
-
-def read_for_conversion(path: Path, model=None) -> tuple[Parsed, dict[str, str], Family, dict[str, str]]:
-    """A file's modules by module key, read against `model` (a pipeline) or the family's standard one;
-    with the header, the family, and the model's UNet paths in the original layout."""
-    tensors, metadata = read_adapter(path)
-    if model is not None:
-        parts = components(model)
-        family = detect_family(parts)
-    else:
-        family = family_named_in_metadata(metadata) or family_from_tensors(tensors)
-        if family is None:
-            raise AdapterFileError(f"{path}: neither its header nor its tensors say which model family it is for: "
-                                   "pass --model with the model it was made for")
-        parts = standard_parts(family)
-    parsed, original = parse_against(tensors, metadata, family, parts)
-    problems = parsed.unmatched + parsed.unsupported
-    if problems:
-        raise AdapterFileError(f"{path}: {len(problems)} tensor(s) would be lost in conversion, first {problems[:3]}: "
-                               "they name no module of this model" + ("" if model is not None else
-                               f" ({family.title}'s standard architecture; pass --model for another)"))
-    return parsed, metadata, family, original
 
 
 def to_comfy(modules: dict, family: Family, original_paths: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -98,17 +75,17 @@ def convert(path: str | Path, layout: str, output: str | Path, model=None) -> Pa
     if layout not in LAYOUTS:
         raise AdapterFileError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     path, output = Path(path), Path(output)
-    parsed, metadata, family, original = read_for_conversion(path, model)
-    keep = {k: v for k, v in metadata.items() if k != "lora_adapter_metadata"}
+    read = read_against(path, model, doing="conversion")
+    keep = {k: v for k, v in read.metadata.items() if k != "lora_adapter_metadata"}
     if layout == "kohya":
-        state_dict = to_kohya(parsed.modules, family, None, original)
+        state_dict = to_kohya(read.modules, read.family, None, read.original)
     elif layout == "comfy":
-        state_dict = to_comfy(parsed.modules, family, original)
+        state_dict = to_comfy(read.modules, read.family, read.original)
     else:
-        state_dict, header = to_diffusers(parsed.modules)
+        state_dict, header = to_diffusers(read.modules)
         keep |= header
-    keep.setdefault("ss_base_model_version", family.base_model_version)
-    keep["sdlora_converted_from"] = f"{parsed.layout} ({path.name})"
+    keep.setdefault("ss_base_model_version", read.family.base_model_version)
+    keep["sdlora_converted_from"] = f"{read.layout} ({path.name})"
     return write_adapter(output, {k: v.contiguous() for k, v in state_dict.items()}, keep)
 
 

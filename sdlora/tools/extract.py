@@ -19,7 +19,7 @@ from ..files.reduce import Reduction, reduce
 from ..files.safetensors import SAVE_DTYPES, build_metadata, check_output, write_adapter
 from ..errors import ConfigError, ModelError
 from ..base_models.families import detect_family
-from ..files.standalone import kohya_state_dict
+from ..files.derived import kohya_state_dict
 from ..files.layouts import ModuleTensors
 from ..base_models.module_keys import module_key
 from ..files.names import kohya_name

@@ -15,37 +15,36 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters.kinds import standalone_update
+from ..base_models.families import Family
+from ..errors import AdapterFileError, ConfigError, FamilyMismatch
+from ..files.layouts import ModuleTensors
+from ..files.lowrank import Factored, lora_factors, with_common_alpha
+from ..files.names import kohya_name
 from ..files.reduce import Reduction, Update, reduce
 from ..files.safetensors import SAVE_DTYPES, check_output, recorded_targets, write_adapter
-from ..errors import AdapterFileError, ConfigError, FamilyMismatch
-from ..base_models.families import Family
-from ..files.standalone import (AdapterModules, kohya_state_dict, output_metadata, read_modules,
-                           widest_dtype, with_original_unet_names)
-from ..files.layouts import ModuleTensors
-from ..adapters.kinds import standalone_update
-from ..files.lowrank import Factored, lora_factors, with_common_alpha
+from ..files.derived import kohya_state_dict, output_metadata, widest_dtype
+from ..files.standard import ReadFile, open_against, read_against
 
 
-# Every conv with a kernel in a Stable Diffusion UNet is 3x3: the resnets' conv1/conv2, the resamplers,
-# conv_in and conv_out (the shortcuts and the transformers' proj_in/proj_out are 1x1).
-_KERNEL_3X3 = ("conv1", "conv2", "_conv", "_op", "conv_in", "conv_out")
-
-
-def module_update(weights, name: str = "") -> Update:
-    """A module's whole update: a plain LoRA as its factors; a LyCORIS kind (LoHa, LoKr, Tucker, full)
-    as the full update its tensors make (DoRA's rescaling needs the base weight and is refused)."""
+def module_update(read: ReadFile, key: str) -> Update:
+    """A module's whole update, in its layer's weight shape: a plain LoRA as its factors; a LyCORIS kind
+    (LoHa, LoKr, Tucker, full) as the full update its tensors make (DoRA's rescaling needs the base weight
+    and is refused). Refused too when it does not fit the layer of the model the file was read against."""
+    weights = read.modules[key]
     if weights.kind == "lora":  # kept as factors, so that merging LoRAs is exact
-        return lora_factors(weights)
+        update = lora_factors(weights)
+        read.check_fits(key, tuple(update.shape))
+        return Factored(update.up, update.down, tuple(read.weight_shape(key)))  # a 1x1 conv's LoRA may be 2-d
     if "dora_scale" in weights.tensors:
-        raise AdapterFileError(f"{name}: DoRA rescales the base model's weight, so its update cannot be known from "
-                               "the file alone: merge it into a model with --into, or load it as it is")
+        raise AdapterFileError(f"{read.path}: {key}: DoRA rescales the base model's weight, so its update cannot "
+                               "be known from the file alone: merge it into a model with --into, or load it as it is")
     if "diff_b" in weights.tensors:
-        raise AdapterFileError(f"{name}: a full adapter that also changes the bias (diff_b), which no LoRA can "
-                               "hold: merge it into a model with --into, or load it as it is")
+        raise AdapterFileError(f"{read.path}: {key}: a full adapter that also changes the bias (diff_b), which no "
+                               "LoRA can hold: merge it into a model with --into, or load it as it is")
     update = standalone_update(weights.tensors, weights.alpha)
-    if update.dim() == 2 and name.endswith(_KERNEL_3X3) and "shortcut" not in name and update.shape[1] % 9 == 0:
-        update = update.reshape(update.shape[0], update.shape[1] // 9, 3, 3)  # LoHa/LoKr store kernels flat
-    return update
+    read.check_fits(key, tuple(update.shape))
+    return update.reshape(read.weight_shape(key))  # LoHa and LoKr store a conv's kernel flat
 
 
 def _flat_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -78,71 +77,53 @@ def as_lora(update: Factored) -> ModuleTensors:
 # ---------------------------------------------------------------- files
 
 
-def output_dtype(name: str | None, inputs: list[AdapterModules]) -> torch.dtype:
+def output_dtype(name: str | None, inputs: list[ReadFile]) -> torch.dtype:
     """The dtype asked for, else the inputs' own: no precision is lost or invented unasked."""
     if name is None:
-        return widest_dtype([adapter.dtype for adapter in inputs])
+        return widest_dtype([tensor.dtype for read in inputs for weights in read.modules.values()
+                             for tensor in weights.tensors.values()])
     if name not in SAVE_DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(SAVE_DTYPES)}, got {name!r}")
     return SAVE_DTYPES[name]
 
 
-def common_family(inputs: list[AdapterModules]) -> Family | None:
+def common_family(inputs: list[ReadFile]) -> Family:
     """The one family the files are for; refuse files of two families."""
-    stated = [adapter for adapter in inputs if adapter.family is not None]
-    for other in stated[1:]:
-        if other.family is not stated[0].family:
-            raise FamilyMismatch(f"{stated[0].path} is an adapter for {stated[0].family.title} but {other.path} is "
+    first = inputs[0]
+    for other in inputs[1:]:
+        if other.family is not first.family:
+            raise FamilyMismatch(f"{first.path} is an adapter for {first.family.title} but {other.path} is "
                                  f"for {other.family.title}: only adapters of one model family can be merged")
-    return stated[0].family if stated else None
+    return first.family
 
 
-def paired_names(inputs: list[AdapterModules], family: Family | None) -> list[AdapterModules]:
-    """The inputs with one UNet naming. Files that name UNet modules by diffusers' blocks and files that
-    use the original layout pair up for a family kohya names by that layout (SDXL base, whose layout is
-    known); otherwise nothing without a model says which modules are the same, and the merge is refused."""
-    named = [adapter for adapter in inputs if adapter.unet_naming is not None]
-    if len({adapter.unet_naming for adapter in named}) <= 1:
-        return inputs
-    if family is not None and family.sgm_unet_names:
-        renamed = [with_original_unet_names(a, family) if a.unet_naming == "diffusers" else a for a in inputs]
-        if all(adapter is not None for adapter in renamed):
-            return renamed
-    first = named[0]
-    other = next(adapter for adapter in named if adapter.unet_naming != first.unet_naming)
-    raise AdapterFileError(
-        f"{first.path} names UNet modules by the {first.unet_naming} layout and {other.path} by the "
-        f"{other.unet_naming} one: without a model sdlora cannot pair their modules. Bake both into the "
-        "model instead (sdlora merge ... --into MODEL)")
-
-
-def _check_shapes(name: str, parts: list[tuple[AdapterModules, Update, float]]) -> None:
-    first_file, first, _ = parts[0]
-    for adapter, update, _ in parts[1:]:
-        if _flat_shape(tuple(update.shape)) != _flat_shape(tuple(first.shape)):
-            raise AdapterFileError(f"{name} has a weight of shape {list(first.shape)} in {first_file.path} but "
-                                   f"{list(update.shape)} in {adapter.path}: the files are for different models")
+def kohya_names(read: ReadFile, updates: dict[str, Update]) -> dict[str, Update]:
+    """Updates by module key -> by the kohya name the output file gives them (the original UNet layout for a
+    family kohya names that way), which every reader takes; reports name modules so too."""
+    return {kohya_name(read.family, key, read.original): update for key, update in updates.items()}
 
 
 def merge_files(sources: list[tuple[Path, float]], output: Path, rank: int | None = None,
-                dtype: str | None = None) -> Reduction | None:
+                dtype: str | None = None, model=None) -> Reduction | None:
     """Write one adapter equal to sum_i w_i * file_i; exact without `rank`, else SVD-truncated.
 
-    Returns the truncation report (None when exact). Modules present in only some files are kept.
+    Every file is read against `model` (a pipeline) or its family's standard architecture, so modules
+    pair by the layer they adapt, whatever layout or UNet naming each file uses. Returns the truncation
+    report (None when exact). Modules present in only some files are kept.
     """
     check_output(output)
     if not sources:
         raise ConfigError("give at least one adapter file to merge")
-    inputs = [read_modules(path) for path, _ in sources]
+    inputs = [open_against(path, model) for path, _ in sources]
     family = common_family(inputs)
-    inputs = paired_names(inputs, family)
-    names = list(dict.fromkeys(name for adapter in inputs for name in adapter.modules))
+    inputs = [read_against(read, doing="the merge") for read in inputs]
+    keys = list(dict.fromkeys(key for read in inputs for key in read.modules))
     updates: dict[str, Update] = {}
-    for name in names:
-        parts = [(adapter, module_update(adapter.modules[name], name), weight)
-                 for adapter, (_, weight) in zip(inputs, sources) if name in adapter.modules]
-        _check_shapes(name, parts)
-        updates[name] = weighted_sum([(update, weight) for _, update, weight in parts])
+    for key in keys:
+        parts = [(module_update(read, key), weight) for read, (_, weight) in zip(inputs, sources)
+                 if key in read.modules]
+        updates[key] = weighted_sum(parts)
+    updates = kohya_names(inputs[0], updates)
     if rank is None:
         not_factored = [name for name, update in updates.items() if not isinstance(update, Factored)]
         if not_factored:
@@ -161,11 +142,12 @@ def merge_files(sources: list[tuple[Path, float]], output: Path, rank: int | Non
 
 
 def resize_file(path: Path, output: Path, rank: int | None = None, energy: float | None = None,
-                dtype: str | None = None) -> Reduction:
-    """Write `path` at a lower rank (one rank for all modules, or per module by kept energy)."""
+                dtype: str | None = None, model=None) -> Reduction:
+    """Write `path` at a lower rank (one rank for all modules, or per module by kept energy), read against
+    `model` (a pipeline) or its family's standard architecture."""
     check_output(output)
-    source = read_modules(path)
-    updates = {name: module_update(weights, name) for name, weights in source.modules.items()}
+    source = read_against(path, model, doing="the resize")
+    updates = kohya_names(source, {key: module_update(source, key) for key in source.modules})
     modules, report = reduce(updates.items(), rank=rank, energy=energy, desc="resize", total=len(updates))
     record = {"resized_from": Path(path).name, "resize": f"rank {rank}" if rank is not None else f"energy {energy}",
               "targets": recorded_targets(source.metadata)}
