@@ -106,7 +106,7 @@ def group_tensors(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dict[s
                                                                  dict[str, list[str]], list[str]]:
     """The one reading of a file's keys: its tensors by the module name the file gives them (name -> role ->
     tensor, alpha among the roles), the file keys each module came from, and the keys of no role sdlora reads.
-    Reading against a model (`parse_state_dict`), merging files and inspecting one all start here."""
+    Reading against a model (`parse_state_dict`: loading, converting, merging) and inspecting a file start here."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     sources: dict[str, list[str]] = {}
     unread: list[str] = []
