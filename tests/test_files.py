@@ -213,6 +213,22 @@ def test_a_comfyui_extracted_file_loads_strictly_skipping_its_zero_updates(pipe,
     untouched(pipe, before[0])
 
 
+def test_a_comfyui_file_with_bias_differences_is_refused_for_what_it_is(pipe, tmp_path):
+    """ComfyUI's extractor with bias_diff on (its default) writes a `diff_b` beside a module's LoRA pair. sdlora
+    does not apply that mix yet: the refusal says so and how to extract a file it reads, and does not call the
+    LoRA's own tensors another kind (it said "LyCORIS IA3" for any `….weight`)."""
+    before = unet_out(pipe)
+    path = comfyui_extracted(pipe, tmp_path / "comfy.safetensors")
+    tensors = load_file(path)
+    tensors["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.diff_b"] = torch.full((16,), 0.01).half()
+    save_file(tensors, tmp_path / "bias.safetensors")
+    for strict in (True, False):
+        with pytest.raises(AdapterFileError, match=r"3 tensor\(s\) sdlora cannot apply") as error:
+            sdlora.load(pipe, tmp_path / "bias.safetensors", strict=strict)
+        assert "bias_diff off" in str(error.value) and "IA3" not in str(error.value)
+        untouched(pipe, before)
+
+
 def test_kinds_sdlora_does_not_read_are_named(pipe, tmp_path):
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     tensors = {f"{name}.oft_blocks": torch.zeros(4, 4, 4), f"{name}.alpha": torch.tensor(4.0)}

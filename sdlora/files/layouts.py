@@ -122,9 +122,24 @@ def group_tensors(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dict[s
 
 
 def describe_unsupported(keys: list[str]) -> str:
-    """A short description of what kind of adapter the unreadable keys belong to, if we know."""
-    kinds = sorted({kind for key in keys for tail, kind in UNREAD_KINDS.items() if key.endswith("." + tail)})
-    return f" (these look like {', '.join(kinds)}, which sdlora does not read yet)" if kinds else ""
+    """A short description of what kind of adapter the unreadable keys belong to, if we know: a kind sdlora does
+    not read (by a role no kind of ours has), or a module mixing roles of two kinds."""
+    kinds, mixes = set(), set()
+    roles_by_module: dict[str, set[str]] = {}
+    for key in keys:
+        split = split_tensor_name(key)
+        if split is None:
+            kinds |= {kind for tail, kind in UNREAD_KINDS.items() if key.endswith("." + tail)}
+        else:
+            roles_by_module.setdefault(split[0], set()).add(split[1])
+    for roles in roles_by_module.values():
+        if "diff_b" in roles and {DOWN, UP} <= roles:
+            mixes.add("a LoRA with a bias difference (`diff_b`), as ComfyUI's extractor writes with bias_diff on; "
+                      "sdlora reads `diff_b` with a full `diff` only: extract with bias_diff off")
+        elif kind_of(roles) is None and len(roles) > 1:
+            mixes.add(f"tensors of two adapter kinds in one module ({', '.join(sorted(roles))})")
+    parts = [f"these look like {', '.join(sorted(kinds))}, which sdlora does not read yet"] if kinds else []
+    return f" ({'; '.join(parts + sorted(mixes))})" if parts or mixes else ""
 
 
 def peft_alphas(metadata: dict[str, str]) -> dict[str, dict]:
