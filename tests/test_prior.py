@@ -267,6 +267,15 @@ def test_each_micro_batch_gets_the_class_batch_of_its_number(tiny_dir, images, c
     assert len({tuple(batch) for _, batch in expected}) > 2  # and reshuffled between class epochs
 
 
+def test_cached_and_uncached_class_images_give_the_same_adapter(tiny_dir, images, class_images, tmp_path):
+    """Without cached latents the class images come through their own DataLoader (with workers here)."""
+    settings = dict(max_steps=4, reg_data=str(class_images), flip=0.5)
+    cached = train(config(tiny_dir, images, tmp_path / "cached", **settings), quiet=True)
+    uncached = train(config(tiny_dir, images, tmp_path / "uncached", cache_latents=False, cache_text=False,
+                            num_workers=1, **settings), quiet=True)
+    assert_adapters_close(cached, uncached, atol=1e-5)
+
+
 def test_class_batch_keys_start_anywhere_and_stride_over_processes():
     sampler = BucketBatchSampler([(16, 16)] * 5 + [(8, 32)] * 3, 2, seed=1)
     per_epoch = len(sampler.batches(0))

@@ -624,7 +624,8 @@ class Trainer:
                 images = next(pixels)["pixel_values"] if pixels is not None else None
                 prior = None
                 if prior_keys is not None:
-                    prior = ClassBatch(*next(prior_keys), next(prior_pixels)["pixel_values"] if prior_pixels else None)
+                    prior = ClassBatch(*next(prior_keys), next(prior_pixels)["pixel_values"]
+                                       if prior_pixels is not None else None)
                 generator = step_generator(config.seed, step, micro, accelerator.process_index)
                 syncing = micro == config.gradient_accumulation - 1
                 with nullcontext() if syncing else accelerator.no_sync(self.wrapped_unet):
