@@ -3,7 +3,7 @@
 The floor is the bare UNet's forward + backward for the same batch and resolution: gradients through
 every activation (to the noisy input), no weight gradients, no optimizer, no data, no text encoder, no
 gradient checkpointing; for SDXL it gets the pooled text and size/crop ids (added_cond_kwargs) too.
-sdlora's Trainer (what `sdlora train` runs) is measured in several configurations. Each measurement
+sdlora's training (what `sdlora train` runs) is measured in several configurations. Each measurement
 runs in its own process, so that its peak memory is its own; all of them run in one invocation and
 are printed as ratios to the floor, next to the absolute numbers. Compare within one invocation only:
 on a shared machine absolute times are noise.
@@ -21,7 +21,7 @@ saved with fp16 weights (--save-dtype; SDXL: 5.1 GB UNet, 7 GB in all) in a temp
 removed at the end (--model-dir keeps and reuses one), and every run loads it in its own dtype (fp32,
 or bf16/fp16 with --mixed-precision).
 
-Trainer configurations (--runs, comma-separated):
+Training configurations (--runs, comma-separated):
   cached     latent and text caching on: the VAE and text encoders run once per image and caption
   cached-gc  the same with gradient checkpointing
   uncached   no caching: the VAE and text encoders run every step
@@ -284,7 +284,7 @@ def floor_worker(args) -> dict:
 
 def train_worker(args, run: Run) -> dict:
     from sdlora.training.config import TrainConfig
-    from sdlora.training.loop import Trainer
+    from sdlora.training.loop import run_training, setup_run
 
     config = TrainConfig(model=args.model, data=args.data, output_dir=tempfile.mkdtemp(dir=args.workdir),
                          resolution=args.resolution, batch_size=args.batch, max_steps=args.warmup + args.steps,
@@ -292,15 +292,15 @@ def train_worker(args, run: Run) -> dict:
                          gradient_checkpointing=run.checkpointing, mixed_precision=args.mixed_precision,
                          **({"timestep_max": 500, "preserve_outside_window": True} if run.preserve else {}))
     peaks, started = Peaks(args.device), time.perf_counter()
-    trainer = Trainer(config, quiet=True)  # loads the model, fills the caches
+    training = setup_run(config, quiet=True)  # loads the model, fills the caches
     setup = time.perf_counter() - started
     peaks.end_setup()
-    trainer.run()
+    run_training(training)
     memory = peaks.result()
     records = [json.loads(line) for line in (Path(config.output_dir) / "logs" / "metrics.jsonl").open()]
     times = {r["step"]: r["time"] for r in records if "loss" in r}
     per_step = (times[args.warmup + args.steps] - times[args.warmup]) / args.steps
-    modules = [m for m in trainer.pipe.components.values() if isinstance(m, torch.nn.Module)]
+    modules = [m for m in training.model.pipe.components.values() if isinstance(m, torch.nn.Module)]
     return {"seconds_per_step": per_step, "setup_s": setup, "weights_mb": weights_mb(modules, args.device), **memory}
 
 
@@ -332,7 +332,7 @@ def run_worker(name: str, args, model: Path, data: Path, workdir: Path) -> dict:
                "--save-dtype", args.save_dtype]
     env = dict(os.environ)
     if args.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""  # the Trainer takes the GPU whenever it sees one
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the trainer takes the GPU whenever it sees one
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started

@@ -7,7 +7,7 @@ Where things live (docs/architecture.md has every module):
                               the LyCORIS kinds in adapters/lycoris.py
     files/                    the adapter file on disk: safetensors.py (read, write, header),
                               layouts.py (other tools' layouts), names.py (key names)
-    training/loop.py          the training loop; config, data, caching and loss beside it
+    training/loop.py          the training loop; training/setup.py builds what it runs on
     base_models/families.py   what differs between SD 1.x, SD 2.x and SDXL; base_models/sources.py has
                               load_pipeline (a folder, a hub id or one checkpoint file, offline)
     tools/                    one module per command: inspect, convert, merge, extract, bake, generate

@@ -24,7 +24,7 @@ from sdlora.loader import up_parameters
 from sdlora.adapters.lora import AdaptedLayer
 from sdlora.adapters.lycoris import DoRA
 from sdlora.training.config import TrainConfig, validate
-from sdlora.training.loop import Trainer, train
+from sdlora.training.loop import run_training, setup_run, train
 from sdlora.training.steps import lr_factor
 from test_train import adapter_tensors, config as train_config
 
@@ -61,11 +61,11 @@ def test_the_options_are_flags(capsys):
 
 
 def test_loraplus_gives_the_up_matrices_their_own_scaled_learning_rate(tiny_dir, images, tmp_path):
-    trainer = Trainer(config(tiny_dir, images, tmp_path, loraplus_ratio=16.0, train_text_encoder=True,
+    run = setup_run(config(tiny_dir, images, tmp_path, loraplus_ratio=16.0, train_text_encoder=True,
                              text_encoder_lr=5e-4, lr_scheduler="cosine", warmup_steps=2, max_steps=4,
                              targets="attn-mlp"), quiet=True)
-    pipe = trainer.pipe
-    groups = trainer.optimizer.param_groups
+    pipe = run.model.pipe
+    groups = run.optim.optimizer.param_groups
     assert len(groups) == 4
     expected = []
     for component, lr in (("unet", 2e-3), ("text_encoder", 5e-4)):
@@ -76,8 +76,8 @@ def test_loraplus_gives_the_up_matrices_their_own_scaled_learning_rate(tiny_dir,
     for group, (parameters, lr) in zip(groups, expected):
         assert [id(p) for p in group["params"]] == [id(p) for p in parameters]
         assert group["initial_lr"] == pytest.approx(lr, rel=1e-12)
-        assert group["weight_decay"] == trainer.config.weight_decay
-    trainer.run()
+        assert group["weight_decay"] == run.config.weight_decay
+    run_training(run)
     factor = lr_factor(4, "cosine", 2, 4)
     for group, (_, lr) in zip(groups, expected):  # the schedule moves every group alike
         assert group["lr"] == pytest.approx(lr * factor, rel=1e-12)
@@ -151,11 +151,11 @@ def test_fresh_dora_leaves_the_model_as_it_was(pipe):
 def trained_dora(tiny_dir, images, tmp_path_factory):
     """A short DoRA run over every layer (convs too) and the text encoder, with the trainer's outputs."""
     out = tmp_path_factory.mktemp("dora")
-    trainer = Trainer(config(tiny_dir, images, out, dora=True, targets="full", train_text_encoder=True,
+    run = setup_run(config(tiny_dir, images, out, dora=True, targets="full", train_text_encoder=True,
                              lr=1e-2), quiet=True)
-    path = trainer.run()
-    trainer.unet.eval()
-    return path, unet_out(trainer.unet), te_out(trainer.text_encoders[0])
+    path = run_training(run)
+    run.model.unet.eval()
+    return path, unet_out(run.model.unet), te_out(run.model.text_encoders[0])
 
 
 def test_trained_dora_file_loads_with_the_training_outputs(trained_dora, pipe):
@@ -204,24 +204,24 @@ def test_trained_dora_file_gives_lycoris_the_same_outputs(trained_dora, pipe):
 
 def test_ema_is_the_warmed_up_average_of_the_weights(tiny_dir, images, tmp_path, pipe):
     decay = 0.2  # low, so that the warm-up min(decay, n / (n + 9)) takes both branches in four steps
-    trainer = Trainer(config(tiny_dir, images, tmp_path, ema_decay=decay, max_steps=4), quiet=True)
+    run = setup_run(config(tiny_dir, images, tmp_path, ema_decay=decay, max_steps=4), quiet=True)
     snapshots = []
-    step = trainer.optimizer.step
+    step = run.optim.optimizer.step
 
     def recording_step(*args, **kwargs):
         result = step(*args, **kwargs)
-        snapshots.append([p.detach().clone() for p in trainer.parameters])
+        snapshots.append([p.detach().clone() for p in run.optim.parameters])
         return result
 
-    trainer.optimizer.step = recording_step
-    path = trainer.run()
+    run.optim.optimizer.step = recording_step
+    path = run_training(run)
     expected = snapshots[0]
     for n, weights in enumerate(snapshots[1:], start=2):
         d = min(decay, n / (n + 9))
         expected = [d * e + (1 - d) * w for e, w in zip(expected, weights)]
-    for average, value in zip(trainer.ema, expected):
+    for average, value in zip(run.optim.ema, expected):
         torch.testing.assert_close(average, value, atol=1e-7, rtol=1e-6)
-    for parameter, final in zip(trainer.parameters, snapshots[-1]):  # the adapter keeps its own weights
+    for parameter, final in zip(run.optim.parameters, snapshots[-1]):  # the adapter keeps its own weights
         assert torch.equal(parameter, final)
 
     ema_path = tmp_path / "lora.ema.safetensors"
@@ -233,8 +233,8 @@ def test_ema_is_the_warmed_up_average_of_the_weights(tiny_dir, images, tmp_path,
         assert json.loads(g.metadata()["sdlora"])["ema"] is True
     # the file holds the averages, and loads: its up weights are the EMA's
     sdlora.load(pipe, ema_path, name="ema")
-    averages = {id(p): average for p, average in zip(trainer.parameters, trainer.ema)}
-    for loaded, trained in zip(up_parameters(pipe, "ema"), up_parameters(trainer.pipe, "lora"), strict=True):
+    averages = {id(p): average for p, average in zip(run.optim.parameters, run.optim.ema)}
+    for loaded, trained in zip(up_parameters(pipe, "ema"), up_parameters(run.model.pipe, "lora"), strict=True):
         torch.testing.assert_close(loaded.detach(), averages[id(trained)], atol=1e-7, rtol=0)
 
 
@@ -270,4 +270,4 @@ def test_killed_dora_ema_loraplus_run_resumes_to_the_same_files(tiny_dir, images
 def test_resume_refuses_a_checkpoint_trained_without_the_option(tiny_dir, images, tmp_path):
     train(config(tiny_dir, images, tmp_path, max_steps=2, save_every=2), quiet=True)
     with pytest.raises(ConfigError, match="trained with dora=False, this run has dora=True"):
-        Trainer(config(tiny_dir, images, tmp_path, max_steps=4, resume="latest", dora=True), quiet=True).run()
+        run_training(setup_run(config(tiny_dir, images, tmp_path, max_steps=4, resume="latest", dora=True), quiet=True))

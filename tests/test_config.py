@@ -174,7 +174,7 @@ def test_the_command_line_refuses_an_ignored_option_in_one_line_before_loading(t
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("sdlora.training.loop.load_pipeline", no_model)
+    monkeypatch.setattr("sdlora.training.setup.load_pipeline", no_model)
     config = valid(tmp_path)
     flags = [part for key, value in overrides.items() for part in (f"--{key.replace('_', '-')}", str(value))]
     code = cli.main(["train", "--model", config.model, "--data", config.data, "--output-dir", config.output_dir,

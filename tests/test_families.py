@@ -16,7 +16,7 @@ from sdlora.base_models.families import SD1, SD2, SDXL, TextOptions, chunked_tok
 from sdlora.base_models.parts import components
 from sdlora.files.names import kohya_name
 from sdlora.training.config import TrainConfig
-from sdlora.training.loop import Trainer
+from sdlora.training.loop import run_training, setup_run
 from sdlora.toy.pipelines import save_tiny_pipeline
 from conftest import randomize
 
@@ -73,12 +73,12 @@ def test_training_lowers_the_loss_and_writes_the_runs_facts(family_dir, images, 
     config = TrainConfig(model=str(folder), data=str(images), output_dir=str(tmp_path), batch_size=4,
                          max_steps=30, lr=1e-2, rank=4, seed=7, targets="attn-mlp", save_dtype="fp32",
                          train_text_encoder=True, train_text_encoder_2=name == "sdxl")
-    trainer = Trainer(config, quiet=True)
-    assert trainer.resolution == 16  # the model's own: sample size 8 x the VAE's 2
-    assert trainer.prediction_type == ("v_prediction" if name == "sd2" else "epsilon")
-    before = trainer.fixed_noise_loss()
-    path = trainer.run()
-    after = trainer.fixed_noise_loss()
+    run = setup_run(config, quiet=True)
+    assert run.model.resolution == 16  # the model's own: sample size 8 x the VAE's 2
+    assert run.model.prediction_type == ("v_prediction" if name == "sd2" else "epsilon")
+    before = run.fixed_noise_loss()
+    path = run_training(run)
+    after = run.fixed_noise_loss()
     assert after < 0.9 * before, (before, after)
 
     metadata = sdlora.read_adapter(path)[1]

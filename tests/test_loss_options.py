@@ -13,7 +13,7 @@ from diffusers import DDPMScheduler
 
 from sdlora import cli, read_adapter
 from sdlora.training.config import ConfigError, TrainConfig, validate
-from sdlora.training.loop import Trainer
+from sdlora.training.loop import run_training, setup_run
 from sdlora.training.loss import TimestepSampling, diffusion_loss, pixel_loss, sample_timesteps
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
@@ -279,10 +279,10 @@ def test_a_short_run_with_each_option_lowers_its_loss(tiny_dir, images, tmp_path
     """40 steps on the tiny model, each option alone and all together, as the tiny model's other runs do."""
     config = TrainConfig(model=str(tiny_dir), data=str(images), output_dir=str(tmp_path), resolution=16,
                          batch_size=4, max_steps=40, lr=1e-2, rank=4, seed=7, targets="attn-mlp", **options)
-    trainer = Trainer(config, quiet=True)
-    before = trainer.fixed_noise_loss()  # under the run's own loss and timestep sampling
-    path = trainer.run()
-    after = trainer.fixed_noise_loss()
+    run = setup_run(config, quiet=True)
+    before = run.fixed_noise_loss()  # under the run's own loss and timestep sampling
+    path = run_training(run)
+    after = run.fixed_noise_loss()
     assert after < 0.9 * before, (before, after)  # measured: 0.69 to 0.83 of the start
     header = read_adapter(path)[1]
     assert header["ss_loss_type"] == config.loss_type and header["ss_huber_c"] == str(config.huber_c)

@@ -18,7 +18,7 @@ from sdlora import cli
 from sdlora.errors import DataError
 from sdlora.training.caching import latent_mask
 from sdlora.training.data import ImageCaptionDataset, attach_masks, find_images, load_mask, mask_path
-from sdlora.training.loop import Trainer, train
+from sdlora.training.loop import run_training, setup_run, train
 from sdlora.training.loss import diffusion_loss, masked_mean
 from test_train import assert_adapters_close, config
 
@@ -259,10 +259,10 @@ def masked_images(images, tmp_path) -> Path:
 
 
 def test_cached_and_uncached_masked_runs_give_the_same_adapter(tiny_dir, masked_images, tmp_path):
-    cached = Trainer(config(tiny_dir, masked_images, tmp_path / "cached", flip=0.5, masked_loss=True), quiet=True)
+    cached = setup_run(config(tiny_dir, masked_images, tmp_path / "cached", flip=0.5, masked_loss=True), quiet=True)
     masks = cached.images.cache.masks
     assert len(masks) == 16 and masks[0, False].shape == (1, 8, 8)  # the VAE's 2x
-    cached_path = cached.run()
+    cached_path = run_training(cached)
     uncached = train(config(tiny_dir, masked_images, tmp_path / "uncached", flip=0.5, masked_loss=True,
                             cache_latents=False, cache_text=False), quiet=True)
     assert_adapters_close(cached_path, uncached, atol=1e-5)

@@ -20,7 +20,7 @@ from sdlora.errors import ConfigError
 from sdlora.training.caching import sample_latents
 from sdlora.training.config import build, class_prompt_list, to_toml, validate
 from sdlora.training.data import BucketBatchSampler
-from sdlora.training.loop import Trainer, train
+from sdlora.training.loop import run_training, setup_run, train
 from sdlora.training.steps import step_generator
 from sdlora.training.loss import diffusion_loss
 from sdlora.training.prior import (FINGERPRINT_FILE, PENDING_FILE, ClassBatch, class_batch_keys,
@@ -160,7 +160,7 @@ def test_class_images_follow_their_own_options_not_the_sample_options(tiny_dir, 
                     class_sample_steps=2, max_steps=1)
 
     def make(run: str, **changes) -> tuple[dict, dict]:
-        Trainer(config(tiny_dir, images, tmp_path / run, **{**settings, **changes}), quiet=True)
+        setup_run(config(tiny_dir, images, tmp_path / run, **{**settings, **changes}), quiet=True)
         recorded = json.loads((folder / FINGERPRINT_FILE).read_text())
         return recorded, {path.name: path.read_bytes() for path in folder.glob("*.png")}
 
@@ -202,9 +202,9 @@ def test_a_kill_during_generation_leaves_no_cache_that_is_taken_as_complete(tiny
     assert not (folder / FINGERPRINT_FILE).exists() and (folder / PENDING_FILE).exists()
     kept = {i: (folder / f"{i:05d}.png").read_bytes() for i in range(3)}
 
-    trainer = Trainer(config(tiny_dir, images, out, class_prompts=["a blue square"], num_class_images=6,
+    run = setup_run(config(tiny_dir, images, out, class_prompts=["a blue square"], num_class_images=6,
                              class_sample_steps=3, max_steps=1), quiet=True)
-    assert len(trainer.class_images.dataset) == 6 and (folder / FINGERPRINT_FILE).exists()
+    assert len(run.class_images.dataset) == 6 and (folder / FINGERPRINT_FILE).exists()
     assert not (folder / PENDING_FILE).exists() and not list(folder.glob(".*sdlora-tmp"))
     assert all((folder / f"{i:05d}.png").read_bytes() == content for i, content in kept.items())  # finished ones kept
 
@@ -213,28 +213,28 @@ def test_a_kill_during_generation_leaves_no_cache_that_is_taken_as_complete(tiny
 
 
 def test_the_loss_is_the_instance_loss_plus_the_weighted_class_loss(tiny_dir, images, class_images, tmp_path):
-    trainer = Trainer(config(tiny_dir, images, tmp_path, reg_data=str(class_images), caption_prefix="zkz",
+    run = setup_run(config(tiny_dir, images, tmp_path, reg_data=str(class_images), caption_prefix="zkz",
                              flip=0.5), quiet=True)
     indices, prior = [0, 3, 5, 6], ClassBatch(2, [1, 4, 0])
 
     def loss(weight: float, with_prior: bool = True) -> torch.Tensor:
-        trainer.prior_loss_weight = weight
+        run.prior_loss_weight = weight
         with torch.no_grad():
-            return trainer.micro_batch_loss(1, indices, step_generator(7, 5), prior=prior if with_prior else None)
+            return run.micro_batch_loss(1, indices, step_generator(7, 5), prior=prior if with_prior else None)
 
     # The class half, recomputed from its parts: its cached latents, its captions (no prefix), the same
     # generator after the instance half has drawn.
     generator = step_generator(7, 5)
     with torch.no_grad():
-        instance = trainer.micro_batch_loss(1, indices, generator)
-        dataset = trainer.class_images.dataset
+        instance = run.micro_batch_loss(1, indices, generator)
+        dataset = run.class_images.dataset
         captions = [dataset.caption(i, 2) for i in prior.indices]
         assert captions == [class_images.joinpath(f"{i}.txt").read_text() for i in prior.indices]
-        pairs = [trainer.class_images.cache.entries[i, dataset.flipped(i, 2)] for i in prior.indices]
-        latents = sample_latents(trainer.vae.config, torch.stack([m for m, _ in pairs]),
+        pairs = [run.class_images.cache.entries[i, dataset.flipped(i, 2)] for i in prior.indices]
+        latents = sample_latents(run.model.vae.config, torch.stack([m for m, _ in pairs]),
                                  torch.stack([s for _, s in pairs]), generator)
-        inputs = {"encoder_hidden_states": trainer._encode_text(captions).hidden}
-        class_loss = diffusion_loss(trainer.unet, trainer.scheduler, latents, inputs, generator,
+        inputs = {"encoder_hidden_states": run.model.encode_text(captions).hidden}
+        class_loss = diffusion_loss(run.model.unet, run.scheduler, latents, inputs, generator,
                                     prediction_type="epsilon")
     assert class_loss > 0.01  # not trivially zero
     torch.testing.assert_close(loss(0.0), instance)
@@ -247,15 +247,15 @@ def test_each_micro_batch_gets_the_class_batch_of_its_number(tiny_dir, images, c
     settings = dict(max_steps=5, gradient_accumulation=2, batch_size=4, caption_prefix="zkz", shuffle_tags=True)
     seen, plain = [], []
     for calls, extra in ((seen, {"reg_data": str(class_images)}), (plain, {})):
-        trainer = Trainer(config(tiny_dir, images, tmp_path / str(len(extra)), **settings, **extra), quiet=True)
-        real = trainer.micro_batch_loss
+        run = setup_run(config(tiny_dir, images, tmp_path / str(len(extra)), **settings, **extra), quiet=True)
+        real = run.micro_batch_loss
 
         def record(epoch, indices, generator, *args, calls=calls, real=real, **kwargs):
             calls.append((epoch, list(indices), kwargs.get("prior")))
             return real(epoch, indices, generator, *args, **kwargs)
 
-        trainer.micro_batch_loss = record
-        trainer.run()
+        run.micro_batch_loss = record
+        run_training(run)
     assert [(e, i) for e, i, _ in seen] == [(e, i) for e, i, _ in plain]  # the instance batches are unchanged
     assert all(prior is None for _, _, prior in plain)
     # Six class images, batches of four: two batches per class epoch (4 + 2), in an order of (seed, epoch);
@@ -265,6 +265,15 @@ def test_each_micro_batch_gets_the_class_batch_of_its_number(tiny_dir, images, c
     assert [(prior.epoch, prior.indices) for _, _, prior in seen] == expected
     assert sorted(i for _, batch in expected[:2] for i in batch) == list(range(6))  # each once per class epoch
     assert len({tuple(batch) for _, batch in expected}) > 2  # and reshuffled between class epochs
+
+
+def test_cached_and_uncached_class_images_give_the_same_adapter(tiny_dir, images, class_images, tmp_path):
+    """Without cached latents the class images come through their own DataLoader (with workers here)."""
+    settings = dict(max_steps=4, reg_data=str(class_images), flip=0.5)
+    cached = train(config(tiny_dir, images, tmp_path / "cached", **settings), quiet=True)
+    uncached = train(config(tiny_dir, images, tmp_path / "uncached", cache_latents=False, cache_text=False,
+                            num_workers=1, **settings), quiet=True)
+    assert_adapters_close(cached, uncached, atol=1e-5)
 
 
 def test_class_batch_keys_start_anywhere_and_stride_over_processes():

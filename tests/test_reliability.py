@@ -20,7 +20,7 @@ from sdlora import cli
 from sdlora.reliability import durable
 from sdlora.reliability.durable import TEMPORARY_SUFFIX
 from sdlora.reliability.runlock import LOCK_FILE
-from sdlora.training.loop import Trainer, TrainingDiverged, diverged_message, train
+from sdlora.training.loop import TrainingDiverged, diverged_message, run_training, setup_run, train
 from test_train import assert_adapters_close, config
 
 if sys.version_info >= (3, 11):
@@ -204,19 +204,19 @@ def test_the_nan_message_suggests_bf16_only_for_fp16():
 def test_nan_weights_are_never_saved(tiny_dir, images, tmp_path):
     """An update that breaks the weights but not yet the loss (an fp16 overflow, say) stops the run
     before the checkpoint of that step is written."""
-    trainer = Trainer(config(tiny_dir, images, tmp_path, max_steps=9, save_every=3), quiet=True)
-    real_step, steps = trainer.optimizer.step, []
+    run = setup_run(config(tiny_dir, images, tmp_path, max_steps=9, save_every=3), quiet=True)
+    real_step, steps = run.optim.optimizer.step, []
 
     def breaking_step(*args, **kwargs):
         real_step(*args, **kwargs)
         steps.append(1)
         if len(steps) == 6:  # after the update of step 6, before its checkpoint
             with torch.no_grad():
-                trainer.parameters[0].view(-1)[0] = float("inf")
+                run.optim.parameters[0].view(-1)[0] = float("inf")
 
-    trainer.optimizer.step = breaking_step
+    run.optim.optimizer.step = breaking_step
     with pytest.raises(TrainingDiverged, match="the adapter's weights became NaN or infinite at step 6;"):
-        trainer.run()
+        run_training(run)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000003"]
     assert check_every_file(tmp_path) == []
 
@@ -243,7 +243,7 @@ def test_a_fresh_run_never_overwrites_a_finished_runs_adapter(tiny_dir, images, 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("sdlora.training.loop.load_pipeline", no_model)
+    monkeypatch.setattr("sdlora.training.setup.load_pipeline", no_model)
     assert cli.main(cli_args(tiny_dir, images, out, max_steps=3)) == 2
     assert capsys.readouterr().err == (f"sdlora: error: {earlier} holds the adapter of an earlier run: choose another "
                                        "--output-dir or --name, or move that file away\n")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import sdlora
 from sdlora.training.config import TrainConfig
-from sdlora.training.loop import Trainer, TrainingDiverged, train
+from sdlora.training.loop import TrainingDiverged, run_training, setup_run, train
 from sdlora.training.steps import lr_factor
 from sdlora.training.loss import diffusion_loss
 from conftest import te_out, unet_out
@@ -42,10 +42,10 @@ def assert_adapters_close(a: Path, b: Path, atol: float) -> None:
 
 
 def test_short_run_lowers_the_loss_at_fixed_noise(tiny_dir, images, tmp_path):
-    trainer = Trainer(config(tiny_dir, images, tmp_path, max_steps=40, lr=1e-2, targets="attn-mlp"), quiet=True)
-    before = trainer.fixed_noise_loss()
-    trainer.run()
-    after = trainer.fixed_noise_loss()
+    run = setup_run(config(tiny_dir, images, tmp_path, max_steps=40, lr=1e-2, targets="attn-mlp"), quiet=True)
+    before = run.fixed_noise_loss()
+    run_training(run)
+    after = run.fixed_noise_loss()
     assert after < 0.85 * before, (before, after)  # measured: 1.136 -> 0.807
     records = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 41))
@@ -79,9 +79,9 @@ def test_cached_and_uncached_runs_give_the_same_adapter(tiny_dir, images, tmp_pa
 
 
 def test_disk_cache_is_reused(tiny_dir, images, tmp_path):
-    first = Trainer(config(tiny_dir, images, tmp_path / "a", cache_dir=str(tmp_path / "cache")), quiet=True)
+    first = setup_run(config(tiny_dir, images, tmp_path / "a", cache_dir=str(tmp_path / "cache")), quiet=True)
     assert first.images.cache.reused == 0 and len(list((tmp_path / "cache").iterdir())) == 8
-    second = Trainer(config(tiny_dir, images, tmp_path / "b", cache_dir=str(tmp_path / "cache")), quiet=True)
+    second = setup_run(config(tiny_dir, images, tmp_path / "b", cache_dir=str(tmp_path / "cache")), quiet=True)
     assert second.images.cache.reused == 8
     for key, (mean, std) in first.images.cache.entries.items():
         again = second.images.cache.entries[key]
@@ -117,8 +117,8 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_dir, images, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_dir, images, tmp_path, monkeypatch):
-    trainer = Trainer(config(tiny_dir, images, tmp_path, max_steps=10, save_every=3), quiet=True)
-    real_loss = trainer.micro_batch_loss
+    run = setup_run(config(tiny_dir, images, tmp_path, max_steps=10, save_every=3), quiet=True)
+    real_loss = run.micro_batch_loss
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -126,9 +126,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_dir, images, t
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 5 else loss
 
-    monkeypatch.setattr(trainer, "micro_batch_loss", poisoned)
+    monkeypatch.setattr(run, "micro_batch_loss", poisoned)
     with pytest.raises(TrainingDiverged, match="at step 5"):
-        trainer.run()
+        run_training(run)
     checkpoint = tmp_path / "checkpoints" / "step-000003" / "adapter.safetensors"
     assert all(torch.isfinite(t).all() for t in load_file(checkpoint).values())
     assert not (tmp_path / "lora.safetensors").exists()
@@ -161,10 +161,10 @@ def test_samples_validation_and_resolved_config(tiny_dir, images, tmp_path):
     {"train_text_encoder": True, "timestep_max": 500, "preserve_outside_window": True, "cache_text": False},
 ])
 def test_option_combinations_train(tiny_dir, images, tmp_path, options):
-    trainer = Trainer(config(tiny_dir, images, tmp_path, max_steps=3, **options), quiet=True)
-    before = {k: v.detach().clone() for k, v in enumerate(trainer.parameters)}
-    path = trainer.run()
-    assert any(not torch.equal(before[i], p.detach()) for i, p in enumerate(trainer.parameters))
+    run = setup_run(config(tiny_dir, images, tmp_path, max_steps=3, **options), quiet=True)
+    before = {k: v.detach().clone() for k, v in enumerate(run.optim.parameters)}
+    path = run_training(run)
+    assert any(not torch.equal(before[i], p.detach()) for i, p in enumerate(run.optim.parameters))
     assert all(torch.isfinite(t).all() for t in load_file(path).values())
 
 
@@ -241,21 +241,21 @@ def test_image_loading_workers_change_nothing(tiny_dir, images, tmp_path):
 def test_zero_terminal_snr_rescales_the_schedule(tiny_dir, images, tmp_path):
     from sdlora.errors import ConfigError
 
-    trainer = Trainer(config(tiny_dir, images, tmp_path / "v", zero_terminal_snr=True, max_steps=2,
+    run = setup_run(config(tiny_dir, images, tmp_path / "v", zero_terminal_snr=True, max_steps=2,
                              prediction_type="v_prediction"), quiet=True)
-    alphas = trainer.scheduler.alphas_cumprod
+    alphas = run.scheduler.alphas_cumprod
     assert alphas[-1] == 0 and alphas[0] > 0.99  # the last step is pure noise, the first almost clean
-    assert trainer.pipe.scheduler.config.rescale_betas_zero_snr  # and the sampler knows it
-    assert sdlora.read_adapter(trainer.run())[1]["ss_zero_terminal_snr"] == "True"
+    assert run.model.pipe.scheduler.config.rescale_betas_zero_snr  # and the sampler knows it
+    assert sdlora.read_adapter(run_training(run))[1]["ss_zero_terminal_snr"] == "True"
     with pytest.raises(ConfigError, match="needs v_prediction"):  # the tiny model predicts epsilon
-        Trainer(config(tiny_dir, images, tmp_path / "eps", zero_terminal_snr=True), quiet=True)
+        setup_run(config(tiny_dir, images, tmp_path / "eps", zero_terminal_snr=True), quiet=True)
 
 
 def test_resolution_defaults_to_the_models_own_and_upscaling_is_named(tiny_dir, images, tmp_path, capsys):
-    trainer = Trainer(config(tiny_dir, images, tmp_path / "a", resolution=None, max_steps=1))
-    assert trainer.resolution == 16  # sample size 8 x the VAE's 2
+    run = setup_run(config(tiny_dir, images, tmp_path / "a", resolution=None, max_steps=1))
+    assert run.model.resolution == 16  # sample size 8 x the VAE's 2
     assert "resolution 16 (the model's own" in capsys.readouterr().out
-    Trainer(config(tiny_dir, images, tmp_path / "b", resolution=64, max_steps=1))
+    setup_run(config(tiny_dir, images, tmp_path / "b", resolution=64, max_steps=1))
     assert "8 of 8 images are enlarged more than 2x" in capsys.readouterr().out
 
 
@@ -272,8 +272,8 @@ def test_clip_skip_is_bounded_by_the_loaded_text_encoders_depth(tiny_dir, images
     assert capsys.readouterr().err == (f"sdlora: error: clip_skip {depth + 1} is deeper than this Stable Diffusion "
                                        f"1.x model's text_encoder, which has {depth} layers: give 1 to {depth}\n")
     assert not (tmp_path / "deep" / "lora.safetensors").exists()
-    trainer = Trainer(config(tiny_dir, images, tmp_path / "within", clip_skip=depth, max_steps=1), quiet=True)
-    assert trainer.text_options.clip_skip == depth
+    run = setup_run(config(tiny_dir, images, tmp_path / "within", clip_skip=depth, max_steps=1), quiet=True)
+    assert run.model.text_options.clip_skip == depth
     validate(valid(tmp_path, clip_skip=23))  # SD 2.x's encoder has 23 layers: the model decides, not validate
     with pytest.raises(ConfigError, match="clip_skip counts layers from the end, 1 being the last, got 0"):
         validate(valid(tmp_path, clip_skip=0))

@@ -1,4 +1,4 @@
-"""Training a LoRA: config -> data -> caches -> the loop -> the adapter file.
+"""Training a LoRA: config -> data -> model and caches (setup) -> the loop -> the adapter file.
 
     config.py      the training config (one dataclass; flags and TOML come from it)
     data.py        finding images and captions, buckets, the dataset and its sampler
@@ -8,5 +8,6 @@
     steps.py       the step math: lr schedule, EMA, generators, which batch each step takes
     checkpoint.py  checkpoints and resuming
     runlog.py      the metrics log and TensorBoard, opened once on the main process
-    loop.py        the Trainer: setup, then one readable loop
+    setup.py       setting a run up: the base model, the adapter, the image sets, the optimizer, each returned
+    loop.py        the Run that setup built, its micro-batch loss, and the loop, in one function
 """
