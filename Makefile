@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 TORCH_CPU_WHEELS ?= $(if $(wildcard /opt/wheels/torch-*),/opt/wheels,https://download.pytorch.org/whl/cpu/torch/)
 UV := .venv-tools/bin/uv
 
-.PHONY: demo test test-latest test-oldest lock
+.PHONY: demo studio screenshots test test-latest test-oldest lock
 
 $(VENV)/.installed: pyproject.toml requirements-lock.txt
 	python3 -m venv $(VENV)
@@ -20,6 +20,15 @@ $(VENV)/.installed: pyproject.toml requirements-lock.txt
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/sdlora toy demo --out out/demo
+
+# The studio on the toy world: queue datasets/*/train.toml from its New-run page (TOML tab), or train
+# into out/studio from the command line and watch it appear.
+studio: $(VENV)/.installed
+	$(VENV)/bin/sdlora studio --runs out/studio --data datasets
+
+# The studio's screenshots in docs/studio/, made by its browser test (needs chromium and chromium-driver).
+screenshots: $(VENV)/.installed
+	SDLORA_SCREENSHOTS=docs/studio $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_studio_browser.py
 
 test:
 	bash .ci/run

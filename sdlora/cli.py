@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="training config (default: %(default)s)")
 
     add_adapter_commands(commands)
+    add_studio_command(commands)
 
     train.add_argument("--config", type=Path, help="TOML file with any of the options below")
     train.add_argument("--quiet", action="store_true", help="no progress bar or summaries")
@@ -145,6 +146,38 @@ EXTRACT_EXAMPLES = """examples:
 
 Models are loaded in fp32; on a GPU the SVDs run there. Layers the fine-tune left unchanged are left out.
 """
+
+
+STUDIO_EXAMPLES = """examples:
+  sdlora studio                                  # http://127.0.0.1:7860/ over the runs in ./out
+  sdlora studio --runs runs/ --data datasets/ --data ~/photos
+  sdlora studio --host 0.0.0.0 --port 8080       # a headless training box: prints the address with its token
+
+It only reads the files runs write and leaves requests for them (stop, save now, sample now): a run
+started with `sdlora train --output-dir RUNS/NAME` shows up as one queued from a page, and stopping
+or killing the studio never touches a training. Needs the studio extra: pip install 'sdlora[studio]'.
+"""
+
+
+def add_studio_command(commands) -> None:
+    studio = commands.add_parser(
+        "studio", help="a local web app to queue, watch, steer and compare trainings",
+        description="Serve the studio: every run in --runs with its status, live loss and samples; a queue; "
+                    "compare runs side by side; edit captions; inspect adapters. A JSON API under /api/ "
+                    "(docs/studio.md) lets a script on another machine drive a training box.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=STUDIO_EXAMPLES)
+    studio.add_argument("--runs", type=Path, default=Path("out"),
+                        help="the folder of run folders; queued runs go to RUNS/NAME (default: %(default)s)")
+    studio.add_argument("--data", type=Path, action="append", metavar="DIR",
+                        help="a folder of datasets to browse and caption; repeat for several (default: ./datasets "
+                             "when it exists)")
+    studio.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; any but a loopback one requires a token (default: %(default)s)")
+    studio.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    studio.add_argument("--token", help="the token to require (default: generated and printed at start when "
+                                        "--host is not a loopback address)")
+    studio.add_argument("--parallel", type=positive_int, default=1,
+                        help="queued runs that may train at once (default: %(default)s: one GPU, one run)")
 
 
 def add_adapter_commands(commands) -> None:
@@ -436,7 +469,23 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "toy": run_toy, "inspect": run_inspect, "generate": run_generate,
+def run_studio(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [name for name in ("starlette", "uvicorn", "jinja2") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"the studio needs {', '.join(missing)}: pip install 'sdlora[studio]'")
+    from .studio.app import serve
+
+    data = args.data or ([Path("datasets")] if Path("datasets").is_dir() else [])
+    for folder in data:
+        if not folder.is_dir():
+            raise ConfigError(f"--data {folder}: no such folder")
+    serve(args.runs, data, host=args.host, port=args.port, token=args.token, parallel=args.parallel)
+    return 0
+
+
+COMMANDS = {"studio": run_studio, "train": run_train, "toy": run_toy, "inspect": run_inspect, "generate": run_generate,
             "merge": run_merge, "resize": run_resize, "extract": run_extract, "convert": run_convert}
 
 

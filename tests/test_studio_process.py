@@ -1,0 +1,82 @@
+"""The studio as its own process: killing it (SIGKILL) while a run trains changes nothing for the run, and
+a restarted studio tells the same story from the files: the queue and every status as before."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from studio_process import StudioProcess, end_runs
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette", reason="the studio extra: pip install 'sdlora[studio]'")
+
+
+def toml(tiny_dir, images, **options) -> str:
+    values = dict(model=str(tiny_dir), data=str(images), resolution=16, batch_size=4, lr=2e-3, rank=4, seed=7,
+                  log_every=1, save_dtype="fp32", max_steps=40, save_every=10)
+    values.update(options)
+    return "\n".join(f"{key} = {json.dumps(value)}" for key, value in values.items()) + "\n"
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except httpx.TransportError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def runs_of(studio: StudioProcess) -> dict:
+    answer = httpx.get(studio.url + "/api/runs", timeout=10).json()
+    return {"runs": {row["name"]: row for row in answer["runs"]}, "queue": answer["queue"]}
+
+
+def test_killing_the_studio_leaves_the_run_alone_and_a_restart_shows_the_same(tiny_dir, images, tmp_path):
+    runs = tmp_path / "runs"
+    studio = StudioProcess(runs, [], tmp_path / "studio.log").start()
+    try:
+        for name, steps in (("first", 40), ("second", 6)):
+            answer = httpx.post(f"{studio.url}/api/runs?run={name}", content=toml(tiny_dir, images, max_steps=steps),
+                                headers={"content-type": "application/toml", "origin": studio.url}, timeout=30)
+            assert answer.status_code == 201, answer.text
+        wait_for(lambda: runs_of(studio)["runs"]["first"]["status"] == "running", 120, "the first run to train")
+        wait_for(lambda: runs_of(studio)["runs"]["first"]["step"] >= 2, 120, "a few steps")
+        before = runs_of(studio)
+        assert before["runs"]["second"]["status"] == "queued"  # one run at a time
+        studio.kill()
+        # The run goes on without the studio and finishes.
+        adapter = runs / "first" / "lora.safetensors"
+        wait_for(lambda: adapter.is_file() and not (runs / "first" / ".sdlora.lock").exists(), 240,
+                 "the first run to finish without the studio")
+        assert not (runs / "second").joinpath("logs", "metrics.jsonl").exists()  # nobody started it meanwhile
+
+        studio = StudioProcess(runs, [], tmp_path / "studio.log").start()
+        after = runs_of(studio)
+        assert after["runs"]["first"]["status"] == "finished"
+        assert [entry["run"] for entry in after["queue"]] == ["second"]
+        assert after["runs"]["second"]["status"] in ("queued", "starting", "running")
+        # The restarted studio starts what was still waiting, and it finishes too.
+        wait_for(lambda: runs_of(studio)["runs"]["second"]["status"] == "finished", 180, "the second run")
+    finally:
+        studio.stop()
+        end_runs(runs)
+    config = tmp_path / "unwatched.toml"
+    config.write_text(toml(tiny_dir, images, max_steps=40))
+    done = subprocess.run([sys.executable, "-m", "sdlora", "train", "--quiet", "--config", str(config),
+                           "--output-dir", str(tmp_path / "unwatched")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours, reference = load_file(runs / "first" / "lora.safetensors"), load_file(tmp_path / "unwatched" / "lora.safetensors")
+    assert ours.keys() == reference.keys()
+    for key in ours:  # the run that lost its studio equals one that never had one
+        assert (ours[key] - reference[key]).abs().max() <= 1e-6, key
