@@ -247,6 +247,11 @@ def read_caption(path: Path, notes: list[tuple[Path, str]]) -> str:
     return " ".join(_read_text(path, notes).split())
 
 
+def caption_path(image: Path, caption_extension: str = ".txt") -> Path:
+    """Where the caption file of `image` lies: NAME.txt beside NAME.png (or the extension given, dot or not)."""
+    return image.with_suffix(caption_extension if caption_extension.startswith(".") else "." + caption_extension)
+
+
 def _item(root: Path, path: Path, caption_extension: str, walk: _Walk) -> ImageItem | str:
     """The image at `path` as training uses it, or the reason it cannot be used."""
     size = _probe_image(path)
@@ -259,7 +264,7 @@ def _item(root: Path, path: Path, caption_extension: str, walk: _Walk) -> ImageI
             if repeats < 1:
                 raise DataError(f"folder {part!r} under {root} asks for 0 repeats; use at least 1 (1_{concept})")
     caption, source = "", None
-    sidecar = path.with_suffix(caption_extension)
+    sidecar = caption_path(path, caption_extension)
     if sidecar.is_file():
         caption, source = read_caption(sidecar, walk.notes), sidecar
     if not caption:  # an empty sidecar falls through to the other sources
@@ -273,14 +278,9 @@ def _item(root: Path, path: Path, caption_extension: str, walk: _Walk) -> ImageI
     return ImageItem(path, caption, repeats, size[0], size[1], concept, caption_source=source)
 
 
-def _caption_extension(caption_extension: str) -> str:
-    return caption_extension if caption_extension.startswith(".") else "." + caption_extension
-
-
 def find_images(root: Path | str, caption_extension: str = ".txt") -> DatasetScan:
     """Walk `root` recursively for images, their captions and kohya-style `N_concept` repeats."""
     root = Path(root)
-    caption_extension = _caption_extension(caption_extension)
     _check_folder(root)
     walk = _walk(root)
     items: list[ImageItem] = []
@@ -310,7 +310,7 @@ def find_image(root: Path | str, path: Path | str, caption_extension: str = ".tx
     if path not in walk.image_paths:
         raise DataError(f"{shown_path(path, root)} is not an image of {root} that training would read (looked "
                         f"for {', '.join(IMAGE_EXTENSIONS)}, hidden files and {MASK_SUFFIX} masks left out)")
-    item = _item(root, path, _caption_extension(caption_extension), walk)
+    item = _item(root, path, caption_extension, walk)
     if isinstance(item, str):
         raise DataError(f"{shown_path(path, root)} is skipped by training: {item}")
     return item
