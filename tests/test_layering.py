@@ -1,8 +1,8 @@
 """The package's import rules, checked over its own import graph (top-level and in-function imports).
 
 The subpackages depend one way: errors, reliability and images, then base models, adapters, files, the
-loader, then training, tools and the toy world, then the command line. No tool imports another
-(each command's module uses the library, never a sibling command), and the graph has no cycle.
+loader, then training, tools and the toy world, then the studio, then the command line. No tool imports
+another (each command's module uses the library, never a sibling command), and the graph has no cycle.
 `sdlora/__init__.py` is the public facade and may name anything.
 """
 
@@ -22,6 +22,7 @@ LAYERS = [
     {"loader"},
     {"training", "tools"},
     {"toy"},
+    {"studio"},
     {"cli", "__main__"},
 ]
 

@@ -1,0 +1,1 @@
+"""sdlora studio: a local web app to queue, watch, steer and compare trainings."""
