@@ -9,5 +9,8 @@ touches a training, and a run started from the command line shows up like one st
     metrics.py   a run's metrics, read incrementally and downsampled for a chart
     queue.py     the persisted queue and the `sdlora train` processes it starts
     security.py  who may ask what: token, same-origin, paths kept inside their folders
+    jobs.py      background work beside trainings (strength grids, toy scores), its result file its state
+    datasets.py  a data folder as the trainer sees it, and caption edits that never lose a text
+    forms.py     the New-run form, generated from the TrainConfig dataclass, with the CLI's messages
     app.py       the pages and the JSON API (Starlette), and `serve`
 """

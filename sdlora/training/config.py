@@ -260,19 +260,21 @@ def _check_value(key: str, value, source: str):
     return value
 
 
+def parse_toml(text: str, source: str) -> dict:
+    """The keys (with - read as _) and values of a TOML text, unchecked; `source` names it in errors."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{source}: not valid TOML: {error}") from None
+    return {key.replace("-", "_"): value for key, value in raw.items()}
+
+
 def read_toml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from None
-    values = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        values[name] = _check_value(name, value, str(path))
-    return values
+    raw = parse_toml(path.read_text(), str(path))
+    return {key: _check_value(key, value, str(path)) for key, value in raw.items()}
 
 
 def build(cli_values: dict, config_file: str | None = None) -> TrainConfig:
@@ -283,6 +285,11 @@ def build(cli_values: dict, config_file: str | None = None) -> TrainConfig:
     return TrainConfig(**{key: _check_value(key, value, "command line") for key, value in values.items()})
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a field: --output-dir for output_dir."""
+    return "--" + name.replace("_", "-")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field, help showing the default; unset flags stay absent so the file can set them."""
     types = _types()
@@ -291,7 +298,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group_name = f.metadata["group"]
         if group_name not in groups:
             groups[group_name] = parser.add_argument_group(group_name)
-        flag = "--" + f.name.replace("_", "-")
+        switch = flag(f.name)
         default = f.default if f.default is not MISSING else None
         shown = "unset" if default is None else json.dumps(default) if isinstance(default, str) else default
         help_text = f.metadata["help"]
@@ -301,13 +308,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help_text += f" (default: {shown})"
         kind = types[f.name]
         if kind is bool:
-            groups[group_name].add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            groups[group_name].add_argument(switch, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                             help=help_text)
         elif typing.get_origin(kind) is list:
-            groups[group_name].add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_text,
+            groups[group_name].add_argument(switch, action="append", default=argparse.SUPPRESS, help=help_text,
                                             metavar=f.name.upper())
         else:
-            groups[group_name].add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text,
+            groups[group_name].add_argument(switch, type=kind, default=argparse.SUPPRESS, help=help_text,
                                             choices=CHOICES.get(f.name), metavar=f.name.upper())
 
 

@@ -42,7 +42,9 @@ class ImageItem:
     """One usable image: its caption, repeats per epoch and size after EXIF orientation.
 
     `mask` is the grayscale file that weighs the image's loss, or the image itself when its alpha
-    channel does (see `attach_masks`); None trains every pixel alike.
+    channel does (see `attach_masks`); None trains every pixel alike. `caption_source` is the file the
+    caption was read from: the caption file beside the image (also an empty one that nothing else
+    overrides), or the metadata.jsonl or captions.csv listing it; None when there is none.
     """
 
     path: Path
@@ -52,6 +54,7 @@ class ImageItem:
     height: int
     concept: str | None = None
     mask: Path | None = None
+    caption_source: Path | None = None
 
 
 @dataclass
@@ -76,12 +79,19 @@ class DatasetScan:
             lines += [f"  {shown_path(path, self.root)}: {reason}" for path, reason in self.skipped]
         if self.notes:
             lines.append(f"Used, but check these {len(self.notes)} files:")
-            lines += [f"  {shown_path(path, self.root)}: {note}" for path, note in self.notes]
-        lines.append(f"Captions missing: {self.missing_captions} (these train with an empty caption).")
+            lines += [f"  {line}" for line in self.note_lines()]
+        lines.append(self.missing_captions_line())
         if self.mask_files:
             lines.append(f"Mask files ({MASK_SUFFIX}, read with --masked-loss, never trained on as images): "
                          f"{self.mask_files}.")
         return "\n".join(lines)
+
+    def note_lines(self) -> list[str]:
+        """One line for each file used with a warning: its path in the folder and the warning."""
+        return [f"{shown_path(path, self.root)}: {note}" for path, note in self.notes]
+
+    def missing_captions_line(self) -> str:
+        return f"Captions missing: {self.missing_captions} (these train with an empty caption)."
 
 
 def shown_path(path: Path, root: Path | None) -> Path:
@@ -177,17 +187,28 @@ def _probe_image(path: Path) -> tuple[int, int] | str:
     return width, height
 
 
-def find_images(root: Path | str, caption_extension: str = ".txt") -> DatasetScan:
-    """Walk `root` recursively for images, their captions and kohya-style `N_concept` repeats."""
-    root = Path(root)
-    caption_extension = caption_extension if caption_extension.startswith(".") else "." + caption_extension
+class _Walk(NamedTuple):
+    """What walking a data folder finds before any image is opened."""
+
+    image_paths: list[Path]
+    jsonl: dict[str, tuple[str, Path]]  # normalised image path -> (caption, the metadata.jsonl giving it)
+    table: dict[str, tuple[str, Path]]  # the same from captions.csv files
+    skipped: list[tuple[Path, str]]
+    notes: list[tuple[Path, str]]
+    mask_files: int
+
+
+def _check_folder(root: Path) -> None:
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a folder"
         raise DataError(f"training data folder {root} {what}; pass the folder that holds your images")
 
+
+def _walk(root: Path) -> _Walk:
+    """The image files under `root` and the captions of its metadata.jsonl and captions.csv files."""
     image_paths: list[Path] = []
-    jsonl: dict[str, str] = {}  # normalised image path -> caption, from metadata.jsonl files
-    table: dict[str, str] = {}  # the same from captions.csv files
+    jsonl: dict[str, tuple[str, Path]] = {}
+    table: dict[str, tuple[str, Path]] = {}
     skipped: list[tuple[Path, str]] = []
     notes: list[tuple[Path, str]] = []
     mask_files = 0
@@ -208,43 +229,91 @@ def find_images(root: Path | str, caption_extension: str = ".txt") -> DatasetSca
                 scanned[stat.st_dev, stat.st_ino] = folder / name
         # os.walk is top-down, so a deeper folder's file overrides a shallower one for the same image.
         if "metadata.jsonl" in filenames:
-            jsonl.update(_read_metadata_jsonl(folder / "metadata.jsonl", notes))
+            source = folder / "metadata.jsonl"
+            jsonl.update({key: (text, source) for key, text in _read_metadata_jsonl(source, notes).items()})
         if "captions.csv" in filenames:
-            table.update(_read_captions_csv(folder / "captions.csv", notes))
+            source = folder / "captions.csv"
+            table.update({key: (text, source) for key, text in _read_captions_csv(source, notes).items()})
         found = [n for n in sorted(filenames) if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
         masks = [n for n in found if n.lower().endswith(MASK_SUFFIX)]
         mask_files += len(masks)
         image_paths += [folder / n for n in found if n not in masks]
+    return _Walk(image_paths, jsonl, table, skipped, notes, mask_files)
 
+
+def read_caption(path: Path, notes: list[tuple[Path, str]]) -> str:
+    """A caption file's caption, its encoding noted in `notes` when it is not UTF-8."""
+    # Whitespace (newlines included) is folded so a caption over several lines stays one prompt.
+    return " ".join(_read_text(path, notes).split())
+
+
+def caption_path(image: Path, caption_extension: str = ".txt") -> Path:
+    """Where the caption file of `image` lies: NAME.txt beside NAME.png (or the extension given, dot or not)."""
+    return image.with_suffix(caption_extension if caption_extension.startswith(".") else "." + caption_extension)
+
+
+def _item(root: Path, path: Path, caption_extension: str, walk: _Walk) -> ImageItem | str:
+    """The image at `path` as training uses it, or the reason it cannot be used."""
+    size = _probe_image(path)
+    if isinstance(size, str):
+        return size
+    repeats, concept = 1, None
+    for part in path.parent.relative_to(root).parts:  # the deepest concept folder wins
+        if match := CONCEPT_DIR.match(part):
+            repeats, concept = int(match.group(1)), match.group(2).strip()
+            if repeats < 1:
+                raise DataError(f"folder {part!r} under {root} asks for 0 repeats; use at least 1 (1_{concept})")
+    caption, source = "", None
+    sidecar = caption_path(path, caption_extension)
+    if sidecar.is_file():
+        caption, source = read_caption(sidecar, walk.notes), sidecar
+    if not caption:  # an empty sidecar falls through to the other sources
+        for captions in (walk.jsonl, walk.table):
+            text, listed_in = captions.get(_norm(path), ("", None))
+            if text:
+                caption, source = text, listed_in
+                break
+    if not caption:
+        caption = concept or ""
+    return ImageItem(path, caption, repeats, size[0], size[1], concept, caption_source=source)
+
+
+def find_images(root: Path | str, caption_extension: str = ".txt") -> DatasetScan:
+    """Walk `root` recursively for images, their captions and kohya-style `N_concept` repeats."""
+    root = Path(root)
+    _check_folder(root)
+    walk = _walk(root)
     items: list[ImageItem] = []
-    missing = 0
-    for path in image_paths:
-        size = _probe_image(path)
-        if isinstance(size, str):
-            skipped.append((path, size))
-            continue
-        repeats, concept = 1, None
-        for part in path.parent.relative_to(root).parts:  # the deepest concept folder wins
-            if match := CONCEPT_DIR.match(part):
-                repeats, concept = int(match.group(1)), match.group(2).strip()
-                if repeats < 1:
-                    raise DataError(f"folder {part!r} under {root} asks for 0 repeats; use at least 1 (1_{concept})")
-        caption = ""
-        sidecar = path.with_suffix(caption_extension)
-        if sidecar.is_file():
-            # Whitespace (newlines included) is folded so a caption over several lines stays one prompt.
-            caption = " ".join(_read_text(sidecar, notes).split())
-        if not caption:  # an empty sidecar falls through to the other sources
-            caption = jsonl.get(_norm(path)) or table.get(_norm(path), "")
-        if not caption:
-            caption = concept or ""
-            missing += not caption
-        items.append(ImageItem(path, caption, repeats, size[0], size[1], concept))
-
+    skipped = walk.skipped
+    for path in walk.image_paths:
+        item = _item(root, path, caption_extension, walk)
+        if isinstance(item, str):
+            skipped.append((path, item))
+        else:
+            items.append(item)
     if not items:
         bad = f"; unreadable: {', '.join(p.name for p, _ in skipped[:10])}" if skipped else ""
         raise DataError(f"no usable images in {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)}){bad}")
-    return DatasetScan(items, skipped, missing, root, notes, mask_files)
+    missing = sum(not item.caption for item in items)
+    return DatasetScan(items, skipped, missing, root, walk.notes, walk.mask_files)
+
+
+def find_image(root: Path | str, path: Path | str, caption_extension: str = ".txt") -> ImageItem:
+    """The one image `path` of the folder `root` as `find_images` would find it, without opening the others.
+
+    `path` is root / its path in the folder, as `ImageItem.path` has it; a file `find_images` would not
+    train on (not listed, or unreadable) is a DataError saying why.
+    """
+    root, path = Path(root), Path(path)
+    _check_folder(root)
+    walk = _walk(root)
+    if path not in walk.image_paths:
+        raise DataError(f"{shown_path(path, root)} is not an image of {root} that training would read (looked "
+                        f"for {', '.join(IMAGE_EXTENSIONS)}, hidden files and {MASK_SUFFIX} masks left out)")
+    item = _item(root, path, caption_extension, walk)
+    if isinstance(item, str):
+        raise DataError(f"{shown_path(path, root)} is skipped by training: {item}")
+    return item
 
 
 # --- Masks -------------------------------------------------------------------------------------
@@ -520,13 +589,17 @@ def resize_and_crop(
     return Cropped(img.crop((left, top, left + bw, top + bh)), (top, left), (h, w))
 
 
+def bucket_counts(assignments: Iterable[tuple[int, int]]) -> list[tuple[tuple[int, int], int]]:
+    """((width, height), how many) for each bucket used; tall buckets first, wide ones last."""
+    return sorted(Counter(assignments).items(), key=lambda kv: (kv[0][0] / kv[0][1], kv[0]))
+
+
 def bucket_histogram(assignments: Iterable[tuple[int, int]]) -> str:
     """One line per bucket, `WxH: count` then a bar; tall buckets first, wide ones last."""
-    counts = Counter(assignments)
-    if not counts:
+    rows = bucket_counts(assignments)
+    if not rows:
         return "(no images)"
-    most = max(counts.values())
-    rows = sorted(counts.items(), key=lambda kv: (kv[0][0] / kv[0][1], kv[0]))
+    most = max(n for _, n in rows)
     return "\n".join(f"{w}x{h}: {n} {'#' * max(1, round(40 * n / most))}" for (w, h), n in rows)
 
 
@@ -650,6 +723,15 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             "crop_top_left": cropped.crop_top_left,
             "flipped": flipped,
         }
+
+
+def upscale_warning(dataset: ImageCaptionDataset, resolution: int) -> str:
+    """A message when most images are enlarged more than 2x to fill their buckets, or "" if not."""
+    upscaled = dataset.upscaled(2.0)
+    if upscaled <= len(dataset) / 2:
+        return ""
+    return (f"{upscaled} of {len(dataset)} images are enlarged more than 2x to fill their buckets at {resolution} px: "
+            "training learns their blur, and each step costs more. Give larger images, or a lower --resolution")
 
 
 def truncated_captions(dataset: ImageCaptionDataset, tokenizer, root: Path | None = None, most: int = 10,

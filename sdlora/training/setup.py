@@ -25,7 +25,7 @@ from .caching import LatentCache, TextCache
 from .checkpoint import checkpoint_folders, resolve_resume
 from .config import TrainConfig, class_prompt_list
 from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, attach_masks,
-                   bucket_histogram, find_images, truncated_captions)
+                   bucket_histogram, find_images, truncated_captions, upscale_warning)
 from .prior import prepare_class_images
 from .steps import epoch_batches, lr_factor, split_validation
 
@@ -255,11 +255,8 @@ def training_data(config: TrainConfig, scan: DatasetScan, model: BaseModel,
     sampler = BucketBatchSampler(dataset.sample_buckets, config.batch_size, seed=config.seed)
     source = "" if config.resolution else " (the model's own size; set --resolution to change it)"
     say(f"resolution {model.resolution}{source}; buckets:\n" + bucket_histogram(dataset.sample_buckets))
-    upscaled = dataset.upscaled(2.0)
-    if upscaled > len(dataset) / 2:
-        say(f"{upscaled} of {len(dataset)} images are enlarged more than 2x to fill their buckets at "
-            f"{model.resolution} px: training learns their blur, and each step costs more. Give larger "
-            "images, or a lower --resolution")
+    if message := upscale_warning(dataset, model.resolution):
+        say(message)
     if message := truncated_captions(dataset, model.tokenizers[0], scan.root, windows=model.text_options.chunks):
         say(message)
     return dataset, sampler
