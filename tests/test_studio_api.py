@@ -25,12 +25,12 @@ from sdlora.studio import facts  # noqa: E402
 from sdlora.studio.app import Studio, create_app  # noqa: E402
 from sdlora.studio.queue import Queue  # noqa: E402
 
-SAME_ORIGIN = {"origin": "http://testserver"}
+SAME_ORIGIN = {"origin": "http://localhost"}
 
 
 def client(tmp_path, data=(), **settings) -> tuple[Studio, TestClient]:
     studio = Studio(runs=tmp_path / "runs", data=list(data), **settings)
-    return studio, TestClient(create_app(studio, tick=False), base_url="http://testserver")
+    return studio, TestClient(create_app(studio, tick=False), base_url="http://localhost")
 
 
 def toml(tiny_dir, images, **options) -> str:
@@ -226,8 +226,8 @@ def test_changes_come_from_the_studios_own_pages_only(tmp_path):
         assert api.post("/api/runs/live/save").status_code == 403  # no Origin, no header
         assert api.post("/api/runs/live/save", headers={"origin": "http://evil.example"}).status_code == 403
         assert api.post("/api/runs/live/save", headers={"referer": "http://evil.example/x"}).status_code == 403
-        assert api.post("/api/runs/live/save", headers={"origin": "http://testserver"}).status_code == 202
-        assert api.post("/api/runs/live/save", headers={"referer": "http://testserver/runs/live"}).status_code == 202
+        assert api.post("/api/runs/live/save", headers={"origin": "http://localhost"}).status_code == 202
+        assert api.post("/api/runs/live/save", headers={"referer": "http://localhost/runs/live"}).status_code == 202
     # A name rebound to 127.0.0.1 by another site: its pages would be same-origin with themselves.
     studio.host = "127.0.0.1"
     assert api.get("/api/runs", headers={"host": "evil.example"}).status_code == 403

@@ -76,7 +76,8 @@ def test_killing_the_studio_leaves_the_run_alone_and_a_restart_shows_the_same(ti
     done = subprocess.run([sys.executable, "-m", "sdlora", "train", "--quiet", "--config", str(config),
                            "--output-dir", str(tmp_path / "unwatched")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    ours, reference = load_file(runs / "first" / "lora.safetensors"), load_file(tmp_path / "unwatched" / "lora.safetensors")
+    ours = load_file(runs / "first" / "lora.safetensors")
+    reference = load_file(tmp_path / "unwatched" / "lora.safetensors")
     assert ours.keys() == reference.keys()
     for key in ours:  # the run that lost its studio equals one that never had one
         assert (ours[key] - reference[key]).abs().max() <= 1e-6, key

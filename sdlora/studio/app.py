@@ -10,11 +10,17 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
@@ -25,9 +31,11 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SdloraError
 from ..training import control
 from ..training.checkpoint import ADAPTER_FILE
+from ..training.config import to_toml
+from ..training.setup import RunPaths, resume_folder
 from . import datasets, facts, forms, security
 from .jobs import Job
 from .metrics import MetricsCache, chart_series, records_after
@@ -116,21 +124,28 @@ class Studio:
     # ------------------------------------------------------------ queueing
 
     def queue_run(self, text: str, run: str | None, form: dict | None = None) -> dict:
-        """Queue a new run from a TOML config (or the New-run form's values) into RUNS/<run>."""
-        chosen = run or None
-        config, errors = forms.config_from_form(form) if form is not None else forms.config_from_toml(
-            text, overrides={"output_dir": str(self.runs / "_"), "resume": None})
-        if errors and not (set(errors) <= {"output_dir"}):
-            return {"errors": errors}
-        name = chosen or self._free_name(Path(config.output_dir).name if form is not None else
-                                         _output_name(text) or config.name)
-        folder = self.runs / check_run_name(name)
-        config, errors = forms.checked(config, output_dir=str(folder), resume=None)
+        """Queue a new run from a TOML config (or the New-run form's values) into RUNS/<run>; the run's name
+        defaults to the config's output folder's name (or adapter name), made unique."""
+        if run:
+            name = check_run_name(run)
+        else:
+            wanted = (form.get("output_dir") or form.get("name")) if form is not None else _toml_name(text)
+            name = self._free_name(Path(str(wanted or "run")).name)
+        folder = self.runs / name
+        overrides = {"output_dir": str(folder), "resume": None}
+        config, errors = (forms.config_from_form(form, overrides) if form is not None
+                          else forms.config_from_toml(text, overrides))
         if errors:
             return {"errors": errors}
-        forms.check_fresh_folder(config)
-        entry = self.queue.add(name, config_toml(config))
+        resume_folder(config, RunPaths(folder, config.name))  # a finished adapter or old checkpoints are refused
+        entry = self.queue.add(name, to_toml(config))
         return {"entry": entry.to_json(), "run": name}
+
+    def check_form(self, form: dict) -> dict:
+        """The New-run form's errors and TOML, checked as the queue would (the output folder is the studio's)."""
+        config, errors = forms.config_from_form(form, {"output_dir": str(self.runs / STUDIO_FOLDER / "check"),
+                                                       "resume": None})
+        return {"errors": errors, "toml": to_toml(config) if config else None}
 
     def _free_name(self, wanted: str) -> str:
         base = "".join(c if c.isalnum() or c in "._-" else "-" for c in wanted).strip(".-") or "run"
@@ -142,6 +157,7 @@ class Studio:
         return name
 
     def resume(self, run: str, checkpoint: str | None) -> dict:
+        """Queue the run's own config again, continuing from one of its checkpoints (the latest by default)."""
         folder = self.folder(run)
         state = facts.run_facts(folder)
         if state.status == "running":
@@ -150,28 +166,25 @@ class Studio:
             raise ConfigError(f"run {run} has no checkpoint to resume from")
         if checkpoint is not None and checkpoint not in state.checkpoints:
             raise ConfigError(f"run {run} has no checkpoint {checkpoint!r}; it has {', '.join(state.checkpoints)}")
-        config, errors = forms.config_from_toml((folder / "config.toml").read_text(), overrides={"resume": None})
+        config, errors = forms.config_from_toml((folder / "config.toml").read_text(),
+                                                {"output_dir": str(folder), "resume": None})
         if errors:
             raise ConfigError(f"{folder / 'config.toml'}: " + "; ".join(errors.values()))
         resume = str(folder / "checkpoints" / checkpoint) if checkpoint else "latest"
-        entry = self.queue.add(run, config_toml(config), resume=resume)
+        entry = self.queue.add(run, to_toml(config), resume=resume)
         return {"entry": entry.to_json(), "run": run}
 
 
-def config_toml(config) -> str:
-    from ..training.config import to_toml
-
-    return to_toml(config)
-
-
-def _output_name(text: str) -> str | None:
-    import tomllib
-
+def _toml_name(text: str) -> str | None:
+    """The output folder's (or else the adapter's) name a TOML config gives, for the run's default name."""
     try:
-        output = tomllib.loads(text).get("output_dir")
+        values = tomllib.loads(text)
     except tomllib.TOMLDecodeError:
-        return None
-    return Path(output).name if isinstance(output, str) and output else None
+        return None  # the config's own check says what is wrong
+    for key in ("output_dir", "name"):
+        if isinstance(values.get(key), str) and values[key]:
+            return values[key]
+    return None
 
 
 def _queued_detail(entry) -> str:
@@ -313,12 +326,12 @@ def handle_errors(handler):
     async def wrapped(request: Request):
         try:
             return await handler(request)
-        except ConfigError as error:
-            return json_error(400, str(error))
         except security.OutsideFolder as error:
             return json_error(403, str(error))
         except datasets.CaptionConflict as error:
-            return json_error(409, str(error), current=error.text, version=error.version)
+            return json_error(409, str(error), current=error.current_text, version=error.current_version)
+        except SdloraError as error:
+            return json_error(400, str(error))
         except (KeyError, FileNotFoundError) as error:
             return json_error(404, f"not found: {error}")
 
@@ -354,7 +367,7 @@ def create_app(studio: Studio, tick: bool = True) -> Starlette:
         clone = request.query_params.get("clone")
         values = {}
         if clone:
-            values = forms.form_values_from_toml((studio.folder(clone) / "config.toml").read_text())
+            values = forms.form_values_of_toml((studio.folder(clone) / "config.toml").read_text())
         return page("new.html", fields=forms.form_fields(), values=values, clone=clone)
 
     async def datasets_page(request):
@@ -466,8 +479,7 @@ def create_app(studio: Studio, tick: bool = True) -> Starlette:
 
     async def api_check(request):
         values = await json_body(request)
-        config, errors = forms.config_from_form(values.get("form", {}))
-        return JSONResponse({"errors": errors, "toml": config_toml(config) if config and not errors else None})
+        return JSONResponse(studio.check_form(values.get("form", {})))
 
     async def api_datasets(request):
         return JSONResponse({"folders": data_folders(studio)})
@@ -549,8 +561,6 @@ def create_app(studio: Studio, tick: bool = True) -> Starlette:
 
 def config_differences(runs: list[dict]) -> list[dict]:
     """The config keys whose values differ between the runs, each with every run's value."""
-    import tomllib
-
     configs = []
     for run in runs:
         try:
@@ -561,7 +571,7 @@ def config_differences(runs: list[dict]) -> list[dict]:
     rows = []
     for key in keys:
         values = [config.get(key) for config in configs]
-        if key != "output_dir" and any(value != values[0] for value in values):
+        if key not in ("output_dir", "resume") and any(value != values[0] for value in values):
             rows.append({"key": key, "values": ["(unset)" if value is None else json.dumps(value) for value in values]})
     return rows
 

@@ -19,6 +19,7 @@ from ..reliability.durable import write_file
 from ..training.data import (ImageCaptionDataset, ImageItem, bucket_counts, bucket_histogram, caption_path,
                              find_image, find_images, read_caption, shown_path, truncated_captions,
                              upscale_warning)
+from .security import OutsideFolder
 
 # The trainer's resolution is the model's own; without a model, SD 1.x's 512 (SD 2.x v: 768, SDXL: 1024).
 DEFAULT_RESOLUTION = 512
@@ -28,10 +29,6 @@ MISSING = "missing"  # the version of a caption file that does not exist yet
 
 class CaptionError(SdloraError, ValueError):
     """A caption that cannot be saved; the message names the file and why."""
-
-
-class OutsideFolder(CaptionError):
-    """A path that is not inside the data folder once resolved (`..`, absolute, a symlink out)."""
 
 
 class CaptionConflict(CaptionError):

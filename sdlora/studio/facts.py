@@ -196,5 +196,6 @@ def all_runs(root: Path) -> list[RunFacts]:
     """Every run folder directly inside `root`, the most recently active first."""
     if not root.is_dir():
         return []
-    found = [run_facts(folder) for folder in root.iterdir() if not folder.name.startswith(".") and is_run_folder(folder)]
+    found = [run_facts(folder) for folder in root.iterdir()
+             if not folder.name.startswith(".") and is_run_folder(folder)]
     return sorted(found, key=lambda facts: -facts.updated)

@@ -96,26 +96,43 @@ def _checked(values: dict, source: str) -> tuple[TrainConfig | None, dict[str, s
     return config, {}
 
 
-def config_from_form(values: dict) -> tuple[TrainConfig | None, dict[str, str]]:
+def config_from_form(values: dict, overrides: dict | None = None) -> tuple[TrainConfig | None, dict[str, str]]:
     """The validated config of a submitted form, or None and {field: message} (key "" for a message that
     names no field). Values are strings (or bools, or a list for a list field); an empty string or a
-    missing key leaves the field at its default. Bools read true/false/on/off/1/0/yes/no."""
+    missing key leaves the field at its default. Bools read true/false/on/off/1/0/yes/no. `overrides`
+    (checked values) replace what the form says: the studio decides the output folder."""
     types = _types()
     converted = {}
     for key, value in values.items():
         value = _convert(types[key], value) if key in types else value
         if value is not None:
             converted[key] = value
-    return _checked(converted, FORM)
+    return _checked(_overridden(converted, overrides), FORM)
 
 
-def config_from_toml(text: str) -> tuple[TrainConfig | None, dict[str, str]]:
+def config_from_toml(text: str, overrides: dict | None = None) -> tuple[TrainConfig | None, dict[str, str]]:
     """The validated config of a TOML body, as `--config FILE` would read it; or None and the errors."""
     try:
         raw = parse_toml(text, TOML)
     except ConfigError as error:
         return None, {"": str(error)}
-    return _checked(raw, TOML)
+    return _checked(_overridden(raw, overrides), TOML)
+
+
+def _overridden(values: dict, overrides: dict | None) -> dict:
+    """`values` with `overrides` in their place; an override of None removes the key (its default)."""
+    values = dict(values)
+    for key, value in (overrides or {}).items():
+        values.pop(key, None)
+        if value is not None:
+            values[key] = value
+    return values
+
+
+def form_values_of_toml(text: str) -> dict:
+    """The form's values for a config file (a run's config.toml, to clone it), unvalidated: the run's data
+    may have moved since, which the form then says."""
+    return form_values(TrainConfig(**parse_toml(text, TOML)))
 
 
 def form_values(config: TrainConfig) -> dict:

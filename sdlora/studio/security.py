@@ -19,6 +19,8 @@ import secrets
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ..errors import SdloraError
+
 TOKEN_HEADER = "x-sdlora-token"
 TOKEN_COOKIE = "sdlora_token"
 MAX_BODY = 1 << 20  # request bodies: a config or a caption, never more than this
@@ -57,8 +59,8 @@ def same_origin(origin: str | None, referer: str | None, host_header: str) -> bo
     return urlsplit(source).netloc == host_header
 
 
-class OutsideFolder(ValueError):
-    """A path that leaves the folder it must stay in."""
+class OutsideFolder(SdloraError, ValueError):
+    """A path that is not inside the folder it must stay in once resolved (`..`, absolute, a symlink out)."""
 
 
 def inside(root: Path, relative: str) -> Path:
