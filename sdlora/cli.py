@@ -9,7 +9,7 @@ from pathlib import Path
 from . import loader
 from .training import config
 from .reliability.durable import write_file
-from .errors import AdapterFileError, ConfigError, SdloraError, TrainingDiverged, WriteFailed
+from .errors import AdapterFileError, ConfigError, SdloraError, TrainingDiverged, TrainingStopped, WriteFailed
 
 
 TRAIN_EXAMPLES = """examples:
@@ -293,6 +293,9 @@ def quiet_libraries() -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """Exit status: 0 the adapter is written; 1 the run failed after it started (diverged, a write
+    failed), what it wrote intact; 2 a mistake in what it was given (from main); 3 it stopped on
+    request (training/control.py), its checkpoint written, to be continued with --resume latest."""
     from .training.loop import train
 
     quiet_libraries()
@@ -302,6 +305,9 @@ def run_train(args: argparse.Namespace) -> int:
     except (TrainingDiverged, WriteFailed) as error:  # the run started; what it wrote is intact
         print(f"sdlora: training stopped: {error}", file=sys.stderr)
         return 1
+    except TrainingStopped as stopped:
+        print(f"sdlora: {stopped}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -46,6 +46,11 @@ class TrainingDiverged(SdloraError, RuntimeError):
     """The loss or the adapter's weights became NaN or infinite."""
 
 
+class TrainingStopped(Exception):
+    """A run ended early because it was asked to (a stop request, see training/control.py), its
+    checkpoint written. Not an SdloraError: nothing was wrong with what sdlora was given."""
+
+
 class WriteFailed(SdloraError, OSError):
     """A file could not be written; what was there before is unchanged and no temporary is left."""
 

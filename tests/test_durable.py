@@ -14,7 +14,7 @@ import pytest
 
 from sdlora.reliability import durable
 from sdlora.training.checkpoint import checkpoint_folders
-from sdlora.reliability.durable import TEMPORARY_SUFFIX, WriteFailed, publish_folder, write_file
+from sdlora.reliability.durable import TEMPORARY_SUFFIX, WriteFailed, append_line, publish_folder, write_file
 from sdlora.reliability.runlock import LOCK_FILE, OutputFolderBusy, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +85,18 @@ def test_a_read_only_folder_is_named_with_what_to_do(tmp_path, monkeypatch):
         write_file(tmp_path / "config.toml", b"x")
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_a_failed_append_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    log = tmp_path / "events.jsonl"
+    append_line(log, "first")
+
+    def full(descriptor):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(WriteFailed, match=f"could not write {log}: the disk is full: free some space"):
+        append_line(log, "second")
 
 def test_kill_halfway_through_a_write_leaves_the_old_file(tmp_path):
     target = tmp_path / "lora.safetensors"

@@ -92,6 +92,36 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_file(path, text.encode("utf-8"))
 
 
+def append_line(path: str | os.PathLike, line: str) -> Path:
+    """Append `line` and a newline to the text file `path` (made if missing), fsynced before it returns.
+
+    A kill halfway through leaves a last line without its newline; the next append ends that line
+    first, so that the new one is a line of its own and only the cut one is lost.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o644)
+        try:
+            size = os.lseek(descriptor, 0, os.SEEK_END)
+            cut = False
+            if size:
+                os.lseek(descriptor, size - 1, os.SEEK_SET)
+                cut = os.read(descriptor, 1) != b"\n"
+            # O_APPEND: the write goes to the end wherever the read left the offset
+            _write(descriptor, memoryview((b"\n" if cut else b"") + line.encode("utf-8") + b"\n"))
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        if size == 0:
+            fsync_folder(path.parent)  # the new file's entry, so that it survives a power cut too
+    except OSError as error:
+        if isinstance(error, WriteFailed):
+            raise
+        raise failure(path, error) from error
+    return path
+
+
 def publish_folder(partial: Path, final: Path) -> None:
     """Rename a completely written folder into place, replacing `final` if it exists.
 

@@ -8,6 +8,7 @@
     steps.py       the step math: lr schedule, EMA, generators, which batch each step takes
     checkpoint.py  checkpoints and resuming
     runlog.py      the metrics log and TensorBoard, opened once on the main process
+    control.py     steering a run from another process: request files in, an events log out
     setup.py       setting a run up: the base model, the adapter, the image sets, the optimizer, each returned
     loop.py        the Run that setup built, its micro-batch loss, and the loop, in one function
 """

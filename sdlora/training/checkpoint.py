@@ -47,10 +47,14 @@ def resolve_resume(resume: str, checkpoints: Path) -> Path:
     return folder
 
 
+def checkpoint_folder(checkpoints: Path, step: int) -> Path:
+    return checkpoints / f"step-{step:06d}"
+
+
 def save_checkpoint(checkpoints: Path, step: int, write_adapter, state: dict, keep: int) -> Path:
     """Write step-NNNNNN/: write_adapter(path) writes the adapter, `state` is torch-saved. On a failure
     nothing of the new checkpoint is left and the older ones are untouched."""
-    final = checkpoints / f"step-{step:06d}"
+    final = checkpoint_folder(checkpoints, step)
     partial = checkpoints / f".{final.name}{TEMPORARY_SUFFIX}"
     try:
         remove_tree(partial)

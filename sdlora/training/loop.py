@@ -2,9 +2,10 @@
 
 `setup_run` builds a `Run` (config -> data -> model -> adapter -> caches -> optimizer, see setup.py);
 `run_training` is the loop: for each step: micro-batches -> loss -> backward -> clip -> optimizer step
--> EMA -> log / validate / sample / checkpoint, then the adapter file. Every random draw of a step
-comes from a generator seeded by (seed, step), so a resumed run repeats exactly what an uninterrupted
-one does.
+-> EMA -> log / validate / sample / checkpoint -> the requests of control.py, then the adapter file;
+the run's events (started, checkpoint, stopped, failed, finished) go to logs/events.jsonl. Every random
+draw of a step comes from a generator seeded by (seed, step), so a resumed run repeats exactly what an
+uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -24,15 +25,16 @@ from tqdm.auto import tqdm
 
 from .. import loader
 from ..base_models.families import ImageGeometry, TextConditioning
-from ..errors import ConfigError, TrainingDiverged, WriteFailed
+from ..errors import ConfigError, TrainingDiverged, TrainingStopped, WriteFailed
 from ..files.safetensors import kohya_training_header
 from ..images import grid, png_bytes
 from ..reliability import faults
 from ..reliability.durable import write_file, write_text
 from ..reliability.runlock import RunLock
-from . import setup
+from . import control, setup
 from .caching import LatentCache, TextCache, encode_pixels, latent_mask, sample_latents
-from .checkpoint import ADAPTER_FILE, checkpoint_folders, load_state, rng_states, save_checkpoint, set_rng_states
+from .checkpoint import (ADAPTER_FILE, checkpoint_folder, checkpoint_folders, load_state, rng_states, save_checkpoint,
+                         set_rng_states)
 from .config import RESUME_KEYS, TrainConfig, to_toml, trained_text_encoders, validate
 from .data import BucketBatchSampler, ImageCaptionDataset, collate
 from .loss import TimestepSampling, diffusion_loss, rows_of
@@ -413,6 +415,80 @@ def prepare_output(run: Run, resumed_step: int | None) -> RunLog:
     return RunLog(paths.logs, resumed_step)
 
 
+def saves_at(config: TrainConfig, step: int) -> bool:
+    """Whether `step` writes a periodic (--save-every) checkpoint."""
+    return bool(config.save_every) and step % config.save_every == 0
+
+
+def samples_at(config: TrainConfig, step: int) -> bool:
+    """Whether `step` writes a periodic (--sample-every) sample sheet."""
+    return bool(config.sample_every) and step % config.sample_every == 0
+
+
+def write_checkpoint(run: Run, step: int, epoch: int, position: int, log: RunLog) -> Path:
+    """The checkpoint of `step`, on the main process (its only writer), and its event."""
+    config, optim = run.config, run.optim
+    check_finite(optim.parameters, step, config.mixed_precision)
+    log.sync()  # the log on disk reaches at least as far as the checkpoint
+    folder = save_checkpoint(run.paths.checkpoints, step, partial(save_adapter, run, dtype="fp32", step=step),
+                             checkpoint_state(run, step, epoch, position), config.keep_checkpoints)
+    event(run, "checkpoint", step)
+    return folder
+
+
+# ---------------------------------------------------------------- requests and events (see control.py)
+
+
+def event(run: Run, name: str, step: int, **fields) -> None:
+    """An event in the run's logs/events.jsonl, written by the main process alone."""
+    if run.accelerator.is_main_process:
+        control.record_event(run.paths.logs, {"event": name, "step": step, **fields})
+
+
+def record_failure(run: Run, step: int, error: BaseException) -> None:
+    """The `failed` event, best effort: not being able to write it (on the disk that is full, say)
+    must never hide the error that ended the run."""
+    with suppress(Exception):
+        event(run, "failed", step, message=str(error) or type(error).__name__)  # Ctrl-C has no message
+
+
+def act_on_requests(run: Run, step: int, epoch: int, position: int, log: RunLog | None) -> None:
+    """Do what was asked of the run (control.py) after this step's own log, samples and checkpoint.
+
+    Processes of a multi-process run act together, on the same step, or the next collective call
+    would hang: the main process takes the requests and broadcasts them, on logged steps only (each
+    broadcast is a round trip between the processes). `stop` ends every process with TrainingStopped.
+    """
+    config, accelerator = run.config, run.accelerator
+    several = accelerator.num_processes > 1
+    if several and step % config.log_every:
+        return
+    actions = control.take_requests(run.paths.root) if accelerator.is_main_process else []
+    if several:
+        from accelerate.utils import broadcast_object_list
+
+        actions = broadcast_object_list([actions], from_process=0)[0]
+    saved, sampled = saves_at(config, step), samples_at(config, step)  # this step's own, written already
+    for action in actions:
+        if action == "sample":
+            if not run.prompts:
+                event(run, "refused", step, action="sample", message="no sample prompts configured")
+            elif not sampled:
+                sample(run, step, log)
+                sampled = True
+            continue
+        if not saved and accelerator.is_main_process:  # save, and stop
+            write_checkpoint(run, step, epoch, position, log)
+        saved = True
+        if action == "stop":
+            event(run, "stopped", step, reason="requested")
+            # torchrun ends every process once one exits with an error status: not before the
+            # checkpoint is whole
+            accelerator.wait_for_everyone()
+            raise TrainingStopped(f"stopped at step {step} on request; the checkpoint is "
+                                  f"{checkpoint_folder(run.paths.checkpoints, step)}: continue with --resume latest")
+
+
 def resume_hint(paths: RunPaths) -> str:
     folders = checkpoint_folders(paths.checkpoints)
     if not folders:
@@ -432,6 +508,7 @@ def run_training(run: Run) -> Path:
     if accelerator.is_main_process:
         log = prepare_output(run, resumed_step=step if run.resume_folder else None)
     try:
+        event(run, "started", step, total_steps=run.total_steps, pid=os.getpid())
         trainable = sum(p.numel() for p in optim.parameters)
         run.say(f"training {trainable / 1e6:.2f} M parameters ({config.targets}, rank {config.rank}) of a "
                 f"{model.family.title} model ({model.prediction_type}) on {run.device}, weights {run.weight_dtype}; "
@@ -478,13 +555,11 @@ def run_training(run: Run) -> Path:
                 if config.validation_every and (step % config.validation_every == 0 or step == run.total_steps):
                     log.write({"step": step, "val_loss": run.fixed_noise_loss(run.validation),
                                "time": round(time.time() - started, 3)})
-                if config.sample_every and step % config.sample_every == 0:
+                if samples_at(config, step):
                     sample(run, step, log)
-                if config.save_every and step % config.save_every == 0:
-                    check_finite(optim.parameters, step, config.mixed_precision)
-                    log.sync()  # the log on disk reaches at least as far as the checkpoint
-                    save_checkpoint(paths.checkpoints, step, partial(save_adapter, run, dtype="fp32", step=step),
-                                    checkpoint_state(run, step, epoch, position), config.keep_checkpoints)
+                if saves_at(config, step):
+                    write_checkpoint(run, step, epoch, position, log)
+            act_on_requests(run, step, epoch, position, log)
         bar.close()
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
@@ -497,12 +572,20 @@ def run_training(run: Run) -> Path:
             with ema_weights(optim):
                 ema = save_adapter(run, paths.ema_adapter, config.save_dtype, step, ema=True)
             run.say(f"EMA adapter: {ema}")
+        event(run, "finished", step, adapter=output.name)
         elapsed = time.time() - started
         run.say(f"done: {step} steps in {elapsed:.1f} s ({elapsed / max(1, step):.3f} s/step), peak memory "
                 f"{peak_memory_mb(run.device):.0f} MB\nadapter: {output} ({output.stat().st_size / 1024:.1f} KiB)")
         return output
+    except TrainingStopped:
+        raise
     except WriteFailed as error:
-        raise WriteFailed(error.errno, f"{error}. {resume_hint(paths)}") from error
+        failed = WriteFailed(error.errno, f"{error}. {resume_hint(paths)}")
+        record_failure(run, step, failed)
+        raise failed from error
+    except BaseException as error:  # a diverged run, a bug, Ctrl-C: the studio learns how the run ended
+        record_failure(run, step, error)
+        raise
     finally:
         if log:
             log.close()
