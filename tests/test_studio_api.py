@@ -293,3 +293,18 @@ def test_metrics_of_a_long_run_come_back_downsampled_and_live_points_after_a_ste
     assert max(series["loss"]["value"]) == 1.0  # step 1's loss, the highest, is kept
     after = api.get("/api/runs/long/metrics?after=99990").json()["series"]["loss"]
     assert after["step"] == list(range(99_991, 100_001))
+
+
+def test_every_page_renders_with_runs_in_every_state(tiny_dir, images, tmp_path):
+    studio, api = client(tmp_path, data=[images.parent])
+    write_run(studio.runs / "done", adapter=True, events=[{"event": "finished", "step": 5}])
+    write_run(studio.runs / "broke", events=[{"event": "failed", "step": 5, "message": "<b>nan</b>"}])
+    assert api.post("/api/runs?run=waiting", content=toml(tiny_dir, images),
+                    headers={**SAME_ORIGIN, "content-type": "application/toml"}).status_code == 201
+    pages = ["/", "/runs/done", "/runs/broke", "/runs/waiting", "/compare?run=done&run=broke", "/compare", "/new",
+             "/new?clone=done", "/datasets", f"/dataset?root=0&folder={images.name}", "/adapter"]
+    for page in pages:
+        answer = api.get(page)
+        assert answer.status_code == 200, (page, answer.text[-2000:])
+        assert "<b>nan</b>" not in answer.text  # a message from a run is text, never markup
+    assert "&lt;b&gt;nan&lt;/b&gt;" in api.get("/").text

@@ -88,8 +88,8 @@ class Studio:
         known = {run.name for run in runs}
         for name, entry in {**queued, **starting}.items():
             if name not in known:
-                rows.append({"name": name, "status": "starting" if name in starting else "queued",
-                             "detail": _queued_detail(entry), "step": 0, "total_steps": None, "checkpoints": []})
+                rows.append(facts.RunFacts(name=name, status="starting" if name in starting else "queued",
+                                           detail=_queued_detail(entry)).to_json())
         return {"runs": rows, "queue": [entry.to_json() | {"config": None} for entry in self.queue.entries()]}
 
     def run_state(self, run: str) -> dict:
@@ -126,6 +126,7 @@ class Studio:
     def queue_run(self, text: str, run: str | None, form: dict | None = None) -> dict:
         """Queue a new run from a TOML config (or the New-run form's values) into RUNS/<run>; the run's name
         defaults to the config's output folder's name (or adapter name), made unique."""
+        self.scheduler.retire()  # an entry whose run ended no longer holds its name
         if run:
             name = check_run_name(run)
         else:
@@ -143,8 +144,9 @@ class Studio:
 
     def check_form(self, form: dict) -> dict:
         """The New-run form's errors and TOML, checked as the queue would (the output folder is the studio's)."""
-        config, errors = forms.config_from_form(form, {"output_dir": str(self.runs / STUDIO_FOLDER / "check"),
-                                                       "resume": None})
+        overrides = {"output_dir": str(self.runs / STUDIO_FOLDER / "check"), "resume": None}
+        config, errors = forms.config_from_form(form, overrides)
+        config = config or forms.unvalidated_config(form, overrides)
         return {"errors": errors, "toml": to_toml(config) if config else None}
 
     def _free_name(self, wanted: str) -> str:
@@ -159,6 +161,7 @@ class Studio:
     def resume(self, run: str, checkpoint: str | None) -> dict:
         """Queue the run's own config again, continuing from one of its checkpoints (the latest by default)."""
         folder = self.folder(run)
+        self.scheduler.retire()
         state = facts.run_facts(folder)
         if state.status == "running":
             raise ConfigError(f"run {run} is running: stop it first")
@@ -368,7 +371,10 @@ def create_app(studio: Studio, tick: bool = True) -> Starlette:
         values = {}
         if clone:
             values = forms.form_values_of_toml((studio.folder(clone) / "config.toml").read_text())
-        return page("new.html", fields=forms.form_fields(), values=values, clone=clone)
+        groups: dict[str, list[dict]] = {}
+        for entry in forms.form_fields():  # in the dataclass's order, as `sdlora train --help` shows them
+            groups.setdefault(entry["group"], []).append(entry)
+        return page("new.html", groups=list(groups.items()), values=values, clone=clone)
 
     async def datasets_page(request):
         return page("datasets.html", folders=data_folders(studio))

@@ -101,13 +101,28 @@ def config_from_form(values: dict, overrides: dict | None = None) -> tuple[Train
     names no field). Values are strings (or bools, or a list for a list field); an empty string or a
     missing key leaves the field at its default. Bools read true/false/on/off/1/0/yes/no. `overrides`
     (checked values) replace what the form says: the studio decides the output folder."""
+    return _checked(_overridden(_converted(values), overrides), FORM)
+
+
+def _converted(values: dict) -> dict:
     types = _types()
     converted = {}
     for key, value in values.items():
         value = _convert(types[key], value) if key in types else value
         if value is not None:
             converted[key] = value
-    return _checked(_overridden(converted, overrides), FORM)
+    return converted
+
+
+def unvalidated_config(values: dict, overrides: dict | None = None) -> TrainConfig | None:
+    """The config a form's values spell, before `validate` (for the TOML view of a form still being filled
+    in); None while a value has the wrong type."""
+    try:
+        checked = {key: _check_value(key, value, FORM) for key, value in _overridden(_converted(values),
+                                                                                    overrides).items()}
+    except ConfigError:
+        return None
+    return TrainConfig(**checked)
 
 
 def config_from_toml(text: str, overrides: dict | None = None) -> tuple[TrainConfig | None, dict[str, str]]:

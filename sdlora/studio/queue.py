@@ -181,13 +181,17 @@ class Scheduler:
             return process.poll() is None
         return entry.pid is not None and process_alive(entry.pid)
 
-    def tick(self, running: int) -> list[Entry]:
-        """Retire launched entries whose process ended, then start what fits; `running` counts runs whose lock
-        is held (started here or anywhere else)."""
+    def retire(self) -> None:
+        """Mark launched entries whose process ended as done (with its exit status when this studio started it)."""
         for entry in self.queue.entries(("launched",)):
             if not self._alive(entry):
                 process = self.processes.pop(entry.id, None)
                 self.queue.update(entry.id, state="done", returncode=process.returncode if process else None)
+
+    def tick(self, running: int) -> list[Entry]:
+        """Retire what ended, then start what fits; `running` counts runs whose lock is held (started here or
+        anywhere else)."""
+        self.retire()
         busy = running + len(self.starting())
         started = []
         for entry in self.queue.entries(("waiting",)):

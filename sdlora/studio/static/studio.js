@@ -223,7 +223,6 @@ function runsPage() {
 
 function runPage() {
   const run = document.body.dataset.run;
-  const prompts = Number(document.body.dataset.prompts);
   const base = `/api/runs/${encodeURIComponent(run)}`;
   const chart = { series: null, domain: null };
   const logScale = document.getElementById("log-scale");
@@ -263,7 +262,7 @@ function runPage() {
     }
     redraw();
   };
-  const gallery = makeGallery(run, prompts);
+  const gallery = makeGallery(run);
   const update = (state) => {
     const me = state.runs.find((row) => row.name === run);
     if (!me) return;
@@ -272,16 +271,20 @@ function runPage() {
     status.className = `status ${me.status}`;
     document.getElementById("detail").textContent = me.detail || "";
     document.getElementById("step").textContent = me.step;
-    if (me.checkpoints.join() !== checkpointNames().join() || me.status !== runPage.status) refreshDetails();
+    // Samples, checkpoints and the log change as steps go by: looked up again at most every 2 s.
+    const changed = me.checkpoints.join() !== checkpointNames().join() || me.status !== runPage.status;
+    if (changed || (me.step !== runPage.step && Date.now() - runPage.refreshed > 2000)) refreshDetails();
     runPage.status = me.status;
+    runPage.step = me.step;
   };
   const checkpointNames = () => [...document.querySelectorAll("#checkpoints tr[data-checkpoint]")].map((row) => row.dataset.checkpoint);
   const refreshDetails = async () => {
+    runPage.refreshed = Date.now();
     const state = await api(base);
     document.getElementById("log").textContent = state.log.join("\n");
     document.getElementById("config").textContent = state.config;
     renderCheckpoints(state.checkpoints);
-    gallery.steps(state.samples.steps);
+    gallery.update(state.samples);
   };
   const renderCheckpoints = (checkpoints) => {
     const body = document.querySelector("#checkpoints tbody");
@@ -334,11 +337,13 @@ function runPage() {
   refreshDetails();
 }
 
-function makeGallery(run, prompts) {
+function makeGallery(run) {
   const root = document.getElementById("gallery");
+  const head = root.querySelector("thead tr");
   const body = root.querySelector("tbody");
   const enlarged = document.getElementById("enlarged");
-  let shown = [];
+  let shown = "";
+  let prompts = [...head.querySelectorAll("th")].slice(1).map((th) => th.textContent);
   const cell = (step, index) => `/api/runs/${encodeURIComponent(run)}/samples/${step}/${index}.png`;
   const focus = (row, column) => {
     const target = body.querySelector(`td[data-row="${row}"][data-column="${column}"]`);
@@ -347,7 +352,7 @@ function makeGallery(run, prompts) {
   const open = (td) => {
     enlarged.hidden = false;
     enlarged.querySelector("img").src = td.querySelector("img").src;
-    enlarged.querySelector("p").textContent = `step ${td.dataset.step} · ${root.querySelectorAll("thead th")[Number(td.dataset.column) + 1].textContent}`;
+    enlarged.querySelector("p").textContent = `step ${td.dataset.step} · ${prompts[Number(td.dataset.column)] || ""}`;
   };
   enlarged.onclick = () => { enlarged.hidden = true; };
   body.addEventListener("keydown", (event) => {
@@ -359,16 +364,20 @@ function makeGallery(run, prompts) {
     if (event.key === "Enter" || event.key === " ") { event.preventDefault(); open(td); }
     if (event.key === "Escape") enlarged.hidden = true;
   });
-  const steps = (list) => {
-    if (list.join() === shown.join()) return;
-    shown = list;
-    body.replaceChildren(...list.map((step, row) => el("tr", {}, el("th", { text: String(step) }),
-      ...Array.from({ length: Math.max(prompts, 1) }, (_, column) => el("td",
+  // samples: {steps, prompts} as the run's state gives them; the grid is rebuilt when either changed
+  const update = (samples) => {
+    const key = JSON.stringify(samples);
+    if (key === shown) return;
+    shown = key;
+    prompts = samples.prompts;
+    head.replaceChildren(el("th", { text: "step" }), ...prompts.map((prompt) => el("th", { title: prompt, text: prompt })));
+    body.replaceChildren(...samples.steps.map((step, row) => el("tr", {}, el("th", { text: String(step) }),
+      ...Array.from({ length: Math.max(prompts.length, 1) }, (_, column) => el("td",
         { tabindex: row === 0 && column === 0 ? 0 : -1, "data-row": row, "data-column": column, "data-step": step, ondblclick: (e) => open(e.currentTarget) },
-        el("img", { src: cell(step, column), alt: `step ${step}, prompt ${column + 1}`, loading: "lazy" }))))));
+        el("img", { src: cell(step, column), alt: `step ${step}, ${prompts[column] || "sample"}`, loading: "lazy" }))))));
   };
-  steps((root.dataset.steps || "").split(",").filter(Boolean).map(Number));
-  return { steps };
+  update({ steps: (root.dataset.steps || "").split(",").filter(Boolean).map(Number), prompts });
+  return { update };
 }
 
 // ------------------------------------------------------------------ compare
