@@ -5,6 +5,7 @@ Runs here are real `sdlora train` processes on the tiny pipeline, started by the
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -308,3 +309,69 @@ def test_every_page_renders_with_runs_in_every_state(tiny_dir, images, tmp_path)
         assert answer.status_code == 200, (page, answer.text[-2000:])
         assert "<b>nan</b>" not in answer.text  # a message from a run is text, never markup
     assert "&lt;b&gt;nan&lt;/b&gt;" in api.get("/").text
+
+
+def test_a_strength_grid_of_a_checkpoint_is_made_in_the_background(tiny_dir, images, tmp_path):
+    studio, api = client(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    config = tmp_path / "run.toml"
+    config.write_text(toml(tiny_dir, images, max_steps=2, save_every=2, sample_prompts=str(prompts)))
+    done = subprocess.run([sys.executable, "-m", "sdlora", "train", "--quiet", "--config", str(config),
+                           "--output-dir", str(studio.runs / "r")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert api.get("/api/runs/r/checkpoints/step-000002/grid").json()["state"] == "none"
+    assert api.post("/api/runs/r/checkpoints/step-000009/grid", headers=SAME_ORIGIN).status_code == 404
+    job = api.post("/api/runs/r/checkpoints/step-000002/grid", headers=SAME_ORIGIN).json()
+    assert job["state"] in ("running", "done")
+    job = wait_for(lambda: (lambda j: j if j["state"] in ("done", "failed") else None)(
+        api.get("/api/runs/r/checkpoints/step-000002/grid").json()), 180, "the grid")
+    assert job["state"] == "done", job
+    from PIL import Image
+
+    grid = api.get(job["url"])
+    assert grid.status_code == 200
+    with Image.open(io.BytesIO(grid.content)) as image:
+        assert image.width >= 5 * 16  # strengths 0, 0.25, 0.5, 0.75 and 1, side by side
+    # the toy-world scores are offered for runs of the toy model only
+    assert api.get("/api/runs/r").json()["toy"]["available"] is False
+    assert api.post("/api/runs/r/toy-scores", headers=SAME_ORIGIN).status_code == 400
+
+
+def test_the_event_stream_sends_new_metrics_points_as_they_are_written(tmp_path):
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from studio_process import free_port
+
+    studio, _ = client(tmp_path)
+    folder = write_run(studio.runs / "live", steps=3)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(studio, tick=False), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 20, "the server")
+        events = []
+        with httpx.stream("GET", f"http://127.0.0.1:{port}/api/events?run=live&after=3", timeout=20) as stream:
+            name = None
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    name = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line.removeprefix("data: "))))
+                    if name == "runs" and len(events) == 1:  # the stream is up: write a step
+                        written = time.monotonic()
+                        with (folder / "logs" / "metrics.jsonl").open("a") as file:
+                            file.write(json.dumps({"step": 4, "loss": 0.125, "time": 2.0}) + "\n")
+                    if name == "metrics":
+                        break
+        assert events[0][0] == "runs" and events[0][1]["runs"][0]["name"] == "live"
+        assert events[-1][1]["series"]["loss"] == {"step": [4], "value": [0.125]}
+        assert time.monotonic() - written < 1.0  # the goal: a line reaches the page within a second
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -37,6 +37,7 @@ from ..training.checkpoint import ADAPTER_FILE
 from ..training.config import to_toml
 from ..training.setup import RunPaths, resume_folder
 from . import datasets, facts, forms, security
+from ..toy.pretrain import is_toy_model
 from .jobs import Job
 from .metrics import MetricsCache, chart_series, records_after
 from .queue import STUDIO_FOLDER, Queue, Scheduler, check_run_name
@@ -240,10 +241,10 @@ def toy_job(folder: Path) -> Job:
 
 def is_toy_run(folder: Path) -> bool:
     try:
-        model = Path(str(facts.read_toml(folder / "config.toml").get("model", "")))
+        model = str(facts.read_toml(folder / "config.toml").get("model", ""))
     except ConfigError:
         return False
-    return (model / "toy_world.json").is_file() or model.name.startswith("toy-")
+    return is_toy_model(model)
 
 
 # ---------------------------------------------------------------- requests and answers
@@ -526,10 +527,11 @@ def create_app(studio: Studio, tick: bool = True) -> Starlette:
            Route("/api/runs/{run}", handle_errors(api_run)),
            Route("/api/runs/{run}/metrics", handle_errors(api_metrics)),
            Route("/api/runs/{run}/resume", handle_errors(api_resume), methods=["POST"]),
-           Route("/api/runs/{run}/{action:str}", handle_errors(api_control), methods=["POST"]),
            Route("/api/runs/{run}/checkpoints/{checkpoint}/grid", handle_errors(api_grid), methods=["GET", "POST"]),
            Route("/api/runs/{run}/toy-scores", handle_errors(api_toy), methods=["GET", "POST"]),
            Route("/api/runs/{run}/samples/{step:int}/{index:int}.png", handle_errors(api_sample_cell)),
+           # last of the run's routes: the other names under a run are not actions
+           Route("/api/runs/{run}/{action:str}", handle_errors(api_control), methods=["POST"]),
            Route("/api/queue", handle_errors(api_queue)),
            Route("/api/queue/{entry:int}", handle_errors(api_queue_entry), methods=["POST", "DELETE"]),
            Route("/api/config/fields", handle_errors(api_fields)),

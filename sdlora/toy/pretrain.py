@@ -54,6 +54,13 @@ EMPTY_CAPTION_RATE = 0.1  # trained with no caption this often, so classifier-fr
 
 SPARE = ("star", "outline", "outlined", *toy.TRIGGERS)  # never in pretraining captions
 
+REPORT_FILE = "pretrain_report.json"  # beside the saved pipeline: what pretraining measured
+
+
+def is_toy_model(folder: str | Path) -> bool:
+    """A folder this module pretrained (the toy world's base model): it holds the pretraining report."""
+    return (Path(folder) / REPORT_FILE).is_file()
+
 
 def build_tokenizer():
     # A known wart, kept because models/toy-sd1 was trained with it: build_clip_tokenizer adds each
@@ -485,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval_images:
         report["evaluation"] = evaluate(StableDiffusionPipeline.from_pretrained(out), per_prompt=args.eval_images)
         print_evaluation(report["evaluation"])
-    (out / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ function drawChart(root, lines, options = {}) {
   let [x0, x1] = options.domain || [Math.min(...xs), Math.max(...xs)];
   if (x1 === x0) x1 = x0 + 1;
   let y0 = Math.min(...ys), y1 = Math.max(...ys);
-  if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
+  if (y1 === y0) { const half = Math.abs(y0) * 0.1 || 0.5; y0 -= half; y1 += half; }  // a constant (a flat lr)
   const pad = (y1 - y0) * 0.05;
   y0 -= pad; y1 += pad;
   const X = (x) => margin.left + ((x - x0) / (x1 - x0)) * (width - margin.left - margin.right);
@@ -271,6 +271,7 @@ function runPage() {
     status.className = `status ${me.status}`;
     document.getElementById("detail").textContent = me.detail || "";
     document.getElementById("step").textContent = me.step;
+    for (const button of document.querySelectorAll("[data-action]")) button.disabled = me.status !== "running";
     // Samples, checkpoints and the log change as steps go by: looked up again at most every 2 s.
     const changed = me.checkpoints.join() !== checkpointNames().join() || me.status !== runPage.status;
     if (changed || (me.step !== runPage.step && Date.now() - runPage.refreshed > 2000)) refreshDetails();
