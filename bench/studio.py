@@ -11,7 +11,7 @@
    interleaved, the median of each. On this 2-core machine the browser and the studio share the cores
    with the training: this is the worst case, a training box with a GPU has its CPU mostly idle.
 
-    python bench/studio.py              # about 4 minutes on 2 CPU cores
+    python bench/studio.py              # about 6 minutes on 2 CPU cores
     python bench/studio.py --repeats 3 --steps 120
 """
 
@@ -54,7 +54,7 @@ def page_time(rows: int) -> None:
         runs = Path(folder) / "runs"
         fake_run(runs / "long", rows)
         studio = Studio(runs=runs, data=[])
-        client = TestClient(create_app(studio, tick=False))
+        client = TestClient(create_app(studio, tick=False), base_url="http://localhost")
 
         def load() -> tuple[float, int]:
             started = time.perf_counter()
@@ -127,55 +127,62 @@ def train(out: Path, steps: int) -> float:
     return seconds_per_step(out)
 
 
+def watched(folder: Path, steps: int, browser: bool) -> float:
+    """The training run inside a studio's runs folder, with the run's page open in a browser or not."""
+    runs = folder / "runs"
+    runs.mkdir(parents=True)
+    studio = StudioProcess(runs, [], folder / "studio.log").start()
+    driver = None
+    try:
+        if browser:
+            from selenium import webdriver
+            from selenium.webdriver.chrome.service import Service
+
+            paths = browser_paths()
+            options = webdriver.ChromeOptions()
+            options.binary_location = paths[0]
+            for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+                options.add_argument(argument)
+            driver = webdriver.Chrome(service=Service(paths[1]), options=options)
+        out = runs / "run"
+        process = subprocess.Popen([sys.executable, "-m", "sdlora", "train", "--quiet", "--config",
+                                    str(ROOT / "datasets" / "style-outline" / "train.toml"), "--output-dir",
+                                    str(out), "--max-steps", str(steps), "--log-every", "1"], cwd=ROOT)
+        while driver and not (out / "config.toml").exists() and process.poll() is None:
+            time.sleep(0.2)
+        if driver:
+            driver.get(studio.url + "/runs/run")  # open once the run exists, as a user would
+        assert process.wait() == 0
+        return seconds_per_step(out)
+    finally:
+        if driver:
+            driver.quit()
+        studio.stop()
+
+
 def watched_overhead(repeats: int, steps: int) -> None:
-    paths = browser_paths()
-    plain, watched = [], []
+    browser = browser_paths() is not None
+    conditions = {"unwatched": [], "studio": [], "studio + browser": []}
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        for i in range(repeats):
-            plain.append(train(folder / f"plain-{i}", steps))
-            runs = folder / f"watched-{i}"
-            runs.mkdir()
-            studio = StudioProcess(runs, [], folder / "studio.log").start()
-            driver = None
-            try:
-                if paths:
-                    from selenium import webdriver
-                    from selenium.webdriver.chrome.service import Service
-
-                    options = webdriver.ChromeOptions()
-                    options.binary_location = paths[0]
-                    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-                        options.add_argument(argument)
-                    driver = webdriver.Chrome(service=Service(paths[1]), options=options)
-                    driver.get(studio.url + "/runs/run")  # a 404 until the run exists: open it once it does
-                out = runs / "run"
-                process = subprocess.Popen([sys.executable, "-m", "sdlora", "train", "--quiet", "--config",
-                                            str(ROOT / "datasets" / "style-outline" / "train.toml"), "--output-dir",
-                                            str(out), "--max-steps", str(steps), "--log-every", "1"], cwd=ROOT)
-                while driver and not (out / "config.toml").exists() and process.poll() is None:
-                    time.sleep(0.2)
-                if driver:
-                    driver.get(studio.url + "/runs/run")
-                assert process.wait() == 0
-                watched.append(seconds_per_step(out))
-            finally:
-                if driver:
-                    driver.quit()
-                studio.stop()
-    ratio = statistics.median(watched) / statistics.median(plain)
-    who = "studio + browser on the run's page" if paths else "studio alone (no browser here)"
-    print(f"3. s/step, {steps} steps, median of {repeats}: unwatched {statistics.median(plain):.3f}, watched by "
-          f"{who} {statistics.median(watched):.3f}: {ratio:.3f}x (goal <= 1.02x)")
-    print(f"   each try: unwatched {', '.join(f'{v:.3f}' for v in plain)}; watched "
-          f"{', '.join(f'{v:.3f}' for v in watched)}")
+        for i in range(repeats):  # interleaved, so that a slow spell of the machine hits every condition
+            conditions["unwatched"].append(train(folder / f"plain-{i}", steps))
+            conditions["studio"].append(watched(folder / f"studio-{i}", steps, browser=False))
+            if browser:
+                conditions["studio + browser"].append(watched(folder / f"browser-{i}", steps, browser=True))
+    base = statistics.median(conditions["unwatched"])
+    print(f"3. s/step of the toy style config, {steps} steps, median of {repeats} (goal <= 1.02x):")
+    for name, times in conditions.items():
+        if times:
+            print(f"   {name:18s} {statistics.median(times):.3f} s/step  {statistics.median(times) / base:.3f}x   "
+                  f"(each: {', '.join(f'{t:.3f}' for t in times)})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--lines", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=80)
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -43,14 +43,14 @@ def test_the_reader_reads_only_what_was_appended_and_waits_for_a_whole_line(tmp_
     path = tmp_path / "metrics.jsonl"
     write(path, [{"step": i, "loss": 1.0 / i, "lr": 1e-4} for i in range(1, 11)])
     cache = MetricsCache()
-    assert cache.read(path).steps["loss"] == list(range(1, 11))
+    assert list(cache.read(path).steps["loss"]) == list(range(1, 11))
     with path.open("a") as file:
         file.write(json.dumps({"step": 11, "loss": 0.5}) + "\n" + '{"step": 12, "lo')  # a line being written
     columns = cache.read(path)
     assert columns.steps["loss"][-1] == 11 and columns.last_step == 11
     with path.open("a") as file:
         file.write('ss": 0.25}\n')
-    assert cache.read(path).values["loss"][-2:] == [0.5, 0.25]
+    assert list(cache.read(path).values["loss"][-2:]) == [0.5, 0.25]
     assert records_after(cache.read(path), 10)["series"]["loss"] == {"step": [11, 12], "value": [0.5, 0.25]}
 
 
@@ -64,6 +64,6 @@ def test_a_replaced_log_is_read_again_and_broken_lines_are_skipped(tmp_path):
     replacement.write_text(replacement.read_text() + "not json\n" + json.dumps({"step": 6, "val_loss": 3.0}) + "\n")
     os.replace(replacement, path)
     columns = cache.read(path)
-    assert columns.steps["loss"] == [1, 2, 3, 4, 5] and columns.values["loss"] == [2.0] * 5
-    assert columns.steps["val_loss"] == [6]
+    assert list(columns.steps["loss"]) == [1, 2, 3, 4, 5] and list(columns.values["loss"]) == [2.0] * 5
+    assert list(columns.steps["val_loss"]) == [6]
     assert chart_series(columns)["series"]["val_loss"] == {"step": [6], "value": [3.0]}

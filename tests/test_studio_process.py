@@ -4,6 +4,7 @@ a restarted studio tells the same story from the files: the queue and every stat
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -15,6 +16,8 @@ from studio_process import StudioProcess, end_runs
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette", reason="the studio extra: pip install 'sdlora[studio]'")
+
+from sdlora.studio.app import NICENESS  # noqa: E402
 
 
 def toml(tiny_dir, images, **options) -> str:
@@ -54,6 +57,10 @@ def test_killing_the_studio_leaves_the_run_alone_and_a_restart_shows_the_same(ti
         wait_for(lambda: runs_of(studio)["runs"]["first"]["step"] >= 2, 120, "a few steps")
         before = runs_of(studio)
         assert before["runs"]["second"]["status"] == "queued"  # one run at a time
+        if sys.platform.startswith("linux"):  # the studio's threads yield to trainings, the trainings do not
+            ours = os.getpriority(os.PRIO_PROCESS, 0)
+            assert os.getpriority(os.PRIO_PROCESS, before["runs"]["first"]["pid"]) == ours
+            assert os.getpriority(os.PRIO_PROCESS, studio.process.pid) == min(19, ours + NICENESS)
         studio.kill()
         # The run goes on without the studio and finishes.
         adapter = runs / "first" / "lora.safetensors"

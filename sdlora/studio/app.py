@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -42,7 +43,12 @@ from .jobs import Job
 from .metrics import MetricsCache, chart_series, records_after
 from .queue import STUDIO_FOLDER, Queue, Scheduler, check_run_name
 
-POLL_S = 0.25  # how often the event stream looks at the files: a new metrics line reaches a page within ~0.5 s
+# How often the event stream looks at the files. With the page drawing at most twice a second, a new
+# metrics line is on the page within a second (bench/studio.py measures it).
+POLL_S = 0.5
+# The studio's own threads run at this niceness (Linux), below the trainings they watch; the thread that
+# starts trainings keeps the normal priority, so the runs it starts keep it too.
+NICENESS = 10
 
 
 @dataclass
@@ -106,8 +112,12 @@ class Studio:
                 "toy": toy_job(folder).state() | {"available": is_toy_run(folder)}}
 
     def tick(self) -> None:
-        running = sum(1 for run in facts.all_runs(self.runs) if run.status == "running")
-        self.scheduler.tick(running)
+        """Once a second: start what the queue may start, and bring every run's metrics up to date, so that a
+        run's page finds its chart's points read already (a long run's log takes a while to read first)."""
+        runs = facts.all_runs(self.runs)
+        self.scheduler.tick(sum(1 for run in runs if run.status == "running"))
+        for run in runs:
+            self.metrics.read(self.runs / run.name / "logs" / "metrics.jsonl")
 
     def start_ticking(self) -> threading.Thread:
         def loop():
@@ -556,6 +566,7 @@ def create_app(studio: Studio, tick: bool = True) -> Starlette:
     async def lifespan(app):
         if tick:
             studio.start_ticking()
+            lower_priority()  # of this thread, and of the worker threads it makes from now on
         yield
         studio.stop_ticking()
 
@@ -660,6 +671,15 @@ async def event_stream(studio: Studio, request: Request):
             quiet_since = time.monotonic()
             yield ": still here\n\n"  # proxies close a silent stream
         await asyncio.sleep(POLL_S)
+
+
+def lower_priority() -> None:
+    """On Linux niceness is a thread's own: lower this one's (threads it starts inherit it), not the process's."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
+        except OSError:  # a sandbox that forbids it: the studio runs at the normal priority
+            pass
 
 
 def serve(runs: Path, data: list[Path], host: str = "127.0.0.1", port: int = 7860, token: str | None = None,

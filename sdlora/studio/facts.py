@@ -17,6 +17,7 @@ import os
 import socket
 import sys
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -179,8 +180,19 @@ def _seconds_per_step(metrics: Path, started: dict | None) -> float | None:
 
 
 def _config(folder: Path) -> dict:
+    path = folder / "config.toml"
     try:
-        return read_toml(folder / "config.toml")
+        stat = path.stat()
+    except FileNotFoundError:
+        return {}
+    return dict(_parsed_config(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+@lru_cache(maxsize=256)
+def _parsed_config(path: str, mtime_ns: int, size: int) -> dict:
+    """A config file's values, parsed once per version of the file (a page asks several times a second)."""
+    try:
+        return read_toml(path)
     except ConfigError:  # a config edited by hand into something wrong: the run is shown all the same
         return {}
 

@@ -11,31 +11,39 @@ from __future__ import annotations
 
 import bisect
 import json
-import math
 import threading
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 SERIES = ("loss", "loss_smoothed", "lr", "val_loss")
 
 
 @dataclass
 class Columns:
-    """Each series as (steps, values), in the order the records came."""
+    """Each series as (steps, values), in the order the records came: typed arrays, which numpy reads
+    without a copy."""
 
-    steps: dict[str, list[int]] = field(default_factory=lambda: {name: [] for name in SERIES})
-    values: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in SERIES})
+    steps: dict[str, array] = field(default_factory=lambda: {name: array("q") for name in SERIES})
+    values: dict[str, array] = field(default_factory=lambda: {name: array("d") for name in SERIES})
 
     def add(self, records: list[dict]) -> None:
-        for record in records:
-            step = record.get("step")
-            if not isinstance(step, int):
-                continue
-            for name in SERIES:
-                value = record.get(name)
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.steps[name].append(step)
-                    self.values[name].append(float(value))
+        for name in SERIES:  # a series at a time, through numpy: a first read of 100,000 rows stays quick
+            rows = [record for record in records if name in record]
+            try:
+                steps = np.array([record["step"] for record in rows], dtype=np.int64)
+                values = np.array([record[name] for record in rows], dtype=np.float64)
+            except (KeyError, TypeError, ValueError, OverflowError):  # a record written by hand: one at a time
+                pairs = [(record.get("step"), record[name]) for record in rows]
+                pairs = [(step, float(value)) for step, value in pairs if type(step) is int
+                         and type(value) in (int, float)]
+                steps = np.array([step for step, _ in pairs], dtype=np.int64)
+                values = np.array([value for _, value in pairs], dtype=np.float64)
+            finite = np.isfinite(values)
+            self.steps[name].frombytes(steps[finite].tobytes())
+            self.values[name].frombytes(values[finite].tobytes())
 
     @property
     def last_step(self) -> int:
@@ -44,12 +52,14 @@ class Columns:
 
 def parse_lines(data: bytes) -> list[dict]:
     """The records of complete JSON lines; a broken line (a disk that filled up) is skipped, not fatal."""
-    lines = [line for line in data.split(b"\n") if line.strip()]
-    try:  # one parse of the whole chunk is several times faster than one per line
-        records = json.loads(b"[" + b",".join(lines) + b"]")
+    body = data.strip(b"\n")
+    if not body:
+        return []
+    try:  # one parse of the whole chunk as a JSON array: the fastest way through the standard library
+        records = json.loads(b"[" + body.replace(b"\n", b",") + b"]")
     except ValueError:
         records = []
-        for line in lines:
+        for line in body.split(b"\n"):
             try:
                 records.append(json.loads(line))
             except ValueError:
@@ -93,7 +103,7 @@ class MetricsCache:
             return entry.columns
 
 
-def downsample(steps: list[int], values: list[float], buckets: int, first: int | None = None,
+def downsample(steps, values, buckets: int, first: int | None = None,
                last: int | None = None) -> tuple[list[int], list[float]]:
     """At most four points per bucket of the step range [first, last]: first, min, max and last of each,
     in step order."""
@@ -101,31 +111,25 @@ def downsample(steps: list[int], values: list[float], buckets: int, first: int |
         return [], []
     low = steps[0] if first is None else first
     high = steps[-1] if last is None else last
-    start, end = _bisect(steps, low), _bisect(steps, high + 1)
+    start, end = bisect.bisect_left(steps, low), bisect.bisect_left(steps, high + 1)
     if end - start <= 4 * buckets:
-        return steps[start:end], values[start:end]
-    width = max(1e-9, (high - low) / buckets)
-    out_steps, out_values = [], []
-    i = start
-    while i < end:
-        bucket = int((steps[i] - low) / width)
-        j = i
-        lowest = highest = i
-        while j < end and int((steps[j] - low) / width) == bucket:
-            if values[j] < values[lowest]:
-                lowest = j
-            if values[j] > values[highest]:
-                highest = j
-            j += 1
-        for k in sorted({i, lowest, highest, j - 1}):
-            out_steps.append(steps[k])
-            out_values.append(values[k])
-        i = j
-    return out_steps, out_values
+        return list(steps[start:end]), list(values[start:end])
+    x = _numbers(steps, np.int64)[start:end].astype(np.float64)
+    y = _numbers(values, np.float64)[start:end]
+    bucket = np.floor((x - low) / max(1e-9, (high - low) / buckets)).astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])  # steps are in order: buckets are runs
+    sizes = np.diff(np.r_[starts, len(x)])
+    owner = np.repeat(np.arange(len(starts)), sizes)
+    keep = [starts, starts + sizes - 1]
+    for extreme in (np.minimum, np.maximum):
+        hits = np.flatnonzero(y == np.repeat(extreme.reduceat(y, starts), sizes))
+        keep.append(hits[np.unique(owner[hits], return_index=True)[1]])  # the first hit of each bucket
+    chosen = np.unique(np.concatenate(keep)) + start
+    return _numbers(steps, np.int64)[chosen].tolist(), _numbers(values, np.float64)[chosen].tolist()
 
 
-def _bisect(steps: list[int], step: int) -> int:
-    return bisect.bisect_left(steps, step)
+def _numbers(column, dtype) -> np.ndarray:
+    return np.frombuffer(column, dtype=dtype) if isinstance(column, array) else np.asarray(column, dtype=dtype)
 
 
 def chart_series(columns: Columns, points: int = 1000, first: int | None = None, last: int | None = None) -> dict:
@@ -142,7 +146,7 @@ def records_after(columns: Columns, step: int, limit: int = 5000) -> dict:
     series = {}
     for name in SERIES:
         steps = columns.steps[name]
-        start = _bisect(steps, step + 1)
+        start = bisect.bisect_left(steps, step + 1)
         start = max(start, len(steps) - limit)
-        series[name] = {"step": steps[start:], "value": columns.values[name][start:]}
+        series[name] = {"step": steps[start:].tolist(), "value": columns.values[name][start:].tolist()}
     return {"series": series, "last_step": columns.last_step}

@@ -248,6 +248,13 @@ function runPage() {
     redraw();
     return data.last_step;
   };
+  // A live chart is drawn at most twice a second, however fast the steps come: the page must not take
+  // the CPU from the training it shows (bench/studio.py measures what it takes).
+  let drawn = 0, pending = null;
+  const drawSoon = () => {
+    if (pending) return;
+    pending = setTimeout(() => { pending = null; drawn = Date.now(); redraw(); }, Math.max(0, 500 - (Date.now() - drawn)));
+  };
   const zoom = (first, last) => { chart.domain = first === null ? null : [first, last]; load(); };
   document.getElementById("zoom-reset").onclick = () => zoom(null, null);
   logScale.onchange = redraw;
@@ -260,7 +267,7 @@ function runPage() {
       const lastStep = target.step.length ? target.step[target.step.length - 1] : -1;
       extra.step.forEach((step, i) => { if (step > lastStep) { target.step.push(step); target.value.push(extra.value[i]); } });
     }
-    redraw();
+    drawSoon();
   };
   const gallery = makeGallery(run);
   const update = (state) => {
@@ -272,9 +279,9 @@ function runPage() {
     document.getElementById("detail").textContent = me.detail || "";
     document.getElementById("step").textContent = me.step;
     for (const button of document.querySelectorAll("[data-action]")) button.disabled = me.status !== "running";
-    // Samples, checkpoints and the log change as steps go by: looked up again at most every 2 s.
+    // Samples, checkpoints and the log change as steps go by: looked up again at most every 5 s.
     const changed = me.checkpoints.join() !== checkpointNames().join() || me.status !== runPage.status;
-    if (changed || (me.step !== runPage.step && Date.now() - runPage.refreshed > 2000)) refreshDetails();
+    if (changed || (me.step !== runPage.step && Date.now() - runPage.refreshed > 5000)) refreshDetails();
     runPage.status = me.status;
     runPage.step = me.step;
   };
