@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,10 +122,14 @@ class Studio:
 
     def start_ticking(self) -> threading.Thread:
         def loop():
-            while not self._ticking.wait(1.0):
-                self.tick()
+            while True:
+                try:
+                    self.tick()
+                except Exception:  # a bug: shown, and the queue goes on rather than stopping for good
+                    traceback.print_exc()
+                if self._ticking.wait(1.0):
+                    return
 
-        self.tick()
         thread = threading.Thread(target=loop, name="sdlora-studio-queue", daemon=True)
         thread.start()
         return thread

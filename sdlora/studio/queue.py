@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..reliability.durable import write_text
 from .facts import CONSOLE_LOG, lock_holder
 
 STUDIO_FOLDER = ".studio"
@@ -131,7 +132,7 @@ class Queue:
     def launch(self, entry: Entry) -> subprocess.Popen:
         """Start `entry` as `sdlora train`: its snapshot as the config, its run folder as the output."""
         snapshot = self.configs / f"{entry.id}.toml"
-        snapshot.write_text(entry.config, encoding="utf-8")
+        write_text(snapshot, entry.config)
         output = self.runs / entry.run
         (output / "logs").mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "sdlora", "train", "--config", str(snapshot), "--output-dir", str(output)]
