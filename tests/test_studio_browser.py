@@ -138,11 +138,14 @@ def scenario(driver, studio: StudioProcess, data: Path, prompts: Path, shots: Sh
     assert "stopped on request" in text(driver, "#detail")
     stopped_at = int(text(driver, "#step"))
     assert 0 < stopped_at < STEPS
-    checkpoints = driver.find_elements(By.CSS_SELECTOR, "#checkpoints tr[data-checkpoint]")
-    assert checkpoints[-1].get_attribute("data-checkpoint") == f"step-{stopped_at:06d}"
+    last = f'#checkpoints tr[data-checkpoint="step-{stopped_at:06d}"]'
+    wait(driver, lambda: driver.find_elements(By.CSS_SELECTOR, "#checkpoints tr[data-checkpoint]")[-1]
+         .get_attribute("data-checkpoint") == f"step-{stopped_at:06d}", 20, "the stop's checkpoint, listed last")
 
-    # Resume from it, and see it finish.
-    checkpoints[-1].find_element(By.CSS_SELECTOR, "button.resume").click()
+    # Resume from it, and see it finish. (The table is redrawn as the run's state changes: the button is
+    # looked up again until a click lands.)
+    wait(driver, lambda: driver.find_element(By.CSS_SELECTOR, f"{last} button.resume").click() or True, 20,
+         "a click on 'Resume from here'")
     wait(driver, lambda: text(driver, "#status") in ("queued", "starting", "running"), 20, "the resumed run")
     wait(driver, lambda: text(driver, "#status") == "finished", 240, "the resumed run to finish")
     assert int(text(driver, "#step")) == STEPS

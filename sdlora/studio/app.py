@@ -270,8 +270,8 @@ def json_error(status: int, message: str, **extra) -> JSONResponse:
 
 
 async def body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and int(declared) > security.MAX_BODY:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > security.MAX_BODY:
         raise HTTPException(413, f"request body over {security.MAX_BODY} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -410,11 +410,14 @@ def create_app(studio: Studio, tick: bool = True) -> Starlette:
         return JSONResponse(await run_in_threadpool(studio.states))
 
     async def api_queue_run(request):
-        raw = await body(request)
         if request.headers.get("content-type", "").startswith("application/json"):
-            values = json.loads(raw or b"{}")
-            answer = studio.queue_run("", values.get("run"), form=values.get("form", {}))
+            values = await json_body(request)
+            form, run = values.get("form", {}), values.get("run")
+            if not isinstance(form, dict) or not isinstance(run, (str, type(None))):
+                raise HTTPException(400, 'the body is {"form": {KEY: VALUE, ...}, "run": NAME}')
+            answer = studio.queue_run("", run, form=form)
         else:
+            raw = await body(request)
             answer = studio.queue_run(raw.decode("utf-8", errors="replace"), request.query_params.get("run"))
         return JSONResponse(answer, status_code=400 if "errors" in answer else 201)
 
@@ -500,8 +503,10 @@ def create_app(studio: Studio, tick: bool = True) -> Starlette:
         return JSONResponse({"fields": forms.form_fields()})
 
     async def api_check(request):
-        values = await json_body(request)
-        return JSONResponse(studio.check_form(values.get("form", {})))
+        form = (await json_body(request)).get("form", {})
+        if not isinstance(form, dict):
+            raise HTTPException(400, 'the body is {"form": {KEY: VALUE, ...}}')
+        return JSONResponse(studio.check_form(form))
 
     async def api_datasets(request):
         return JSONResponse({"folders": data_folders(studio)})
