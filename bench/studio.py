@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from studio_process import StudioProcess, browser_paths  # noqa: E402
+from studio_process import StudioProcess, browser_paths, headless_chrome  # noqa: E402
 
 
 def fake_run(folder: Path, rows: int) -> None:
@@ -74,19 +74,12 @@ def latency(repeats: int) -> None:
     if paths is None:
         print("2. line -> page: skipped, no chromium/chromedriver here (apt-get install chromium chromium-driver)")
         return
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     with tempfile.TemporaryDirectory() as folder:
         runs = Path(folder) / "runs"
         fake_run(runs / "live", 2000)
         metrics = runs / "live" / "logs" / "metrics.jsonl"
         studio = StudioProcess(runs, [], Path(folder) / "studio.log").start()
-        options = webdriver.ChromeOptions()
-        options.binary_location = paths[0]
-        for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-            options.add_argument(argument)
-        driver = webdriver.Chrome(service=Service(paths[1]), options=options)
+        driver = headless_chrome()
         try:
             driver.get(studio.url + "/runs/live")
             count = "return Number(document.querySelector('#loss-chart path.raw')?.dataset.points || 0)"
@@ -135,15 +128,7 @@ def watched(folder: Path, steps: int, browser: bool) -> float:
     driver = None
     try:
         if browser:
-            from selenium import webdriver
-            from selenium.webdriver.chrome.service import Service
-
-            paths = browser_paths()
-            options = webdriver.ChromeOptions()
-            options.binary_location = paths[0]
-            for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-                options.add_argument(argument)
-            driver = webdriver.Chrome(service=Service(paths[1]), options=options)
+            driver = headless_chrome()
         out = runs / "run"
         process = subprocess.Popen([sys.executable, "-m", "sdlora", "train", "--quiet", "--config",
                                     str(ROOT / "datasets" / "style-outline" / "train.toml"), "--output-dir",

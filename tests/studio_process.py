@@ -3,6 +3,7 @@ and reliability tests)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -13,6 +14,42 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_run_toml(tiny_dir, images, **options) -> str:
+    """A training config for the tiny pipeline (a few seconds a run), as a TOML body."""
+    values = dict(model=str(tiny_dir), data=str(images), resolution=16, batch_size=4, lr=2e-3, rank=4, seed=7,
+                  log_every=1, save_dtype="fp32", max_steps=12)
+    values.update(options)
+    return "\n".join(f"{key} = {json.dumps(value)}" for key, value in values.items()) + "\n"
+
+
+def wait_for(predicate, timeout: float, what: str, step: float = 0.1, retry_on: tuple = ()):
+    """The first true value of `predicate`, polled every `step` s; an exception in `retry_on` counts as false."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except retry_on:
+            value = None
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def headless_chrome():
+    """The distribution's Chromium, headless, through its own driver (never a downloaded one)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = browser_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,1000", "--force-device-scale-factor=1"):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(driver), options=options)
 
 
 def free_port() -> int:

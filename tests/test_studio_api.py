@@ -25,6 +25,7 @@ from sdlora.reliability.runlock import RunLock  # noqa: E402
 from sdlora.studio import facts  # noqa: E402
 from sdlora.studio.app import Studio, create_app  # noqa: E402
 from sdlora.studio.queue import Queue  # noqa: E402
+from studio_process import tiny_run_toml, wait_for  # noqa: E402
 
 SAME_ORIGIN = {"origin": "http://localhost"}
 
@@ -32,23 +33,6 @@ SAME_ORIGIN = {"origin": "http://localhost"}
 def client(tmp_path, data=(), **settings) -> tuple[Studio, TestClient]:
     studio = Studio(runs=tmp_path / "runs", data=list(data), **settings)
     return studio, TestClient(create_app(studio, tick=False), base_url="http://localhost")
-
-
-def toml(tiny_dir, images, **options) -> str:
-    values = dict(model=str(tiny_dir), data=str(images), resolution=16, batch_size=4, lr=2e-3, rank=4, seed=7,
-                  log_every=1, save_dtype="fp32", max_steps=12)
-    values.update(options)
-    return "\n".join(f"{key} = {json.dumps(value)}" for key, value in values.items()) + "\n"
-
-
-def wait_for(predicate, timeout: float, what: str, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def status(api: TestClient, run: str) -> dict:
@@ -122,7 +106,7 @@ def test_a_run_killed_with_sigkill_shows_as_stopped_within_two_seconds(tmp_path)
 
 def test_queue_start_stop_resume_and_finish_equal_an_unwatched_run(tiny_dir, images, tmp_path):
     studio, api = client(tmp_path)
-    body = toml(tiny_dir, images, max_steps=30)
+    body = tiny_run_toml(tiny_dir, images, max_steps=30)
     with api:
         answer = api.post("/api/runs?run=watched", content=body, headers={**SAME_ORIGIN,
                                                                           "content-type": "application/toml"})
@@ -157,7 +141,8 @@ def test_queue_start_stop_resume_and_finish_equal_an_unwatched_run(tiny_dir, ima
 def test_the_queue_keeps_snapshots_order_and_cancels_across_restarts(tiny_dir, images, tmp_path):
     studio, api = client(tmp_path)
     for name in ("a", "b", "c"):
-        answer = api.post(f"/api/runs?run={name}", content=toml(tiny_dir, images, rank=4 if name != "b" else 2),
+        body = tiny_run_toml(tiny_dir, images, rank=4 if name != "b" else 2)
+        answer = api.post(f"/api/runs?run={name}", content=body,
                           headers={**SAME_ORIGIN, "content-type": "application/toml"})
         assert answer.status_code == 201, answer.text
     queue = api.get("/api/queue").json()["queue"]
@@ -179,13 +164,13 @@ def test_a_config_error_is_the_command_lines_message_under_its_key(tiny_dir, ima
     from sdlora.training.config import build, validate
 
     studio, api = client(tmp_path)
-    answer = api.post("/api/runs?run=bad", content=toml(tiny_dir, images, rank=0),
+    answer = api.post("/api/runs?run=bad", content=tiny_run_toml(tiny_dir, images, rank=0),
                       headers={**SAME_ORIGIN, "content-type": "application/toml"})
     assert answer.status_code == 400
     with pytest.raises(ConfigError) as cli:
         validate(build({"model": str(tiny_dir), "data": str(images), "output_dir": str(tmp_path / "x"), "rank": 0}))
     assert answer.json()["errors"]["rank"] == str(cli.value)
-    answer = api.post("/api/runs?run=bad", content=toml(tiny_dir, images) + "rnak = 3\n",
+    answer = api.post("/api/runs?run=bad", content=tiny_run_toml(tiny_dir, images) + "rnak = 3\n",
                       headers={**SAME_ORIGIN, "content-type": "application/toml"})
     assert answer.status_code == 400 and "rnak" in json.dumps(answer.json())
     assert api.get("/api/queue").json()["queue"] == []
@@ -300,7 +285,7 @@ def test_every_page_renders_with_runs_in_every_state(tiny_dir, images, tmp_path)
     studio, api = client(tmp_path, data=[images.parent])
     write_run(studio.runs / "done", adapter=True, events=[{"event": "finished", "step": 5}])
     write_run(studio.runs / "broke", events=[{"event": "failed", "step": 5, "message": "<b>nan</b>"}])
-    assert api.post("/api/runs?run=waiting", content=toml(tiny_dir, images),
+    assert api.post("/api/runs?run=waiting", content=tiny_run_toml(tiny_dir, images),
                     headers={**SAME_ORIGIN, "content-type": "application/toml"}).status_code == 201
     pages = ["/", "/runs/done", "/runs/broke", "/runs/waiting", "/compare?run=done&run=broke", "/compare", "/new",
              "/new?clone=done", "/datasets", f"/dataset?root=0&folder={images.name}", "/adapter"]
@@ -316,7 +301,7 @@ def test_a_strength_grid_of_a_checkpoint_is_made_in_the_background(tiny_dir, ima
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
     config = tmp_path / "run.toml"
-    config.write_text(toml(tiny_dir, images, max_steps=2, save_every=2, sample_prompts=str(prompts)))
+    config.write_text(tiny_run_toml(tiny_dir, images, max_steps=2, save_every=2, sample_prompts=str(prompts)))
     done = subprocess.run([sys.executable, "-m", "sdlora", "train", "--quiet", "--config", str(config),
                            "--output-dir", str(studio.runs / "r")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from studio_process import ROOT, StudioProcess, browser_paths, end_runs
+from studio_process import ROOT, StudioProcess, browser_paths, end_runs, headless_chrome
 
 pytest.importorskip("starlette", reason="the studio extra: pip install 'sdlora[studio]'")
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -36,14 +36,7 @@ def browser():
             pytest.fail("chromium and chromium-driver are not installed")
         pytest.skip("needs the distribution's chromium and chromium-driver (apt-get install chromium "
                     "chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = paths[0]
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1280,1000", "--force-device-scale-factor=1"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(paths[1]), options=options)
+    driver = headless_chrome()
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()

@@ -3,16 +3,14 @@ a restarted studio tells the same story from the files: the queue and every stat
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from safetensors.torch import load_file
 
-from studio_process import StudioProcess, end_runs
+from studio_process import StudioProcess, end_runs, tiny_run_toml, wait_for
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette", reason="the studio extra: pip install 'sdlora[studio]'")
@@ -20,24 +18,9 @@ pytest.importorskip("starlette", reason="the studio extra: pip install 'sdlora[s
 from sdlora.studio.app import NICENESS  # noqa: E402
 
 
-def toml(tiny_dir, images, **options) -> str:
-    values = dict(model=str(tiny_dir), data=str(images), resolution=16, batch_size=4, lr=2e-3, rank=4, seed=7,
-                  log_every=1, save_dtype="fp32", max_steps=40, save_every=10)
-    values.update(options)
-    return "\n".join(f"{key} = {json.dumps(value)}" for key, value in values.items()) + "\n"
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except httpx.TransportError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+def wait_for_studio(predicate, timeout: float, what: str):
+    """wait_for, looking again while the studio is not listening (started, or killed, a moment ago)."""
+    return wait_for(predicate, timeout, what, step=0.2, retry_on=(httpx.TransportError,))
 
 
 def runs_of(studio: StudioProcess) -> dict:
@@ -50,11 +33,12 @@ def test_killing_the_studio_leaves_the_run_alone_and_a_restart_shows_the_same(ti
     studio = StudioProcess(runs, [], tmp_path / "studio.log").start()
     try:
         for name, steps in (("first", 40), ("second", 6)):
-            answer = httpx.post(f"{studio.url}/api/runs?run={name}", content=toml(tiny_dir, images, max_steps=steps),
+            body = tiny_run_toml(tiny_dir, images, max_steps=steps, save_every=10)
+            answer = httpx.post(f"{studio.url}/api/runs?run={name}", content=body,
                                 headers={"content-type": "application/toml", "origin": studio.url}, timeout=30)
             assert answer.status_code == 201, answer.text
-        wait_for(lambda: runs_of(studio)["runs"]["first"]["status"] == "running", 120, "the first run to train")
-        wait_for(lambda: runs_of(studio)["runs"]["first"]["step"] >= 2, 120, "a few steps")
+        wait_for_studio(lambda: runs_of(studio)["runs"]["first"]["status"] == "running", 120, "the first run to train")
+        wait_for_studio(lambda: runs_of(studio)["runs"]["first"]["step"] >= 2, 120, "a few steps")
         before = runs_of(studio)
         assert before["runs"]["second"]["status"] == "queued"  # one run at a time
         if sys.platform.startswith("linux"):  # the studio's threads yield to trainings, the trainings do not
@@ -64,7 +48,7 @@ def test_killing_the_studio_leaves_the_run_alone_and_a_restart_shows_the_same(ti
         studio.kill()
         # The run goes on without the studio and finishes.
         adapter = runs / "first" / "lora.safetensors"
-        wait_for(lambda: adapter.is_file() and not (runs / "first" / ".sdlora.lock").exists(), 240,
+        wait_for_studio(lambda: adapter.is_file() and not (runs / "first" / ".sdlora.lock").exists(), 240,
                  "the first run to finish without the studio")
         assert not (runs / "second").joinpath("logs", "metrics.jsonl").exists()  # nobody started it meanwhile
 
@@ -74,12 +58,12 @@ def test_killing_the_studio_leaves_the_run_alone_and_a_restart_shows_the_same(ti
         assert [entry["run"] for entry in after["queue"]] == ["second"]
         assert after["runs"]["second"]["status"] in ("queued", "starting", "running")
         # The restarted studio starts what was still waiting, and it finishes too.
-        wait_for(lambda: runs_of(studio)["runs"]["second"]["status"] == "finished", 180, "the second run")
+        wait_for_studio(lambda: runs_of(studio)["runs"]["second"]["status"] == "finished", 180, "the second run")
     finally:
         studio.stop()
         end_runs(runs)
     config = tmp_path / "unwatched.toml"
-    config.write_text(toml(tiny_dir, images, max_steps=40))
+    config.write_text(tiny_run_toml(tiny_dir, images, max_steps=40, save_every=10))
     done = subprocess.run([sys.executable, "-m", "sdlora", "train", "--quiet", "--config", str(config),
                            "--output-dir", str(tmp_path / "unwatched")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -37,7 +37,7 @@ from ..errors import ConfigError, SdloraError
 from ..training import control
 from ..training.checkpoint import ADAPTER_FILE
 from ..training.config import to_toml
-from ..training.setup import RunPaths, resume_folder
+from ..training.setup import RunPaths, read_prompts, resume_folder
 from . import datasets, facts, forms, security
 from ..toy.pretrain import is_toy_model
 from .jobs import Job
@@ -218,7 +218,7 @@ def sample_prompts(folder: Path) -> list[str]:
     try:
         config = facts.read_toml(folder / "config.toml")
         path = config.get("sample_prompts")
-        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()] if path else []
+        return read_prompts(path) if path else []
     except (ConfigError, OSError):
         return []
 

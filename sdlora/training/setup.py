@@ -152,9 +152,12 @@ def resume_folder(config: TrainConfig, paths: RunPaths) -> Path | None:
 
 
 def sample_prompts(config: TrainConfig) -> list[str]:
-    if not config.sample_prompts:
-        return []
-    return [line.strip() for line in Path(config.sample_prompts).read_text().splitlines() if line.strip()]
+    return read_prompts(config.sample_prompts) if config.sample_prompts else []
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """A prompts file: one prompt a line, blank lines skipped (the sample sheets hold one cell per prompt)."""
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------- the model
