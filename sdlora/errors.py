@@ -43,7 +43,12 @@ class OutputFolderBusy(SdloraError, RuntimeError):
 
 
 class TrainingDiverged(SdloraError, RuntimeError):
-    """The loss or the adapter's weights became NaN or infinite."""
+    """The loss or the adapter's weights became NaN or infinite; `last_good_step`, when known, is the
+    last step whose loss was finite."""
+
+    def __init__(self, message: str, last_good_step: int | None = None):
+        super().__init__(message)
+        self.last_good_step = last_good_step
 
 
 class TrainingStopped(Exception):

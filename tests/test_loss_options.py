@@ -14,7 +14,7 @@ from diffusers import DDPMScheduler
 from sdlora import cli, read_adapter
 from sdlora.training.config import ConfigError, TrainConfig, validate
 from sdlora.training.loop import run_training, setup_run
-from sdlora.training.loss import TimestepSampling, diffusion_loss, pixel_loss, sample_timesteps
+from sdlora.training.loss import Draws, TimestepSampling, diffusion_loss, pixel_loss, sample_timesteps
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                           beta_end=0.012)  # SD's schedule
@@ -154,7 +154,8 @@ def test_debiased_estimation_caps_the_snr_at_1000():
 
 
 def draws(kind: str, n: int = 20000, low: int = 100, high: int = 600, seed: int = 0, **settings) -> np.ndarray:
-    timesteps = sample_timesteps(TimestepSampling(kind, **settings), n, low, high, torch.Generator().manual_seed(seed))
+    timesteps = sample_timesteps(TimestepSampling(kind, **settings), low, high,
+                                 Draws.whole(torch.Generator().manual_seed(seed), n))
     assert timesteps.dtype == torch.int64
     return timesteps.numpy()
 

@@ -243,7 +243,7 @@ def test_the_loss_is_the_instance_loss_plus_the_weighted_class_loss(tiny_dir, im
         torch.testing.assert_close(loss(weight), instance + weight * class_loss)
 
 
-def test_each_micro_batch_gets_the_class_batch_of_its_number(tiny_dir, images, class_images, tmp_path):
+def test_each_step_gets_the_class_batch_of_its_number_split_over_its_micro_batches(tiny_dir, images, class_images, tmp_path):
     settings = dict(max_steps=5, gradient_accumulation=2, batch_size=4, caption_prefix="zkz", shuffle_tags=True)
     seen, plain = [], []
     for calls, extra in ((seen, {"reg_data": str(class_images)}), (plain, {})):
@@ -258,10 +258,10 @@ def test_each_micro_batch_gets_the_class_batch_of_its_number(tiny_dir, images, c
         run_training(run)
     assert [(e, i) for e, i, _ in seen] == [(e, i) for e, i, _ in plain]  # the instance batches are unchanged
     assert all(prior is None for _, _, prior in plain)
-    # Six class images, batches of four: two batches per class epoch (4 + 2), in an order of (seed, epoch);
-    # micro-batch n (two per step) takes class batch n.
-    order = BucketBatchSampler([(16, 16)] * 6, 4, seed="7:class")
-    expected = [(n // 2, order.batches(n // 2)[n % 2]) for n in range(10)]
+    # Six class images, global batches of eight (4 x 2 micro-batches): one batch of six per class epoch, in
+    # an order of (seed, epoch); step n takes class batch n, its first micro-batch rows 0-3, the second 4-5.
+    order = BucketBatchSampler([(16, 16)] * 6, 8, seed="7:class")
+    expected = [(n, order.batches(n)[0][rows]) for n in range(5) for rows in (slice(0, 4), slice(4, 6))]
     assert [(prior.epoch, prior.indices) for _, _, prior in seen] == expected
     assert sorted(i for _, batch in expected[:2] for i in batch) == list(range(6))  # each once per class epoch
     assert len({tuple(batch) for _, batch in expected}) > 2  # and reshuffled between class epochs

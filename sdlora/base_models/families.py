@@ -30,7 +30,11 @@ class TextConditioning:
         return TextConditioning(self.hidden[rows], None if self.pooled is None else self.pooled[rows])
 
     def to(self, device) -> "TextConditioning":
-        return TextConditioning(self.hidden.to(device), None if self.pooled is None else self.pooled.to(device))
+        """On `device`, copied without waiting (from the host, a waiting copy would be a sync per step)."""
+        def move(tensor):
+            return tensor.to(device, non_blocking=True)
+
+        return TextConditioning(move(self.hidden), None if self.pooled is None else move(self.pooled))
 
     @staticmethod
     def stack(rows: list["TextConditioning"]) -> "TextConditioning":

@@ -39,8 +39,9 @@ CHOICES = {
 
 REQUIRED = ("model", "data", "output_dir")
 # What decides the adapter's shape or a step's draws: a resumed run must have what its checkpoint had.
-# (Which text encoders are trained is compared too, resolved for the model: see trained_text_encoders.)
-RESUME_KEYS = ("rank", "alpha", "targets", "seed", "batch_size", "gradient_accumulation", "resolution", "data",
+# (Which text encoders are trained is compared too, resolved for the model: see trained_text_encoders; and
+# the global batch, batch_size x processes x gradient_accumulation, however it is made up: see loop.restore.)
+RESUME_KEYS = ("rank", "alpha", "targets", "seed", "resolution", "data",
                "clip_skip", "max_token_length", "dora", "loraplus_ratio", "ema_decay", "reg_data", "class_prompts",
                "num_class_images", "class_sample_steps", "class_guidance")
 
@@ -132,7 +133,8 @@ class TrainConfig:
     alpha_mask: bool = option(False, "weigh each image's loss by its own alpha channel (opaque: learnt, "
                               "transparent: ignored); every image needs one", "data")
     # training
-    batch_size: int = option(1, "images per step (per process)", "training")
+    batch_size: int = option(1, "images per micro-batch of each process; a step trains batch_size x processes x "
+                             "gradient_accumulation images, from one bucket", "training")
     max_steps: typing.Optional[int] = option(None, "optimizer steps to train (or give --epochs)", "training")
     epochs: typing.Optional[int] = option(None, "passes over the data (default 10 when --max-steps is not "
                                           "given)", "training")
@@ -157,6 +159,12 @@ class TrainConfig:
                                   "optimizer state in fp32", "training")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, slower",
                                           "training")
+    check_ranks: bool = option(False, "with several processes: on every logged step, check that each holds "
+                               "bit-identical adapter weights, and stop as a bug if not (a debug aid)", "training")
+    collective_timeout: int = option(600, "with several processes: seconds one waits for the others (at a "
+                                     "gradient exchange, say) before the run ends; longer than the slowest "
+                                     "sample sheet, validation or checkpoint, which the main process does alone",
+                                     "training")
     prediction_type: typing.Optional[str] = option(None, "epsilon or v_prediction (default: from the model's "
                                                    "scheduler config; SD 2.x 768 models are v_prediction)",
                                                    "training")
@@ -351,7 +359,8 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, key)
         if value is not None and value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
-    positive = ("rank", "batch_size", "gradient_accumulation", "log_every", "sample_steps", "class_sample_steps")
+    positive = ("rank", "batch_size", "gradient_accumulation", "log_every", "collective_timeout",
+                "sample_steps", "class_sample_steps")
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(config, key)}")

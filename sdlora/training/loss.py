@@ -17,6 +17,46 @@ def rows_of(inputs, rows: torch.Tensor):
 
 
 @dataclass(frozen=True)
+class Draws:
+    """The random numbers of some rows of a global batch: every draw is made for the whole batch, from
+    one generator, and these rows are kept.
+
+    Each image's noise, timestep and latent sample so depend on its place in the optimizer step's
+    global batch, not on which process or micro-batch holds it: two processes of batch b draw what
+    one process of batch 2b does. Drawing the whole batch on every process costs a few random numbers
+    per image, nothing beside the UNet. Every holder of rows of one batch must make the same calls in
+    the same order.
+    """
+
+    generator: torch.Generator
+    rows: range
+    size: int  # images in the global batch
+
+    @classmethod
+    def whole(cls, generator: torch.Generator, size: int) -> "Draws":
+        return cls(generator, range(size), size)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _keep(self, values: torch.Tensor) -> torch.Tensor:
+        return values[self.rows.start : self.rows.stop]
+
+    def normal(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard normal draws, [rows, *shape]."""
+        return self._keep(torch.randn((self.size, *shape), generator=self.generator, dtype=dtype))
+
+    def integers(self, low: int, high: int) -> torch.Tensor:
+        """One integer in [low, high) per row."""
+        return self._keep(torch.randint(low, high, (self.size,), generator=self.generator))
+
+
+def draws_of(source: "Draws | torch.Generator", batch: int) -> Draws:
+    """A batch's draws: given, or all of them from a bare generator."""
+    return source if isinstance(source, Draws) else Draws.whole(source, batch)
+
+
+@dataclass(frozen=True)
 class TimestepSampling:
     """How training timesteps are spread over the window: uniform, logit-normal or sigmoid of a normal."""
 
@@ -26,13 +66,13 @@ class TimestepSampling:
     sigmoid_scale: float = 1.0
 
 
-def window_fractions(sampling: TimestepSampling, batch: int, generator: torch.Generator) -> torch.Tensor:
+def window_fractions(sampling: TimestepSampling, draws: Draws) -> torch.Tensor:
     """Positions in (0, 1) across the timestep window, one per sample: sigmoid of a normal draw.
 
     logit_normal is SD3's (Esser et al. 2024): sigmoid(mean + std * z); sigmoid is kohya's flux option,
     sigmoid(scale * z). Both put most draws mid-window; a larger std or scale spreads them towards the ends.
     """
-    z = torch.randn(batch, generator=generator, dtype=torch.float64)
+    z = draws.normal(dtype=torch.float64)
     if sampling.kind == "logit_normal":
         return torch.sigmoid(sampling.logit_mean + sampling.logit_std * z)
     if sampling.kind == "sigmoid":
@@ -40,12 +80,11 @@ def window_fractions(sampling: TimestepSampling, batch: int, generator: torch.Ge
     raise ValueError(f"unknown timestep sampling {sampling.kind!r}")
 
 
-def sample_timesteps(sampling: TimestepSampling, batch: int, low: int, high: int,
-                     generator: torch.Generator) -> torch.Tensor:
-    """Integer timesteps in [low, high), all randomness from `generator`."""
+def sample_timesteps(sampling: TimestepSampling, low: int, high: int, draws: Draws) -> torch.Tensor:
+    """Integer timesteps in [low, high), one per row of `draws`."""
     if sampling.kind == "uniform":
-        return torch.randint(low, high, (batch,), generator=generator)
-    fractions = window_fractions(sampling, batch, generator)
+        return draws.integers(low, high)
+    fractions = window_fractions(sampling, draws)
     # sigmoid can round to exactly 1.0 in floating point: keep the top timestep inside the window
     return (low + (fractions * (high - low)).floor().long()).clamp(low, high - 1)
 
@@ -111,13 +150,14 @@ def pixel_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: str,
     return 2 * c * excess if loss_type == "huber" else 2 * excess
 
 
-def diffusion_loss(unet, scheduler, latents: torch.Tensor, unet_inputs: dict, generator: torch.Generator, *,
+def diffusion_loss(unet, scheduler, latents: torch.Tensor, unet_inputs: dict, draws: Draws | torch.Generator, *,
                    prediction_type: str, noise_offset: float = 0.0, min_snr_gamma: float | None = None,
                    debiased_estimation: bool = False, loss_type: str = "l2", huber_c: float = 0.1,
                    huber_schedule: str = "snr", timestep_range: tuple[int, int] = (0, 1000),
                    timestep_sampling: TimestepSampling = TimestepSampling(),
                    base_prediction: Callable | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The noise-prediction loss of one batch; all randomness from `generator`.
+    """The noise-prediction loss of one batch, the mean of its images'; all randomness from `draws`
+    (a generator: the batch is all of its global batch).
 
     `unet_inputs` are the UNet's keyword arguments for the batch (the family's conditioning).
     Timesteps are drawn from `timestep_range` as `timestep_sampling` says. With `base_prediction` (a
@@ -128,20 +168,20 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, unet_inputs: dict, ge
     to leave them alone. With `weight` (each sample's mask at the latents' size, [B, 1, h, w]), each
     sample's loss is `masked_mean`.
     """
-    batch = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator)
+    draws = draws_of(draws, latents.shape[0])
+    noise = draws.normal(*latents.shape[1:])
     if noise_offset:
-        noise = noise + noise_offset * torch.randn(batch, latents.shape[1], 1, 1, generator=generator)
+        noise = noise + noise_offset * draws.normal(latents.shape[1], 1, 1)
     low, high = timestep_range
     if base_prediction is None:
-        timesteps = sample_timesteps(timestep_sampling, batch, low, high, generator)
+        timesteps = sample_timesteps(timestep_sampling, low, high, draws)
     else:
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        timesteps = draws.integers(0, scheduler.config.num_train_timesteps)
         if timestep_sampling.kind != "uniform":  # uniform draws inside the window are uniform there already
             inside = (timesteps >= low) & (timesteps < high)
-            timesteps = torch.where(inside, sample_timesteps(timestep_sampling, batch, low, high, generator),
-                                    timesteps)
-    noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+            timesteps = torch.where(inside, sample_timesteps(timestep_sampling, low, high, draws), timesteps)
+    # non_blocking: a copy from the host that waits for the GPU would be a sync in every step
+    noise, timesteps = noise.to(latents.device, non_blocking=True), timesteps.to(latents.device, non_blocking=True)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
     if base_prediction is not None:

@@ -31,6 +31,7 @@ from ..images import png_bytes
 from ..reliability.durable import remove_temporaries, write_file, write_text
 from .caching import add_weights
 from .data import BucketBatchSampler
+from .steps import Share
 
 FINGERPRINT_FILE = "fingerprint.json"  # written last: its presence means every image is there
 PENDING_FILE = ".pending.json"  # the fingerprint being generated; hidden, so the image scan skips it
@@ -41,21 +42,24 @@ RENAMED_OPTIONS = {"sample_steps": "class_sample_steps", "sample_guidance": "cla
 
 
 class ClassBatch(NamedTuple):
-    """The class images that join one micro-batch: their epoch of the class data, their indices and,
-    when latents are not cached, their pixels."""
+    """The class images that join one micro-batch: their epoch of the class data, their indices,
+    when latents are not cached their pixels, and their share of the step's global class batch
+    (None: they are all of it)."""
 
     epoch: int
     indices: list[int]
     pixels: torch.Tensor | None = None
+    share: Share | None = None
 
 
 def class_batch_keys(sampler: BucketBatchSampler, number: int, stride: int) -> Iterator[tuple[int, list[int]]]:
-    """(epoch, batch) of class images for micro-batch `number`, `number + stride`, ... forever.
+    """(epoch, batch) of class images for optimizer step `number`, `number + stride`, ... forever.
 
-    Micro-batch n (counted over the whole run, every process's included) takes class batch
-    n mod B of class epoch n // B, B being the class batches per epoch: a pure function of n and the
-    seed, so a resumed run draws the same class images as an uninterrupted one. Class epochs do not
-    line up with instance epochs: with fewer class images than instance images, each is seen more often.
+    Step n's global batch is joined by the global class batch n mod B of class epoch n // B, B being
+    the class batches per epoch, split over processes and micro-batches as the instance batch is
+    (`steps.shares`): a pure function of n and the seed, so a resumed run draws the same class images
+    as an uninterrupted one. Class epochs do not line up with instance epochs: with fewer class images
+    than instance images, each is seen more often.
     """
     per_epoch = len(sampler.batches(0))  # the count depends on the buckets alone, not on the epoch
     epoch, batches = None, []

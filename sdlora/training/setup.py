@@ -21,13 +21,13 @@ from ..base_models.parts import components, native_resolution
 from ..base_models.sources import load_pipeline
 from ..errors import ConfigError
 from ..reliability.durable import remove_temporaries
-from .caching import LatentCache, TextCache
+from .caching import LatentCache, Sharing, TextCache
 from .checkpoint import checkpoint_folders, resolve_resume
 from .config import TrainConfig, class_prompt_list
 from .data import (BucketBatchSampler, CaptionOptions, DatasetScan, ImageCaptionDataset, attach_masks,
                    bucket_histogram, find_images, truncated_captions, upscale_warning)
 from .prior import prepare_class_images
-from .steps import epoch_batches, lr_factor, split_validation
+from .steps import lr_factor, split_validation
 
 ADAPTER = "lora"  # the adapter's name inside the pipeline while training
 Say = Callable[[str], None]
@@ -113,6 +113,7 @@ class Optimization:
     ema: list[torch.Tensor] | None  # the average of each parameter, with --ema-decay
     wrapped_unet: torch.nn.Module
     wrapped_text_encoders: list[torch.nn.Module]  # in the family's order; the frozen ones as they are
+    synced: list[torch.nn.Module]  # the wrapped models whose gradients the processes exchange
 
 
 # ---------------------------------------------------------------- before any model loads
@@ -251,11 +252,12 @@ def image_dataset(config: TrainConfig, scan: DatasetScan, resolution: int, train
                                config.seed, **sides)
 
 
-def training_data(config: TrainConfig, scan: DatasetScan, model: BaseModel,
+def training_data(config: TrainConfig, scan: DatasetScan, model: BaseModel, global_batch: int,
                   say: Say) -> tuple[ImageCaptionDataset, BucketBatchSampler]:
-    """The training images and the order of their batches, with what a user should know about them."""
+    """The training images and the order of their global batches (`global_batch` images from one bucket,
+    one per step, see steps.batch_keys), with what a user should know about them."""
     dataset = image_dataset(config, scan, model.resolution, training=True)
-    sampler = BucketBatchSampler(dataset.sample_buckets, config.batch_size, seed=config.seed)
+    sampler = BucketBatchSampler(dataset.sample_buckets, global_batch, seed=config.seed)
     source = "" if config.resolution else " (the model's own size; set --resolution to change it)"
     say(f"resolution {model.resolution}{source}; buckets:\n" + bucket_histogram(dataset.sample_buckets))
     if message := upscale_warning(dataset, model.resolution):
@@ -265,34 +267,72 @@ def training_data(config: TrainConfig, scan: DatasetScan, model: BaseModel,
     return dataset, sampler
 
 
-def step_counts(config: TrainConfig, sampler: BucketBatchSampler, processes: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, steps of the run)."""
-    per_epoch = len(epoch_batches(sampler, 0, processes)) // processes // config.gradient_accumulation
-    steps_per_epoch = max(1, per_epoch)
+def step_counts(config: TrainConfig, sampler: BucketBatchSampler) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps of the run): a step is one global batch, however many
+    processes share it."""
+    steps_per_epoch = len(sampler.batches(0))  # the count depends on the buckets alone, not on the epoch
     return steps_per_epoch, config.max_steps or config.resolved_epochs() * steps_per_epoch
 
 
+def batch_summary(config: TrainConfig, processes: int, sampler: BucketBatchSampler) -> str:
+    """The effective batch, and the buckets too small to fill it (their steps train on fewer images)."""
+    size = sampler.batch_size
+    line = (f"batch: {config.batch_size} per micro-batch x {processes} process(es) x {config.gradient_accumulation} "
+            f"accumulation = {size} images per step")
+    counts: dict[tuple[int, int], int] = {}
+    for bucket in sampler.sample_buckets:
+        counts[bucket] = counts.get(bucket, 0) + 1
+    small = sorted((count, bucket) for bucket, count in counts.items() if count < size)
+    if small and size > 1:
+        named = ", ".join(f"{w}x{h} ({count})" for count, (w, h) in small[:4]) + (" ..." if len(small) > 4 else "")
+        line += (f"\n{len(small)} bucket(s) hold fewer images than a step's {size}: {named}; their steps train on "
+                 "fewer (with several processes some take no image of their own and add nothing). Lower "
+                 "--batch-size or --gradient-accumulation, or add images, if they matter")
+    return line
+
+
+def collective_timeout(config: TrainConfig):
+    """How long a process of a multi-process run waits for the others at an exchange: then the run ends,
+    instead of hanging when one of them died."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout))
+
+
+def sharing(accelerator) -> Sharing:
+    """Work the processes split (the caches): each does its part, then all hold the whole."""
+    if accelerator.num_processes == 1:
+        return Sharing()
+    from accelerate.utils import gather_object
+
+    # gather_object pickles: what is exchanged here is this run's own processes' tensors, never a file
+    return Sharing(accelerator.process_index, accelerator.num_processes, lambda part: gather_object([part]))
+
+
 def latent_cache(config: TrainConfig, vae: torch.nn.Module, dataset: ImageCaptionDataset,
-                 progress: bool) -> LatentCache | None:
-    """Every latent of `dataset` encoded once (None without --cache-latents)."""
+                 progress: bool, accelerator=None) -> LatentCache | None:
+    """Every latent of `dataset` encoded once, shared out over the processes (None without --cache-latents)."""
     if not config.cache_latents:
         return None
     return LatentCache(vae, dataset, flips=config.flip > 0,
-                       cache_dir=Path(config.cache_dir) if config.cache_dir else None, progress=progress)
+                       cache_dir=Path(config.cache_dir) if config.cache_dir else None, progress=progress,
+                       sharing=sharing(accelerator) if accelerator else Sharing())
 
 
 def class_image_set(config: TrainConfig, scan: DatasetScan, model: BaseModel, prior_loss_weight: float,
-                    progress: bool, say: Say) -> ImageSet:
+                    global_batch: int, progress: bool, accelerator, say: Say) -> ImageSet:
     dataset = image_dataset(config, scan, model.resolution, training=True, class_images=True)
-    # Batches of batch_size class images, from one bucket each, in an order of their own seed.
-    sampler = BucketBatchSampler(dataset.sample_buckets, config.batch_size, seed=f"{config.seed}:class")
-    say(f"prior preservation: {len(dataset)} class images, up to {config.batch_size} per "
-        f"micro-batch, prior_loss_weight {prior_loss_weight:g}; buckets:\n"
+    # Global batches of class images, from one bucket each, in an order of their own seed.
+    sampler = BucketBatchSampler(dataset.sample_buckets, global_batch, seed=f"{config.seed}:class")
+    say(f"prior preservation: {len(dataset)} class images, up to {global_batch} per "
+        f"step, prior_loss_weight {prior_loss_weight:g}; buckets:\n"
         + bucket_histogram(dataset.sample_buckets))
-    return ImageSet(dataset, sampler, latent_cache(config, model.vae, dataset, progress))
+    return ImageSet(dataset, sampler, latent_cache(config, model.vae, dataset, progress, accelerator))
 
 
-def text_cache(config: TrainConfig, model: BaseModel, image_sets: list[ImageSet]) -> TextCache | None:
+def text_cache(config: TrainConfig, model: BaseModel, image_sets: list[ImageSet], accelerator=None) -> TextCache | None:
     """Every caption of `image_sets` encoded once, when nothing changes its encoding: the text encoders
     frozen and the captions the same each epoch (None otherwise, or without --cache-text). The first set
     is the training images, whose caption options decide."""
@@ -301,7 +341,8 @@ def text_cache(config: TrainConfig, model: BaseModel, image_sets: list[ImageSet]
     if not config.cache_text or model.trained_encoders or captions_vary:
         return None
     datasets = [images.dataset for images in image_sets]
-    return TextCache(model.encode_text, [data.caption(i, 0) for data in datasets for i in range(len(data))])
+    return TextCache(model.encode_text, [data.caption(i, 0) for data in datasets for i in range(len(data))],
+                     sharing(accelerator) if accelerator else Sharing())
 
 
 def release_idle_models(model: BaseModel, text_cache: TextCache | None, images: ImageSet,
@@ -350,6 +391,9 @@ def build_optimizer(config: TrainConfig, model: BaseModel, accelerator, total_st
     # The wrapped ones serve the training steps; work on the main process alone (validation,
     # samples) uses the plain ones, since a wrapped forward may wait on the other processes.
     wrapped_unet, optimizer = accelerator.prepare(model.unet, optimizer)
-    wrapped_text_encoders = [accelerator.prepare(encoder) if name in model.trained_encoders else encoder
-                             for name, encoder in zip(model.family.text_encoders, model.text_encoders)]
-    return Optimization(parameters, optimizer, lr_scheduler, ema, wrapped_unet, wrapped_text_encoders)
+    wrapped_text_encoders, synced = [], [wrapped_unet]
+    for name, encoder in zip(model.family.text_encoders, model.text_encoders):
+        trained = name in model.trained_encoders
+        wrapped_text_encoders.append(accelerator.prepare(encoder) if trained else encoder)
+        synced += wrapped_text_encoders[-1:] if trained else []
+    return Optimization(parameters, optimizer, lr_scheduler, ema, wrapped_unet, wrapped_text_encoders, synced)

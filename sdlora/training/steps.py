@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import NamedTuple
 
 import torch
 
@@ -42,9 +43,45 @@ def update_ema(averages: list[torch.Tensor], parameters: list[torch.Tensor], dec
         average.lerp_(parameter.detach(), 1.0 - decay)
 
 
-def step_generator(seed: int, step: int, micro: int = 0, process: int = 0) -> torch.Generator:
-    """The generator every random draw of one micro-batch comes from."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 64 + micro) * 16 + process)
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator every random draw of one optimizer step comes from (see `loss.Draws`): each
+    micro-batch of every process starts a fresh one and takes its own rows of the global batch's draws."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1024)
+
+
+class Share(NamedTuple):
+    """One micro-batch's part of an optimizer step's global batch.
+
+    `rows` are its rows of the global batch (of `size` images); the loss of the micro-batch is its
+    images' mean times `weight` = len(rows) * processes / size, so that the gradient, averaged over
+    the processes and summed over the micro-batches, is that of the global batch's mean loss,
+    however the batch was split. A part with no image of its own (a short global batch) trains on
+    the batch's first image with weight 0: every process still runs its backward pass, where the
+    gradients are exchanged, and adds nothing.
+    """
+
+    rows: range
+    size: int
+    weight: float
+
+
+def global_batch_size(batch_size: int, processes: int, accumulation: int) -> int:
+    """Images per optimizer step: batch_size per micro-batch, times micro-batches, times processes."""
+    return batch_size * processes * accumulation
+
+
+def shares(size: int, batch_size: int, processes: int, accumulation: int, process: int) -> list[Share]:
+    """`process`'s share of each of its micro-batches of a global batch of `size` images.
+
+    Micro-batch m of process p takes rows [k * batch_size, (k + 1) * batch_size) with k = m * processes + p,
+    cut at `size`: consecutive blocks in that order, so that a full batch is the same whatever the split.
+    """
+    parts = []
+    for micro in range(accumulation):
+        start = (micro * processes + process) * batch_size
+        rows = range(min(start, size), min(start + batch_size, size))
+        parts.append(Share(rows, size, len(rows) * processes / size) if rows else Share(range(0, 1), size, 0.0))
+    return parts
 
 
 def split_validation(scan: DatasetScan, fraction: float, seed: int) -> tuple[DatasetScan, DatasetScan | None]:
@@ -61,21 +98,16 @@ def split_validation(scan: DatasetScan, fraction: float, seed: int) -> tuple[Dat
     return DatasetScan(train, root=scan.root), DatasetScan(validation, root=scan.root)
 
 
-def epoch_batches(sampler: BucketBatchSampler, epoch: int, processes: int) -> list[list[int]]:
-    """This epoch's batches, a whole number of rounds so every process takes as many."""
-    batches = sampler.batches(epoch)
-    usable = len(batches) // processes * processes
-    if usable == 0:
-        raise ConfigError(f"{len(batches)} batch(es) per epoch cannot feed {processes} processes: use more images "
-                         "or a smaller --batch-size")
-    return batches[:usable]
+def batch_keys(sampler: BucketBatchSampler, epoch: int, position: int):
+    """(epoch, position after, global batch) of each optimizer step from a resume point onwards, forever.
 
-
-def batch_keys(sampler: BucketBatchSampler, epoch: int, position: int, processes: int, process: int):
-    """(epoch, position after, this process's batch) from a resume point onwards, forever."""
+    The sampler's batches are global batches (`global_batch_size` images, from one bucket): every
+    process reads the same sequence and takes its `shares` of each, so the order of images, and so the
+    run, does not depend on how many processes split it.
+    """
     while True:
-        batches = epoch_batches(sampler, epoch, processes)
+        batches = sampler.batches(epoch)
         while position < len(batches):
-            position += processes
-            yield epoch, position, batches[position - processes + process]
+            position += 1
+            yield epoch, position, batches[position - 1]
         epoch, position = epoch + 1, 0
