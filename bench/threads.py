@@ -1,16 +1,19 @@
-"""Benchmark: how much a CPU training slows down when a second one shares its cores, per thread policy.
+"""Benchmark: seconds per step of a CPU training alone and with a second one on its cores, per thread policy.
 
 For each policy the same short `sdlora train` (the bundled toy model and style dataset, each run in
-its own process) runs alone, then twice at once. The table gives seconds per training step (setup
-excluded, from the run's metrics log) and the ratio two-at-once / alone. One run already keeps every
-core busy, so two at once should take about 2x per step; far more means that the runs fight for the
-cores instead of sharing them. The last column compares each policy's run alone with sdlora's: the
-price of the policy when nothing else runs.
+its own process) runs alone; then twice, started together; then twice staggered: the second starts
+once the first trains (which so started alone and keeps what it chose then), and the first has four
+times the steps, so that it outlasts the second. The table gives seconds per training step (setup
+excluded, from the run's metrics log; started together, the mean of both; staggered, the second's) and,
+for each case, the ratio to the best policy of that case. One run already keeps every core busy, so
+two at once should take about 2x per step; far more means that the runs fight for the cores.
 
 The policies (the environment each run gets; the command fills in what is not set, see
 sdlora/threads.py):
-  sdlora        nothing set: the command's choice, a 1000-pause spin then sleep, one thread per core
-  old default   GOMP_SPINCOUNT=300000: libgomp's own default, what sdlora ran with before
+  sdlora        nothing set: the command's choice from the situation at start: a 300,000-pause spin
+                (~7 ms) alone, 1000 pauses when another sdlora command runs or the cores are busy
+  spin 1000     GOMP_SPINCOUNT=1000: sdlora's choice for every run before
+  spin 300000   GOMP_SPINCOUNT=300000: libgomp's own default
   ACTIVE        OMP_WAIT_POLICY=ACTIVE: waiting threads spin for minutes
   PASSIVE       OMP_WAIT_POLICY=PASSIVE: waiting threads sleep at once
   1 thread      OMP_NUM_THREADS=1: no OpenMP team to wait for, but one core per run
@@ -20,7 +23,7 @@ had finished, the table says so. The spinning policies vary from one try to the 
 with the old default took 0.5 s and 18 s per step on the same machine, minutes apart): --repeats
 shows the spread. Compare within one invocation only; on a shared machine absolute times are noise.
 
-    python bench/threads.py                  # about 3 minutes on 2 CPU cores
+    python bench/threads.py                  # about 8 minutes on 2 CPU cores
     python bench/threads.py --repeats 3      # median of 3, policies interleaved
 """
 
@@ -40,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 THREAD_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
 POLICIES = {
     "sdlora": {},
-    "old default": {"GOMP_SPINCOUNT": "300000"},
+    "spin 1000": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"},
+    "spin 300000": {"GOMP_SPINCOUNT": "300000"},
     "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
     "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
     "1 thread": {"OMP_NUM_THREADS": "1"},
@@ -55,28 +59,43 @@ def seconds_per_step(out: Path) -> float | None:
     return steps[-1]["time"] / steps[-1]["step"] if steps else None
 
 
-def measure(policy: dict[str, str], copies: int, workdir: Path, args: argparse.Namespace) -> list[float | None]:
-    """Start `copies` identical trainings at once; seconds per step of each."""
+def start(env: dict, workdir: Path, steps: int):
+    out = Path(tempfile.mkdtemp(dir=workdir)) / "run"
+    command = [sys.executable, "-m", "sdlora", "train", "--config", "datasets/style-outline/train.toml",
+               "--output-dir", str(out), "--max-steps", str(steps), "--log-every", "1", "--quiet"]
+    stderr = open(out.parent / "stderr", "w")
+    return out, stderr, subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def measure(policy: dict[str, str], case: str, workdir: Path, args: argparse.Namespace) -> list[float | None]:
+    """Seconds per step of the runs `case` times (see the module's text)."""
     env = {key: value for key, value in os.environ.items() if key not in THREAD_ENV} | policy
-    runs = []
-    for _ in range(copies):
-        out = Path(tempfile.mkdtemp(dir=workdir)) / "run"
-        command = [sys.executable, "-m", "sdlora", "train", "--config", "datasets/style-outline/train.toml",
-                   "--output-dir", str(out), "--max-steps", str(args.steps), "--log-every", "1", "--quiet"]
-        stderr = open(out.parent / "stderr", "w")
-        runs.append((out, stderr, subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                                   stderr=stderr)))
     deadline = time.monotonic() + args.budget
-    for out, stderr, process in runs:
+    if case == "alone":
+        runs = [start(env, workdir, args.steps)]
+    elif case == "two together":
+        runs = [start(env, workdir, args.steps), start(env, workdir, args.steps)]
+    else:
+        first = start(env, workdir, 4 * args.steps)
+        metrics = first[0] / "logs" / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().strip()) and first[2].poll() is None:
+            time.sleep(0.1)
+        runs = [first, start(env, workdir, args.steps)]
+        deadline = time.monotonic() + args.budget
+    timed = runs[1:] if case == "two staggered" else runs  # staggered: the first only keeps the cores busy
+    for out, stderr, process in timed:
         try:
             process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            pass
+    for out, stderr, process in runs:
+        if process.poll() is None:
             process.kill()
             process.wait()
         stderr.close()
         if process.returncode > 0:
             raise RuntimeError(f"sdlora train failed:\n{(out.parent / 'stderr').read_text()[-2000:]}")
-    return [seconds_per_step(out) for out, _, _ in runs]
+    return [seconds_per_step(out) for out, _, _ in timed]
 
 
 def median(values: list[float | None]) -> float | None:
@@ -99,25 +118,28 @@ def main() -> None:
     args = parser.parse_args()
 
     load = os.getloadavg()[0]
-    alone = {name: [] for name in POLICIES}
-    together = {name: [] for name in POLICIES}
+    cases = ("alone", "two together", "two staggered")
+    times = {case: {name: [] for name in POLICIES} for case in cases}
     with tempfile.TemporaryDirectory() as workdir:
         for _ in range(args.repeats):
             for name, policy in POLICIES.items():
-                alone[name] += measure(policy, 1, Path(workdir), args)
-                together[name] += measure(policy, 2, Path(workdir), args)
+                for case in cases:
+                    times[case][name] += measure(policy, case, Path(workdir), args)
                 print(f"measured {name}", file=sys.stderr, flush=True)
 
     print(f"`sdlora train`, {args.steps} steps of datasets/style-outline, {os.cpu_count()} CPUs, "
-          f"load average {load:.1f} before")
-    print(f"{'policy':<12} {'alone s/step':>13} {'two at once s/step':>19} {'two/alone':>10} {'alone/sdlora':>13}")
-    ours, stopped = median(alone["sdlora"]), f"no step in {args.budget:g} s"
+          f"load average {load:.1f} before; s/step (ratio to the best policy of the case)")
+    print(f"{'policy':<12}" + "".join(f" {case:>22}" for case in cases))
+    stopped = f"none in {args.budget:g} s"
+    medians = {case: {name: median(values) for name, values in by.items()} for case, by in times.items()}
+    best = {case: min((v for v in by.values() if v), default=None) for case, by in medians.items()}
     for name in POLICIES:
-        one, two = median(alone[name]), median(together[name])
-        ratio = two / one if one and two else None
-        price = one / ours if one and ours else None
-        print(f"{name:<12} {show(one, '{:.3f}', stopped):>13} {show(two, '{:.3f}', stopped):>19} "
-              f"{show(ratio, '{:.2f}x'):>10} {show(price, '{:.2f}x'):>13}")
+        cells = []
+        for case in cases:
+            value = medians[case][name]
+            ratio = f" ({value / best[case]:.2f}x)" if value and best[case] else ""
+            cells.append(f" {show(value, '{:.3f}', stopped) + ratio:>22}")
+        print(f"{name:<12}" + "".join(cells))
 
 
 if __name__ == "__main__":

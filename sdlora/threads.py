@@ -23,7 +23,42 @@ import sys
 import warnings
 from pathlib import Path
 
-SPIN_COUNT = "1000"  # libgomp's busy-wait before a thread sleeps, in pause instructions (25 ns each here)
+SHARED_SPIN = "1000"  # cores shared: 1000 pauses (25 us here) before a waiting thread sleeps
+ALONE_SPIN = "300000"  # cores to ourselves: libgomp's own default, ~7 ms, over every gap between ops
+SPIN_COUNT = SHARED_SPIN  # the spin of the shared case (older name)
+
+
+def other_busy_commands() -> int:
+    """Other processes of sdlora that keep cores busy (train, generate, toy, bench; the studio server
+    itself idles), read from /proc; 0 where there is no /proc."""
+    me, count = os.getpid(), 0
+    for entry in Path("/proc").glob("[0-9]*"):
+        if int(entry.name) in (me, os.getppid()):
+            continue
+        try:
+            words = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        text = b" ".join(words)
+        if (b"sdlora" in text and b"studio" not in text and b"pytest" not in text
+                and any(word in (b"train", b"generate", b"toy") for word in words)):
+            count += 1
+    return count
+
+
+def runnable_others() -> int:
+    """Threads ready to run on this machine now, ourselves not counted (/proc/loadavg's 4th field)."""
+    try:
+        running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+    except (OSError, IndexError):
+        return 0
+    return max(0, int(running) - 1)
+
+
+def cores_shared(cores: int) -> bool:
+    """Whether this process will share its cores: another busy sdlora command runs, or more threads are
+    ready to run than there are cores besides ours."""
+    return other_busy_commands() > 0 or runnable_others() >= cores
 
 
 def cpu_cores() -> int:
@@ -46,7 +81,9 @@ def cpu_cores() -> int:
 
 
 def use_cpu_policy() -> None:
-    """A short OpenMP spin, then sleep; one thread per available core. What the user set is kept.
+    """OpenMP's wait chosen from the situation at start, one thread per available core; what the user
+    set is kept. Alone on its cores, a waiting thread spins ~7 ms before it sleeps (libgomp's default,
+    the fastest alone); when it will share them (see `cores_shared`), 25 us, so it hands the core back.
 
     Call it before anything imports torch: later the OpenMP runtime has read its settings and this
     only reaches child processes.
@@ -58,5 +95,5 @@ def use_cpu_policy() -> None:
     # OMP_WAIT_POLICY implies, and ours would override their OMP_WAIT_POLICY=ACTIVE.
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+        os.environ["GOMP_SPINCOUNT"] = SHARED_SPIN if cores_shared(cpu_cores()) else ALONE_SPIN
     os.environ.setdefault("OMP_NUM_THREADS", str(cpu_cores()))

@@ -243,7 +243,8 @@ def test_the_loss_is_the_instance_loss_plus_the_weighted_class_loss(tiny_dir, im
         torch.testing.assert_close(loss(weight), instance + weight * class_loss)
 
 
-def test_each_step_gets_the_class_batch_of_its_number_split_over_its_micro_batches(tiny_dir, images, class_images, tmp_path):
+def test_each_step_gets_the_class_batch_of_its_number_split_over_its_micro_batches(tiny_dir, images, class_images,
+                                                                                   tmp_path):
     settings = dict(max_steps=5, gradient_accumulation=2, batch_size=4, caption_prefix="zkz", shuffle_tags=True)
     seen, plain = [], []
     for calls, extra in ((seen, {"reg_data": str(class_images)}), (plain, {})):

@@ -25,7 +25,7 @@ from .loss import Draws, draws_of
 @torch.no_grad()
 def encode_pixels(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the VAE's latent distribution, fp32, for a batch of [-1, 1] pixels."""
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    dist = vae.encode(pixels.to(vae.device, vae.dtype, non_blocking=True)).latent_dist  # no sync per step
     return dist.mean.float(), dist.std.float()
 
 
