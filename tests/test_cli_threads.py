@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sdlora import threads
 from sdlora.threads import cpu_cores, use_cpu_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,11 +41,21 @@ def run_probe(env: dict[str, str], one_cpu: bool = False) -> tuple[dict, str]:
     return json.loads(result.stdout.splitlines()[-1]), result.stderr
 
 
+def busy_sdlora(*words: str) -> subprocess.Popen:
+    """A process that looks like a running `sdlora train` in /proc (it only sleeps)."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "sdlora", *words])
+
+
 @pytest.mark.parametrize("one_cpu", [False, True])
-def test_the_command_sets_a_short_spin_and_one_thread_per_core(one_cpu):
+def test_beside_another_run_the_command_sets_a_short_spin_and_one_thread_per_core(one_cpu):
     if one_cpu and not hasattr(os, "sched_setaffinity"):
         pytest.skip("no CPU affinity on this platform")
-    report, stderr = run_probe({}, one_cpu)
+    other = busy_sdlora("train", "--config", "x.toml")
+    try:
+        report, stderr = run_probe({}, one_cpu)
+    finally:
+        other.kill()
+        other.wait()
     cores = 1 if one_cpu else cpu_cores()
     assert not report["torch_before_main"]  # `import sdlora` must stay torch-free for this to work
     assert report["env"] == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(cores), "GOMP_SPINCOUNT": "1000"}
@@ -70,3 +81,29 @@ def test_a_users_spin_count_is_a_wait_policy(monkeypatch):
         use_cpu_policy()
     assert "OMP_WAIT_POLICY" not in os.environ
     assert os.environ["OMP_NUM_THREADS"] == str(cpu_cores())
+
+
+def test_the_spin_is_chosen_from_the_situation_at_start(monkeypatch):
+    for key in OURS:
+        monkeypatch.delenv(key, raising=False)
+    cores = cpu_cores()
+    for others, runnable, spin in ((0, 0, "300000"), (1, 0, "1000"), (0, cores, "1000"), (0, cores - 1, "300000")):
+        monkeypatch.setattr(threads, "other_busy_commands", lambda others=others: others)
+        monkeypatch.setattr(threads, "runnable_others", lambda runnable=runnable: runnable)
+        monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        with pytest.warns(UserWarning, match="after torch was imported"):
+            use_cpu_policy()
+        assert os.environ["GOMP_SPINCOUNT"] == spin, (others, runnable)
+
+
+def test_busy_sdlora_commands_are_counted_and_the_studio_is_not():
+    before = threads.other_busy_commands()
+    started = [busy_sdlora("train"), busy_sdlora("generate", "--adapter", "a"), busy_sdlora("studio")]
+    try:
+        assert threads.other_busy_commands() == before + 2
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+    assert threads.other_busy_commands() == before
