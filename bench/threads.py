@@ -115,14 +115,17 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=40,
                         help="seconds before a measurement is stopped (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=1, help="median over this many rounds (default: %(default)s)")
+    parser.add_argument("--policies", default=",".join(POLICIES),
+                        help="which, comma-separated (default: all: %(default)s)")
     args = parser.parse_args()
 
     load = os.getloadavg()[0]
     cases = ("alone", "two together", "two staggered")
-    times = {case: {name: [] for name in POLICIES} for case in cases}
+    policies = {name: POLICIES[name] for name in args.policies.split(",")}
+    times = {case: {name: [] for name in policies} for case in cases}
     with tempfile.TemporaryDirectory() as workdir:
         for _ in range(args.repeats):
-            for name, policy in POLICIES.items():
+            for name, policy in policies.items():
                 for case in cases:
                     times[case][name] += measure(policy, case, Path(workdir), args)
                 print(f"measured {name}", file=sys.stderr, flush=True)
@@ -133,7 +136,7 @@ def main() -> None:
     stopped = f"none in {args.budget:g} s"
     medians = {case: {name: median(values) for name, values in by.items()} for case, by in times.items()}
     best = {case: min((v for v in by.values() if v), default=None) for case, by in medians.items()}
-    for name in POLICIES:
+    for name in policies:
         cells = []
         for case in cases:
             value = medians[case][name]

@@ -11,8 +11,10 @@ per step than one alone, where 2x is fair.
 OMP_WAIT_POLICY=PASSIVE (sleep at once) shares fairly, but then every op has to wake its threads,
 which costs tens of microseconds on a virtual machine: the toy training alone took ~2.5x longer per
 step. A spin of 1000 pauses (25 us here) rides over most gaps between ops and still hands the core
-back soon: alone ~1.4x, two at once ~2x that (bench/threads.py). On ops of a real model's size
-the three cost about the same. Other OpenMP runtimes (libomp on macOS) ignore GOMP_SPINCOUNT and
+back soon, but alone it costs up to 2.4x per step on the tiny demo model. So the spin is chosen at
+start (`use_cpu_policy`): long when the process has its cores to itself, short when it will share
+them (bench/threads.py, docs/benchmarks.md). On ops of a real model's size the policies cost about
+the same. Other OpenMP runtimes (libomp on macOS) ignore GOMP_SPINCOUNT and
 sleep at once.
 """
 

@@ -5,7 +5,7 @@
     caching.py     latents and text-encoder outputs, computed once
     loss.py        the diffusion loss and its options, as pure functions
     prior.py       prior preservation: class images made once and kept with their fingerprint
-    steps.py       the step math: lr schedule, EMA, generators, which batch each step takes
+    steps.py       the step math: lr schedule, EMA, generators, each step's global batch and its shares
     checkpoint.py  checkpoints and resuming
     runlog.py      the metrics log and TensorBoard, opened once on the main process
     control.py     steering a run from another process: request files in, an events log out
