@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from sdlora.training.checkpoint import load_state
 from sdlora.training.loop import train
+from test_prior import class_images  # noqa: F401 (a fixture)
 from test_reliability import check_every_file
 from test_train import adapter_tensors, assert_adapters_close, config
 
@@ -129,7 +130,7 @@ def test_accumulation_uncached_latents_and_the_text_encoder_split_as_one_batch(t
     assert_same_run(tmp_path / "two", tmp_path / "one")
 
 
-def test_prior_preservation_splits_its_class_batches_too(tiny_dir, mixed, class_images, tmp_path):
+def test_prior_preservation_splits_its_class_batches_too(tiny_dir, mixed, class_images, tmp_path):  # noqa: F811 (the fixture)
     options = dict(reg_data=class_images, prior_loss_weight=0.7, validation_split=0.2, validation_every=3)
     result = torchrun(tiny_dir, mixed, tmp_path / "two", batch_size=2, **options)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -213,18 +214,6 @@ def test_two_machines_on_localhost_train_the_adapter_of_one(tiny_dir, mixed, tmp
         assert machine.returncode == 0, stderr[-3000:]
     one_process(tiny_dir, mixed, tmp_path / "one", batch_size=4)
     assert_same_run(out, tmp_path / "one")
-
-
-@pytest.fixture(scope="module")
-def class_images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("class-images")
-    for i in range(6):
-        colour = ("green", "yellow")[i % 2]
-        image = Image.new("RGB", (16, 16), "white")
-        ImageDraw.Draw(image).rectangle([2 + i % 3, 2, 12, 12], fill=colour)
-        image.save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a {colour} square")
-    return folder
 
 
 def test_the_draws_of_a_global_batch_do_not_depend_on_its_split():
