@@ -27,7 +27,6 @@ from pathlib import Path
 
 SHARED_SPIN = "1000"  # cores shared: 1000 pauses (25 us here) before a waiting thread sleeps
 ALONE_SPIN = "300000"  # cores to ourselves: libgomp's own default, ~7 ms, over every gap between ops
-SPIN_COUNT = SHARED_SPIN  # the spin of the shared case (older name)
 
 
 def other_busy_commands() -> int:

@@ -119,12 +119,12 @@ class Run:
         randomness after the instance batch, from the same generator, so the instance half sees the
         draws it would see without it.
         """
-        share = share or Share(range(len(indices)), len(indices), 1.0)
+        share = share or Share.whole(len(indices))
         draws = Draws(generator, share.rows, share.size)
         loss = self._images_loss(epoch, indices, draws, images or self.images, training, pixels) * share.weight
         if prior is None:
             return loss
-        class_share = prior.share or Share(range(len(prior.indices)), len(prior.indices), 1.0)
+        class_share = prior.share or Share.whole(len(prior.indices))
         class_draws = Draws(generator, class_share.rows, class_share.size)
         class_loss = self._images_loss(prior.epoch, prior.indices, class_draws, self.class_images, training,
                                        prior.pixels)

@@ -64,6 +64,11 @@ class Share(NamedTuple):
     size: int
     weight: float
 
+    @classmethod
+    def whole(cls, size: int) -> "Share":
+        """All of a batch of `size` images, weight 1: a batch that is its own global batch."""
+        return cls(range(size), size, 1.0)
+
 
 def global_batch_size(batch_size: int, processes: int, accumulation: int) -> int:
     """Images per optimizer step: batch_size per micro-batch, times micro-batches, times processes."""
