@@ -25,6 +25,7 @@ shows the spread. Compare within one invocation only; on a shared machine absolu
 
     python bench/threads.py                  # about 8 minutes on 2 CPU cores
     python bench/threads.py --repeats 3      # median of 3, policies interleaved
+    python bench/threads.py --setting peers  # bench/peers.py's settings: batch 4, rank 4 on attention
 """
 
 from __future__ import annotations
@@ -59,10 +60,19 @@ def seconds_per_step(out: Path) -> float | None:
     return steps[-1]["time"] / steps[-1]["step"] if steps else None
 
 
-def start(env: dict, workdir: Path, steps: int):
+# --setting: the style demo's own config, or the peer comparison's (bench/peers.py: batch 4, rank 4 on
+# attention), whose ops are so small that the wait between them weighs most.
+SETTINGS = {
+    "style": ["--config", "datasets/style-outline/train.toml"],
+    "peers": ["--model", "models/toy-sd1", "--data", "datasets/style-outline", "--resolution", "32",
+              "--batch-size", "4", "--rank", "4", "--alpha", "4", "--targets", "attn", "--lr", "1e-4"],
+}
+
+
+def start(env: dict, workdir: Path, steps: int, setting: str):
     out = Path(tempfile.mkdtemp(dir=workdir)) / "run"
-    command = [sys.executable, "-m", "sdlora", "train", "--config", "datasets/style-outline/train.toml",
-               "--output-dir", str(out), "--max-steps", str(steps), "--log-every", "1", "--quiet"]
+    command = [sys.executable, "-m", "sdlora", "train", *SETTINGS[setting], "--output-dir", str(out),
+               "--max-steps", str(steps), "--log-every", "1", "--quiet"]
     stderr = open(out.parent / "stderr", "w")
     return out, stderr, subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
 
@@ -72,15 +82,15 @@ def measure(policy: dict[str, str], case: str, workdir: Path, args: argparse.Nam
     env = {key: value for key, value in os.environ.items() if key not in THREAD_ENV} | policy
     deadline = time.monotonic() + args.budget
     if case == "alone":
-        runs = [start(env, workdir, args.steps)]
+        runs = [start(env, workdir, args.steps, args.setting)]
     elif case == "two together":
-        runs = [start(env, workdir, args.steps), start(env, workdir, args.steps)]
+        runs = [start(env, workdir, args.steps, args.setting), start(env, workdir, args.steps, args.setting)]
     else:
-        first = start(env, workdir, 4 * args.steps)
+        first = start(env, workdir, 4 * args.steps, args.setting)
         metrics = first[0] / "logs" / "metrics.jsonl"
         while not (metrics.exists() and metrics.read_text().strip()) and first[2].poll() is None:
             time.sleep(0.1)
-        runs = [first, start(env, workdir, args.steps)]
+        runs = [first, start(env, workdir, args.steps, args.setting)]
         deadline = time.monotonic() + args.budget
     timed = runs[1:] if case == "two staggered" else runs  # staggered: the first only keeps the cores busy
     for out, stderr, process in timed:
@@ -115,6 +125,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=40,
                         help="seconds before a measurement is stopped (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=1, help="median over this many rounds (default: %(default)s)")
+    parser.add_argument("--setting", choices=SETTINGS, default="style",
+                        help="style: the demo's train.toml; peers: bench/peers.py's settings (default: %(default)s)")
     parser.add_argument("--policies", default=",".join(POLICIES),
                         help="which, comma-separated (default: all: %(default)s)")
     args = parser.parse_args()
@@ -130,8 +142,8 @@ def main() -> None:
                     times[case][name] += measure(policy, case, Path(workdir), args)
                 print(f"measured {name}", file=sys.stderr, flush=True)
 
-    print(f"`sdlora train`, {args.steps} steps of datasets/style-outline, {os.cpu_count()} CPUs, "
-          f"load average {load:.1f} before; s/step (ratio to the best policy of the case)")
+    print(f"`sdlora train`, {args.steps} steps of datasets/style-outline ({args.setting} setting), "
+          f"{os.cpu_count()} CPUs, load average {load:.1f} before; s/step (ratio to the best policy of the case)")
     print(f"{'policy':<12}" + "".join(f" {case:>22}" for case in cases))
     stopped = f"none in {args.budget:g} s"
     medians = {case: {name: median(values) for name, values in by.items()} for case, by in times.items()}
