@@ -7,8 +7,9 @@ give each its own venv with its own requirements (bench/peers_setup.sh says how)
     git clone https://github.com/kohya-ss/sd-scripts PEERS/sd-scripts
     git clone https://github.com/huggingface/diffusers PEERS/diffusers
     bash bench/peers_setup.sh PEERS
-    python bench/peers.py --peers PEERS                      # toy model: about 25 minutes on 2 CPU cores
-    python bench/peers.py --peers PEERS --arch sd15 --rounds 1     # real SD 1.5 at 256 px: about ? minutes
+    python bench/peers.py --peers PEERS                      # toy model: about 15 minutes on 2 CPU cores
+    python bench/peers.py --peers PEERS --arch sd15 --rounds 1 --tools sdlora,kohya,diffusers
+                                                   # the real SD 1.5 at 256 px: about 12 minutes
 
 What each tool trains, with its own defaults for everything not named here: LoRA rank 4, alpha 4, on
 the UNet alone, AdamW at lr 1e-4 (constant), fp32, batch 4, on the same images and captions at

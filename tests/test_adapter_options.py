@@ -77,6 +77,7 @@ def test_loraplus_gives_the_up_matrices_their_own_scaled_learning_rate(tiny_dir,
         assert [id(p) for p in group["params"]] == [id(p) for p in parameters]
         assert group["initial_lr"] == pytest.approx(lr, rel=1e-12)
         assert group["weight_decay"] == run.config.weight_decay
+        assert group["fused"]  # one kernel over the tensors, not a Python loop (bench/peers.py)
     run_training(run)
     factor = lr_factor(4, "cosine", 2, 4)
     for group, (_, lr) in zip(groups, expected):  # the schedule moves every group alike
