@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "seed, score both with the same image seeds, and print them side by side (OUT/compare.md, "
                     "with labelled grids). Runs are kept under --out by config, so a rerun reuses them.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TOY_EVAL_EXAMPLES)
-    evaluate.add_argument("--lora", action="append", type=Path, metavar="FILE",
-                          help="adapter file; repeat to stack several")
+    evaluate.add_argument("--lora", action="append", metavar="FILE[@START-STOP]",
+                          help="adapter file, with a step window after @ (on from START to STOP, fractions of the "
+                               "steps); repeat to stack several")
     evaluate.add_argument("--config", type=Path, help="a training config to train and score with and without "
                                                       "--change")
     evaluate.add_argument("--change", action="append", default=[], metavar="KEY=VALUE",
@@ -110,6 +111,9 @@ GENERATE_EXAMPLES = """examples:
       --prompt "a portrait" --num 4 --output out/portrait.png          # out/portrait-0.png ... -3.png
   sdlora generate --model v1-5-pruned-emaonly.safetensors --lora style.safetensors --prompt "a house" \\
       --compare --output out/strengths.png                              # one grid, strengths 0 to 1
+  sdlora generate --model sd_xl_base_1.0.safetensors --lora character.safetensors@0-0.4 \\
+      --lora style.safetensors:0.8@0.4-1 --prompt "a portrait" --output out/windows.png
+                     # the character sets the composition early, the style acts late (step windows)
 
 Image j comes from seed + j. On a GPU it runs in fp16, on a CPU in fp32. The size defaults to the
 model's own (512, 768 or 1024).
@@ -187,8 +191,10 @@ def add_adapter_commands(commands) -> None:
         "generate", help="generate images with adapters (or a grid over strengths)", formatter_class=raw,
         description="Generate images with a base model and adapters, each at its strength.", epilog=GENERATE_EXAMPLES)
     generate.add_argument("--model", required=True, help="diffusers folder, hub id or .safetensors/.ckpt file")
-    generate.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
-                          help="adapter file, with a strength after a colon (default 1); repeat to stack")
+    generate.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH][@START-STOP]",
+                          help="adapter file, with a strength after a colon (default 1) and a step window after @ "
+                               "(on from START to STOP, fractions of the steps: @0.4-1 is the last 60%%); repeat "
+                               "to stack")
     generate.add_argument("--prompt", required=True, help="what to draw")
     generate.add_argument("--negative", help="negative prompt")
     generate.add_argument("--steps", type=positive_int, default=30, help="denoising steps (default: %(default)s)")
@@ -318,6 +324,7 @@ def toy_trigger() -> str:
 
 
 def run_toy(args: argparse.Namespace) -> int:
+    from .tools.generate import parse_lora
     from .toy import eval as toy_eval
 
     quiet_libraries()
@@ -335,18 +342,24 @@ def run_toy(args: argparse.Namespace) -> int:
     if not args.lora:
         raise ConfigError("give --lora FILE to score an adapter, or --config FILE --change KEY=VALUE to compare")
     strengths = [float(value) for value in args.strengths.split(",")]
-    for path in [args.model, *args.lora]:
+    specs = [parse_lora(value) for value in args.lora]
+    for value, (_, strength, _) in zip(args.lora, specs):
+        if strength != 1.0:
+            raise ConfigError(f"--lora {value}: toy eval takes the strengths from --strengths, not after a colon")
+    for path in [args.model, *(path for path, _, _ in specs)]:
         if not Path(path).exists():
             print(f"sdlora: error: {path} does not exist", file=sys.stderr)
             return 2
     pipe = toy_eval.load_toy_pipeline(args.model)
-    names = [loader.load(pipe, path, name=f"adapter{i}") for i, path in enumerate(args.lora)]
+    names = [loader.load(pipe, path, name=f"adapter{i}") for i, (path, _, _) in enumerate(specs)]
+    windows = {name: window for name, (_, _, window) in zip(names, specs) if window}
     prompt_sets = {"content": toy_eval.content_prompts()}
     if args.trigger:
         prompt_sets["trigger"] = toy_eval.trigger_prompts(args.trigger)
     result = None  # the grid and saved images show the first seed set
     for seed in seeds:
-        scored = toy_eval.evaluate(pipe, names, strengths, args.n, prompt_sets, args.steps, args.guidance, seed)
+        scored = toy_eval.evaluate(pipe, names, strengths, args.n, prompt_sets, args.steps, args.guidance, seed,
+                                   windows)
         print(("" if len(seeds) == 1 else f"\nseed set {seed}:\n") + scored.table())
         result = result or scored
     if args.grid:
@@ -372,22 +385,27 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from .images import png_bytes
     from .tools import generate
-    from .tools.merge import parse_weighted
 
     if args.compare and not args.lora:
         raise ConfigError("--compare shows adapters at several strengths: give at least one --lora")
     if args.output.suffix.lower() != ".png":
         raise ConfigError(f"{args.output}: images are written as PNG; name the output *.png")
     size = generate.parse_size(args.size) if args.size else None
-    loras = [parse_weighted(value) for value in args.lora]
+    specs = [generate.parse_lora(value) for value in args.lora]
+    if args.fuse and any(window for _, _, window in specs):
+        raise ConfigError("--fuse adds the adapters into the weights for every step: a step window (@START-STOP) "
+                          "needs them unfused; drop --fuse")
+    loras = [(path, strength) for path, strength, _ in specs]
     settings = generate.Settings(args.prompt, args.negative, args.steps, args.guidance, args.seed, size)
     quiet_libraries()
     pipe, names = generate.load_with_adapters(args.model, loras, fuse=args.fuse)
+    windows = {name: window for name, (_, _, window) in zip(names, specs) if window}
     if args.compare:
-        sheet = generate.compare(pipe, names, [strength for _, strength in loras], settings, args.num, args.fuse)
+        sheet = generate.compare(pipe, names, [strength for _, strength in loras], settings, args.num, args.fuse,
+                                 windows)
         written = [write_file(args.output, png_bytes(sheet))]
     else:
-        found = generate.images(pipe, settings, args.num)
+        found = generate.images(pipe, settings, args.num, windows=windows)
         written = generate.write_images(args.output, found, settings, generate.image_size(pipe, size), loras)
     print("\n".join(str(path) for path in written))
     return 0

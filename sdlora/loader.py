@@ -24,7 +24,7 @@ from .adapters.kinds import build_adapter, is_whole, standalone_update
 from .adapters.lycoris import DoRA
 from .base_models.parts import components, native_resolution, unet_block_counts
 from .base_models.sgm import unet_module_map
-from .adapters.strength import Strength, check_strength, resolve_strength
+from .adapters.strength import Strength, Window, check_strength, check_window, in_window, resolve_strength
 from .adapters.targets import adaptable_modules, patterns_for, select
 
 logger = logging.getLogger("sdlora")
@@ -363,6 +363,52 @@ def disabled(target, name: str):
     finally:
         for wrapper, strength in saved:
             wrapper.strengths[name] = strength
+
+
+@contextmanager
+def step_windows(target, windows: dict[str, Window]):
+    """Adapters on for part of the denoising only: {name: (start, stop)}, fractions of the steps (see
+    sdlora.adapters.strength). Yields the callback to give the pipeline, which switches each adapter on
+    or off after every step; the strengths are restored at the end of the block.
+
+        with sdlora.step_windows(pipe, {"character": (0, 0.4), "style": (0.4, 1)}) as callback:
+            image = pipe(prompt, callback_on_step_end=callback).images[0]
+
+    Off is strength 0, which every layer skips: outside its window an adapter costs nothing and
+    changes nothing. Several pipeline calls may share one block.
+    """
+    parts = components(target)
+    saved = {}
+    for name, window in windows.items():
+        info = _require_loaded(parts, name)
+        check_window(name, window)
+        if info.fused:
+            raise RuntimeError(f"adapter {name!r} is fused into the weights: a step window needs it unfused "
+                               "(call sdlora.unfuse first)")
+        saved[name] = [(wrapper, wrapper.strengths[name]) for _, _, wrapper in _layers(parts)
+                       if name in wrapper.adapters]
+
+    def switch(step: int, steps: int) -> None:
+        for name, layers in saved.items():
+            on = in_window(windows[name], step, steps)
+            for wrapper, strength in layers:
+                wrapper.strengths[name] = strength if on else 0.0
+
+    def on_step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        steps = pipe.num_timesteps
+        if step + 1 < steps:
+            switch(step + 1, steps)
+        else:  # the call is done: ready for the first step of the next one
+            switch(0, 1)
+        return callback_kwargs
+
+    try:
+        switch(0, 1)
+        yield on_step_end
+    finally:
+        for name, layers in saved.items():
+            for wrapper, strength in layers:
+                wrapper.strengths[name] = strength
 
 
 def list_adapters(target) -> list[AdapterInfo]:

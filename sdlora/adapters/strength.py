@@ -6,6 +6,9 @@
                                                 per UNet block: a float for all blocks of that kind or
                                                 one value per block; a kind left out gets 1.0, and so
                                                 do UNet layers outside the blocks (conv_in, time_embedding)
+
+A step window (start, stop), fractions of the denoising steps, switches an adapter on for the steps
+i of n with start <= i / n < stop only: (0, 1) every step, (0, 0) none, (0, 0.5) the first half.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from ..base_models.module_keys import unet_block
 
 BlockStrength = Union[float, list[float]]
 Strength = Union[float, dict[str, Union[float, dict[str, BlockStrength]]]]
+Window = tuple[float, float]
 BLOCK_KINDS = ("down", "mid", "up")
 
 
@@ -63,3 +67,18 @@ def resolve_strength(strength: Strength, component: str, path: str) -> float:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_window(name: str, window: Window) -> None:
+    """Raise ValueError naming the adapter unless 0 <= start <= stop <= 1."""
+    if (not isinstance(window, (tuple, list)) or len(window) != 2 or not all(_is_number(v) for v in window)
+            or not 0 <= window[0] <= window[1] <= 1):
+        raise ValueError(f"step window for adapter {name!r} must be (start, stop) with 0 <= start <= stop <= 1, "
+                         f"fractions of the steps; got {window!r}")
+
+
+def in_window(window: Window, step: int, steps: int) -> bool:
+    """Whether step `step` (from 0) of `steps` lies in the window. Step 0 is in it exactly when the
+    window starts at 0 and does not stop there, whatever the number of steps."""
+    start, stop = window
+    return start <= step / steps < stop

@@ -19,6 +19,7 @@ from .. import loader
 from ..reliability.durable import write_file
 from ..errors import AdapterFileError, ConfigError
 from ..base_models.parts import native_resolution
+from ..adapters.strength import Window
 from ..images import labelled_columns, png_bytes
 
 COMPARE_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -79,22 +80,26 @@ def load_with_adapters(model: str, loras: list[tuple[Path, float]], fuse: bool =
 
 
 @torch.no_grad()
-def images(pipe, settings: Settings, num: int = 1, progress: tqdm | None = None) -> list[Image.Image]:
-    """`num` images, image j from a CPU generator seeded with seed + j (the same on every device)."""
+def images(pipe, settings: Settings, num: int = 1, progress: tqdm | None = None,
+           windows: dict[str, Window] | None = None) -> list[Image.Image]:
+    """`num` images, image j from a CPU generator seeded with seed + j (the same on every device);
+    `windows` gives adapters by name a part of the steps to act in (sdlora.step_windows)."""
     width, height = image_size(pipe, settings.size)
     out = []
-    for j in range(num):
-        result = pipe(prompt=settings.prompt, negative_prompt=settings.negative, height=height, width=width,
-                      num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                      generator=torch.Generator().manual_seed(settings.seed + j))
-        out.append(result.images[0])
-        if progress is not None:
-            progress.update(1)
+    with loader.step_windows(pipe, windows or {}) as callback:
+        for j in range(num):
+            result = pipe(prompt=settings.prompt, negative_prompt=settings.negative, height=height, width=width,
+                          num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                          generator=torch.Generator().manual_seed(settings.seed + j),
+                          callback_on_step_end=callback if windows else None)
+            out.append(result.images[0])
+            if progress is not None:
+                progress.update(1)
     return out
 
 
 def compare(pipe, names: list[str], strengths: list[float], settings: Settings, num: int = 1,
-            fused: bool = False) -> Image.Image:
+            fused: bool = False, windows: dict[str, Window] | None = None) -> Image.Image:
     """A grid: one column per strength in COMPARE_STRENGTHS (each adapter at that fraction of its own
     strength), one row per seed. At strength 0 every adapter is skipped: the base model's images."""
     columns = []
@@ -106,10 +111,31 @@ def compare(pipe, names: list[str], strengths: list[float], settings: Settings, 
                 loader.set_strength(pipe, name, fraction * strength)
             if fused:
                 loader.fuse(pipe)
-            columns.append(images(pipe, settings, num, progress))
+            columns.append(images(pipe, settings, num, progress, windows))
     narrow = columns[0][0].width < 128  # "strength 0.25" would not fit: the number alone
     return labelled_columns(columns, [f"{fraction:g}" if narrow else f"strength {fraction:g}"
                                       for fraction in COMPARE_STRENGTHS])
+
+
+def parse_lora(value: str) -> tuple[Path, float, Window | None]:
+    """`FILE[:STRENGTH][@START-STOP]` -> (FILE, STRENGTH, window or None): `style.safetensors:0.8@0.4-1`
+    is the style at 0.8 from 40% of the steps to the end."""
+    from .merge import parse_weighted
+
+    window = None
+    head, at, tail = value.rpartition("@")
+    if at and (match := re.fullmatch(r"([0-9.]+)-([0-9.]+)", tail)):
+        try:
+            window = (float(match[1]), float(match[2]))
+        except ValueError:
+            raise ConfigError(f"--lora {value}: the step window after @ must be START-STOP, fractions of the "
+                              "steps such as 0.4-1") from None
+        if not 0 <= window[0] <= window[1] <= 1:
+            raise ConfigError(f"--lora {value}: the step window {tail} must have 0 <= START <= STOP <= 1 "
+                              "(fractions of the steps, such as 0.4-1)")
+        value = head
+    path, strength = parse_weighted(value)
+    return path, strength, window
 
 
 def parameters_text(settings: Settings, seed: int, size: tuple[int, int], loras: list[tuple[Path, float]]) -> str:

@@ -65,13 +65,15 @@ class Evaluation:
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], per_prompt: int, steps: int = 25, guidance: float = 5.0, seed: int = 0):
-    """per_prompt images for each prompt, image j of every prompt from seed + j, in prompt order."""
+def generate(pipe, prompts: list[str], per_prompt: int, steps: int = 25, guidance: float = 5.0, seed: int = 0,
+             callback=None):
+    """per_prompt images for each prompt, image j of every prompt from seed + j, in prompt order;
+    `callback` goes to the pipeline as its callback_on_step_end (step windows)."""
     images = []
     for prompt in prompts:
         generators = [torch.Generator().manual_seed(seed + j) for j in range(per_prompt)]
         images += pipe([prompt] * per_prompt, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps,
-                       guidance_scale=guidance, generator=generators).images
+                       guidance_scale=guidance, generator=generators, callback_on_step_end=callback).images
     return images
 
 
@@ -90,17 +92,19 @@ def rates(prompt_set: str, strength: float, prompts: list[str], per_prompt: int,
 
 def evaluate(pipe, adapters: list[str], strengths=DEFAULT_STRENGTHS, per_prompt: int = 4,
              prompt_sets: dict[str, list[str]] | None = None, steps: int = 25, guidance: float = 5.0,
-             seed: int = 0) -> Evaluation:
-    """Generate and score every prompt set with all `adapters` (already loaded) at each strength."""
+             seed: int = 0, windows: dict[str, tuple[float, float]] | None = None) -> Evaluation:
+    """Generate and score every prompt set with all `adapters` (already loaded) at each strength, each
+    adapter named in `windows` on for its part of the steps only (sdlora.step_windows)."""
     prompt_sets = prompt_sets or {"content": content_prompts()}
     result = Evaluation(per_prompt, prompts=dict(prompt_sets))
     for strength in strengths:
         for name in adapters:
             loader.set_strength(pipe, name, strength)
-        for prompt_set, prompts in prompt_sets.items():
-            images = generate(pipe, prompts, per_prompt, steps, guidance, seed)
-            result.images[prompt_set, strength] = images
-            result.rows.append(rates(prompt_set, strength, prompts, per_prompt, images))
+        with loader.step_windows(pipe, windows or {}) as callback:
+            for prompt_set, prompts in prompt_sets.items():
+                images = generate(pipe, prompts, per_prompt, steps, guidance, seed, callback if windows else None)
+                result.images[prompt_set, strength] = images
+                result.rows.append(rates(prompt_set, strength, prompts, per_prompt, images))
     return result
 
 
