@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -283,6 +284,37 @@ def target_presets() -> list[str]:
     return list(PRESETS)
 
 
+def parse_weighted(value: str, default: float = 1.0) -> tuple[Path, float]:
+    """`FILE:WEIGHT` -> (FILE, WEIGHT); a FILE alone gets `default`. Only a number after the last
+    colon is a weight, so a path with colons in it still works."""
+    head, colon, tail = value.rpartition(":")
+    if colon:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(value), default
+
+
+def parse_lora(value: str) -> tuple[Path, float, tuple[float, float] | None]:
+    """`FILE[:STRENGTH][@START-STOP]` -> (FILE, STRENGTH, window or None): `style.safetensors:0.8@0.4-1`
+    is the style at 0.8 from 40% of the steps to the end."""
+    window = None
+    head, at, tail = value.rpartition("@")
+    if at and (match := re.fullmatch(r"([0-9.]+)-([0-9.]+)", tail)):
+        try:
+            window = (float(match[1]), float(match[2]))
+        except ValueError:
+            raise ConfigError(f"--lora {value}: the step window after @ must be START-STOP, fractions of the "
+                              "steps such as 0.4-1") from None
+        if not 0 <= window[0] <= window[1] <= 1:
+            raise ConfigError(f"--lora {value}: the step window {tail} must have 0 <= START <= STOP <= 1 "
+                              "(fractions of the steps, such as 0.4-1)")
+        value = head
+    path, strength = parse_weighted(value)
+    return path, strength, window
+
+
 def quiet_libraries() -> None:
     """diffusers and transformers talk a lot at load time; our own summaries say what matters."""
     import logging
@@ -324,7 +356,6 @@ def toy_trigger() -> str:
 
 
 def run_toy(args: argparse.Namespace) -> int:
-    from .tools.generate import parse_lora
     from .toy import eval as toy_eval
 
     quiet_libraries()
@@ -391,7 +422,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.output.suffix.lower() != ".png":
         raise ConfigError(f"{args.output}: images are written as PNG; name the output *.png")
     size = generate.parse_size(args.size) if args.size else None
-    specs = [generate.parse_lora(value) for value in args.lora]
+    specs = [parse_lora(value) for value in args.lora]
     if args.fuse and any(window for _, _, window in specs):
         raise ConfigError("--fuse adds the adapters into the weights for every step: a step window (@START-STOP) "
                           "needs them unfused; drop --fuse")
@@ -429,7 +460,7 @@ def reading_model(model: str | None, files: list[Path], output: Path):
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from .tools.merge import merge_files, parse_weighted
+    from .tools.merge import merge_files
 
     sources = [parse_weighted(value) for value in args.files]
     if args.into:

@@ -8,9 +8,8 @@ import torch
 from PIL import Image
 
 import sdlora
-from sdlora.cli import main
+from sdlora.cli import main, parse_lora
 from sdlora.errors import ConfigError
-from sdlora.tools.generate import parse_lora
 
 from conftest import make_adapter_file
 

@@ -117,27 +117,6 @@ def compare(pipe, names: list[str], strengths: list[float], settings: Settings, 
                                       for fraction in COMPARE_STRENGTHS])
 
 
-def parse_lora(value: str) -> tuple[Path, float, Window | None]:
-    """`FILE[:STRENGTH][@START-STOP]` -> (FILE, STRENGTH, window or None): `style.safetensors:0.8@0.4-1`
-    is the style at 0.8 from 40% of the steps to the end."""
-    from .merge import parse_weighted
-
-    window = None
-    head, at, tail = value.rpartition("@")
-    if at and (match := re.fullmatch(r"([0-9.]+)-([0-9.]+)", tail)):
-        try:
-            window = (float(match[1]), float(match[2]))
-        except ValueError:
-            raise ConfigError(f"--lora {value}: the step window after @ must be START-STOP, fractions of the "
-                              "steps such as 0.4-1") from None
-        if not 0 <= window[0] <= window[1] <= 1:
-            raise ConfigError(f"--lora {value}: the step window {tail} must have 0 <= START <= STOP <= 1 "
-                              "(fractions of the steps, such as 0.4-1)")
-        value = head
-    path, strength = parse_weighted(value)
-    return path, strength, window
-
-
 def parameters_text(settings: Settings, seed: int, size: tuple[int, int], loras: list[tuple[Path, float]]) -> str:
     """The generation parameters as A1111 writes them in a PNG, so that an image says how it was made."""
     lines = [settings.prompt]

@@ -157,14 +157,3 @@ def resize_file(path: Path, output: Path, rank: int | None = None, energy: float
     return report
 
 
-def parse_weighted(value: str, default: float = 1.0) -> tuple[Path, float]:
-    """`FILE:WEIGHT` -> (FILE, WEIGHT); a FILE alone gets `default`. Only a number after the last
-    colon is a weight, so a path with colons in it still works."""
-    head, colon, tail = value.rpartition(":")
-    if colon:
-        try:
-            return Path(head), float(tail)
-        except ValueError:
-            pass
-    return Path(value), default
-
