@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from peers import BATCH, LR, RANK  # bench/peers.py, beside this script: the comparison's settings
+
 ROOT = Path(__file__).resolve().parents[1]
 THREAD_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
 POLICIES = {
@@ -65,7 +67,8 @@ def seconds_per_step(out: Path) -> float | None:
 SETTINGS = {
     "style": ["--config", "datasets/style-outline/train.toml"],
     "peers": ["--model", "models/toy-sd1", "--data", "datasets/style-outline", "--resolution", "32",
-              "--batch-size", "4", "--rank", "4", "--alpha", "4", "--targets", "attn", "--lr", "1e-4"],
+              "--batch-size", str(BATCH), "--rank", str(RANK), "--alpha", str(RANK), "--targets", "attn",
+              "--lr", str(LR)],
 }
 
 

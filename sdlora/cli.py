@@ -299,6 +299,8 @@ def parse_weighted(value: str, default: float = 1.0) -> tuple[Path, float]:
 def parse_lora(value: str) -> tuple[Path, float, tuple[float, float] | None]:
     """`FILE[:STRENGTH][@START-STOP]` -> (FILE, STRENGTH, window or None): `style.safetensors:0.8@0.4-1`
     is the style at 0.8 from 40% of the steps to the end."""
+    from .adapters.strength import check_window
+
     window = None
     head, at, tail = value.rpartition("@")
     if at and (match := re.fullmatch(r"([0-9.]+)-([0-9.]+)", tail)):
@@ -307,9 +309,10 @@ def parse_lora(value: str) -> tuple[Path, float, tuple[float, float] | None]:
         except ValueError:
             raise ConfigError(f"--lora {value}: the step window after @ must be START-STOP, fractions of the "
                               "steps such as 0.4-1") from None
-        if not 0 <= window[0] <= window[1] <= 1:
-            raise ConfigError(f"--lora {value}: the step window {tail} must have 0 <= START <= STOP <= 1 "
-                              "(fractions of the steps, such as 0.4-1)")
+        try:
+            check_window(Path(head).stem, window)
+        except ValueError as error:
+            raise ConfigError(f"--lora {value}: {error}") from None
         value = head
     path, strength = parse_weighted(value)
     return path, strength, window

@@ -355,14 +355,23 @@ def disabled(target, name: str):
     info = _require_loaded(parts, name)
     if info.fused:
         raise RuntimeError(f"adapter {name!r} is fused into the weights: call sdlora.unfuse first")
-    saved = [(wrapper, wrapper.strengths[name]) for _, _, wrapper in _layers(parts) if name in wrapper.adapters]
+    saved = _layer_strengths(parts, name)
     try:
         for wrapper, _ in saved:
             wrapper.strengths[name] = 0.0
         yield
     finally:
-        for wrapper, strength in saved:
-            wrapper.strengths[name] = strength
+        _restore_strengths(name, saved)
+
+
+def _layer_strengths(parts: dict[str, nn.Module], name: str) -> list[tuple[AdaptedLayer, float]]:
+    """Each layer that holds adapter `name`, with its strength there now (to restore later)."""
+    return [(wrapper, wrapper.strengths[name]) for _, _, wrapper in _layers(parts) if name in wrapper.adapters]
+
+
+def _restore_strengths(name: str, saved: list[tuple[AdaptedLayer, float]]) -> None:
+    for wrapper, strength in saved:
+        wrapper.strengths[name] = strength
 
 
 @contextmanager
@@ -385,8 +394,7 @@ def step_windows(target, windows: dict[str, Window]):
         if info.fused:
             raise RuntimeError(f"adapter {name!r} is fused into the weights: a step window needs it unfused "
                                "(call sdlora.unfuse first)")
-        saved[name] = [(wrapper, wrapper.strengths[name]) for _, _, wrapper in _layers(parts)
-                       if name in wrapper.adapters]
+        saved[name] = _layer_strengths(parts, name)
 
     def switch(step: int, steps: int) -> None:
         for name, layers in saved.items():
@@ -407,8 +415,7 @@ def step_windows(target, windows: dict[str, Window]):
         yield on_step_end
     finally:
         for name, layers in saved.items():
-            for wrapper, strength in layers:
-                wrapper.strengths[name] = strength
+            _restore_strengths(name, layers)
 
 
 def list_adapters(target) -> list[AdapterInfo]:

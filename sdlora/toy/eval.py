@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import loader
+from ..adapters.strength import Window
 from .world import COLOURS, SHAPES, STAR_TRIGGER, score
 
 DEFAULT_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -92,7 +93,7 @@ def rates(prompt_set: str, strength: float, prompts: list[str], per_prompt: int,
 
 def evaluate(pipe, adapters: list[str], strengths=DEFAULT_STRENGTHS, per_prompt: int = 4,
              prompt_sets: dict[str, list[str]] | None = None, steps: int = 25, guidance: float = 5.0,
-             seed: int = 0, windows: dict[str, tuple[float, float]] | None = None) -> Evaluation:
+             seed: int = 0, windows: dict[str, Window] | None = None) -> Evaluation:
     """Generate and score every prompt set with all `adapters` (already loaded) at each strength, each
     adapter named in `windows` on for its part of the steps only (sdlora.step_windows)."""
     prompt_sets = prompt_sets or {"content": content_prompts()}
