@@ -63,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "seed, score both with the same image seeds, and print them side by side (OUT/compare.md, "
                     "with labelled grids). Runs are kept under --out by config, so a rerun reuses them.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TOY_EVAL_EXAMPLES)
-    evaluate.add_argument("--lora", action="append", metavar="FILE[@START-STOP]",
-                          help="adapter file, with a step window after @ (on from START to STOP, fractions of the "
-                               "steps); repeat to stack several")
+    evaluate.add_argument("--lora", action="append", metavar="FILE[:STRENGTH][@START-STOP]",
+                          help="adapter file, with its own strength after a colon (a number or block weights such "
+                               "as :IN01=0,OUT05=0; each of --strengths multiplies it) and a step window after @ "
+                               "(on from START to STOP, fractions of the steps); repeat to stack several")
     evaluate.add_argument("--config", type=Path, help="a training config to train and score with and without "
                                                       "--change")
     evaluate.add_argument("--change", action="append", default=[], metavar="KEY=VALUE",
@@ -115,6 +116,8 @@ GENERATE_EXAMPLES = """examples:
   sdlora generate --model sd_xl_base_1.0.safetensors --lora character.safetensors@0-0.4 \\
       --lora style.safetensors:0.8@0.4-1 --prompt "a portrait" --output out/windows.png
                      # the character sets the composition early, the style acts late (step windows)
+  sdlora generate --model v1-5-pruned-emaonly.safetensors --lora style.safetensors:OUTD --prompt "a house" \
+      --output out/outd.png            # block weights: the LoRA Block Weight extension's preset OUTD
 
 Image j comes from seed + j. On a GPU it runs in fp16, on a CPU in fp32. The size defaults to the
 model's own (512, 768 or 1024).
@@ -195,7 +198,9 @@ def add_adapter_commands(commands) -> None:
     generate.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH][@START-STOP]",
                           help="adapter file, with a strength after a colon (default 1) and a step window after @ "
                                "(on from START to STOP, fractions of the steps: @0.4-1 is the last 60%%); repeat "
-                               "to stack")
+                               "to stack. STRENGTH may be block weights as the A1111 LoRA Block Weight extension "
+                               "writes them: a preset (:OUTD), 17 or 26 values for SD 1.x/2.x and 12 or 20 for "
+                               "SDXL (:1,0,0,...), or blocks by name (:IN04=0.5,M00=0)")
     generate.add_argument("--prompt", required=True, help="what to draw")
     generate.add_argument("--negative", help="negative prompt")
     generate.add_argument("--steps", type=positive_int, default=30, help="denoising steps (default: %(default)s)")
@@ -296,9 +301,12 @@ def parse_weighted(value: str, default: float = 1.0) -> tuple[Path, float]:
     return Path(value), default
 
 
-def parse_lora(value: str) -> tuple[Path, float, tuple[float, float] | None]:
+def parse_lora(value: str):
     """`FILE[:STRENGTH][@START-STOP]` -> (FILE, STRENGTH, window or None): `style.safetensors:0.8@0.4-1`
-    is the style at 0.8 from 40% of the steps to the end."""
+    is the style at 0.8 from 40% of the steps to the end. STRENGTH is a number or block weights as the
+    A1111 LoRA Block Weight extension writes them: a preset (`:OUTD`), a vector (`:1,0,0,...`) or
+    blocks by name (`:IN04=0.5,M00=0`)."""
+    from .adapters.block_weights import from_text
     from .adapters.strength import check_window
 
     window = None
@@ -314,6 +322,9 @@ def parse_lora(value: str) -> tuple[Path, float, tuple[float, float] | None]:
         except ValueError as error:
             raise ConfigError(f"--lora {value}: {error}") from None
         value = head
+    head, colon, tail = value.rpartition(":")
+    if colon and (blocks := from_text(tail)) is not None:
+        return Path(head), blocks, window
     path, strength = parse_weighted(value)
     return path, strength, window
 
@@ -377,23 +388,21 @@ def run_toy(args: argparse.Namespace) -> int:
         raise ConfigError("give --lora FILE to score an adapter, or --config FILE --change KEY=VALUE to compare")
     strengths = [float(value) for value in args.strengths.split(",")]
     specs = [parse_lora(value) for value in args.lora]
-    for value, (_, strength, _) in zip(args.lora, specs):
-        if strength != 1.0:
-            raise ConfigError(f"--lora {value}: toy eval takes the strengths from --strengths, not after a colon")
     for path in [args.model, *(path for path, _, _ in specs)]:
         if not Path(path).exists():
             print(f"sdlora: error: {path} does not exist", file=sys.stderr)
             return 2
     pipe = toy_eval.load_toy_pipeline(args.model)
-    names = [loader.load(pipe, path, name=f"adapter{i}") for i, (path, _, _) in enumerate(specs)]
+    names = [loader.load(pipe, path, strength, name=f"adapter{i}") for i, (path, strength, _) in enumerate(specs)]
     windows = {name: window for name, (_, _, window) in zip(names, specs) if window}
+    own = {name: strength for name, (_, strength, _) in zip(names, specs)}
     prompt_sets = {"content": toy_eval.content_prompts()}
     if args.trigger:
         prompt_sets["trigger"] = toy_eval.trigger_prompts(args.trigger)
     result = None  # the grid and saved images show the first seed set
     for seed in seeds:
         scored = toy_eval.evaluate(pipe, names, strengths, args.n, prompt_sets, args.steps, args.guidance, seed,
-                                   windows)
+                                   windows, own)
         print(("" if len(seeds) == 1 else f"\nseed set {seed}:\n") + scored.table())
         result = result or scored
     if args.grid:

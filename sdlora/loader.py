@@ -17,13 +17,14 @@ from .files.layouts import (ModuleTensors, describe_unsupported, group_tensors, 
                             split_tensor_name, to_kohya)
 from .errors import AdapterFileError, FamilyMismatch
 from .base_models.families import FAMILIES, detect_family, family_from_tensors, family_named_in_metadata
-from .base_models.module_keys import module_key
+from .base_models.module_keys import TEXT_ENCODERS, module_key
 from .files.names import component_of_file_key, kohya_index
 from .adapters.lora import LoRA, AdaptedLayer
 from .adapters.kinds import build_adapter, is_whole, standalone_update
 from .adapters.lycoris import DoRA
 from .base_models.parts import components, native_resolution, unet_block_counts
-from .base_models.sgm import unet_module_map
+from .base_models.sgm import to_original, unet_module_map
+from .adapters.block_weights import block_id
 from .adapters.strength import Strength, Window, check_strength, check_window, in_window, resolve_strength
 from .adapters.targets import adaptable_modules, patterns_for, select
 
@@ -113,6 +114,35 @@ def _original_paths(parts: dict[str, nn.Module]) -> dict[str, str] | None:
         if detect_family(parts).sgm_unet_names:
             raise
         return None
+
+
+def _block_ids(parts: dict[str, nn.Module]):
+    """Which block of the A1111 block-weight naming (BASE, IN04, M00, OUT03) a layer is in, as a
+    function of (component, path), and every block the model has."""
+    original = _original_paths(parts) or {}
+    blocks = {"BASE"} if any(component in TEXT_ENCODERS for component in parts) else set()
+    blocks |= {block_id("unet", path) for path in original.values()} - {None}
+
+    def block_of(component: str, path: str) -> str | None:
+        if component != "unet":
+            return block_id(component, None)
+        try:
+            return block_id(component, to_original(path, original))
+        except KeyError:  # a layer the original layout does not name
+            return None
+    return block_of, blocks
+
+
+class _Strengths:
+    """A strength checked against a model, resolved layer by layer."""
+
+    def __init__(self, parts: dict[str, nn.Module], strength: Strength):
+        self.strength = strength
+        self.block_of, self.blocks = _block_ids(parts)
+        check_strength(strength, unet_block_counts(parts), list(parts), self.blocks)
+
+    def __call__(self, component: str, path: str) -> float:
+        return resolve_strength(self.strength, component, path, self.block_of(component, path), self.blocks)
 
 
 def _model_layers(parts: dict[str, nn.Module]) -> dict[str, tuple[str, str, nn.Module]]:
@@ -267,7 +297,7 @@ def load(target, path: str | os.PathLike, strength: Strength = 1.0, name: str | 
     path = Path(path)
     name = name or re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
     _check_new_name(parts, name)
-    check_strength(strength, unet_block_counts(parts), list(parts))
+    strength_of = _Strengths(parts, strength)
     family = detect_family(parts)
 
     tensors, metadata = read_adapter(path)
@@ -282,7 +312,7 @@ def load(target, path: str | os.PathLike, strength: Strength = 1.0, name: str | 
         component, model_path, _ = layers[key]
         wrapper = _wrap(parts[component], model_path)
         adapter = build_adapter(wrapper.base, weights.tensors, weights.alpha)
-        wrapper.add(name, adapter, resolve_strength(strength, component, model_path))
+        wrapper.add(name, adapter, strength_of(component, model_path))
         info.modules[component] = info.modules.get(component, 0) + 1
         info.ranks.setdefault(component, [])
         if weights.rank not in info.ranks[component]:
@@ -337,13 +367,13 @@ def set_strength(target, name: str, strength: Strength) -> None:
     """Change an adapter's strength: a float, per component, or per UNet block (see sdlora.adapters.strength)."""
     parts = components(target)
     info = _require_loaded(parts, name)
-    check_strength(strength, unet_block_counts(parts), list(parts))
+    strength_of = _Strengths(parts, strength)
     if info.fused:
         raise RuntimeError(f"adapter {name!r} is fused into the weights: call sdlora.unfuse first, "
                            "set the strength, then fuse again")
     for component, path, wrapper in _layers(parts):
         if name in wrapper.adapters:
-            wrapper.strengths[name] = resolve_strength(strength, component, path)
+            wrapper.strengths[name] = strength_of(component, path)
     info.strength = strength
 
 

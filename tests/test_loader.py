@@ -94,7 +94,7 @@ def test_per_block_strength(pipe, tmp_path):
     ({"unet": {"middle": 1.0}}, "unknown block 'middle'"),
     ({"text_encoder_2": 1.0}, "names component 'text_encoder_2'"),
     ({"text_encoder": {"down": 1.0}}, "must be a number"),
-    ("strong", "must be a number"),
+    ("strong", "is not a number, a block-weight preset"),
 ])
 def test_bad_strength_is_refused_before_anything_changes(pipe, tmp_path, bad, message):
     path = make_adapter_file(pipe, tmp_path / "a.safetensors")

@@ -6,6 +6,10 @@
                                                 per UNet block: a float for all blocks of that kind or
                                                 one value per block; a kind left out gets 1.0, and so
                                                 do UNet layers outside the blocks (conv_in, time_embedding)
+    "OUTD", "1,0,0,...", [1, 0, ...], {"IN04": 0.5}
+                                                block weights as the A1111 "LoRA Block Weight" extension
+                                                writes them: a preset, a vector or blocks by name, text
+                                                encoders included (see sdlora.adapters.block_weights)
 
 A step window (start, stop), fractions of the denoising steps, switches an adapter on for the steps
 i of n with start <= i / n < stop only: (0, 1) every step, (0, 0) none, (0, 0.5) the first half.
@@ -13,19 +17,25 @@ i of n with start <= i / n < stop only: (0, 1) every step, (0, 0) none, (0, 0.5)
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Collection, Union
 
 from ..base_models.module_keys import unet_block
+from .block_weights import BlockWeights, block_weights, is_block_weights, scaled_vector
 
 BlockStrength = Union[float, list[float]]
-Strength = Union[float, dict[str, Union[float, dict[str, BlockStrength]]]]
+Strength = Union[float, dict[str, Union[float, dict[str, BlockStrength]]], BlockWeights]
 Window = tuple[float, float]
 BLOCK_KINDS = ("down", "mid", "up")
 
 
-def check_strength(strength: Strength, block_counts: dict[str, int], components: list[str]) -> None:
-    """Raise ValueError naming the bad part of a strength spec; block_counts like {"down": 4, ...}."""
+def check_strength(strength: Strength, block_counts: dict[str, int], components: list[str],
+                   model_blocks: Collection[str] = ()) -> None:
+    """Raise ValueError naming the bad part of a strength spec; block_counts like {"down": 4, ...};
+    model_blocks: the block-weight blocks (BASE, IN04, ...) the model's layers are in."""
     if _is_number(strength):
+        return
+    if is_block_weights(strength):
+        block_weights(strength, model_blocks)
         return
     if not isinstance(strength, dict):
         raise ValueError(f"strength must be a number or a dict per component, got {strength!r}")
@@ -50,10 +60,14 @@ def check_strength(strength: Strength, block_counts: dict[str, int], components:
                                  f"{block_counts[kind]} {kind} block(s): give one value per block")
 
 
-def resolve_strength(strength: Strength, component: str, path: str) -> float:
-    """The strength of one layer. `path` is the layer's module path within its component."""
+def resolve_strength(strength: Strength, component: str, path: str, block: str | None = None,
+                     model_blocks: Collection[str] = ()) -> float:
+    """The strength of one layer. `path` is the layer's module path within its component; `block` its
+    block-weight block (None outside every block), for the block-weight forms."""
     if _is_number(strength):
         return float(strength)
+    if is_block_weights(strength):
+        return 1.0 if block is None else block_weights(strength, model_blocks)[block]
     value = strength.get(component, 1.0)
     if _is_number(value):
         return float(value)
@@ -63,6 +77,26 @@ def resolve_strength(strength: Strength, component: str, path: str) -> float:
     kind, index = block
     block_value = value.get(kind, 1.0)
     return float(block_value if _is_number(block_value) else block_value[index])
+
+
+def scaled(strength: Strength, factor: float) -> Strength:
+    """The same strength with every layer's value times `factor`, in the same form."""
+    if _is_number(strength):
+        return strength * factor
+    if isinstance(strength, (str, list, tuple)):
+        return scaled_vector(strength, factor)
+    return {key: scaled(value, factor) for key, value in strength.items()}
+
+
+def describe(strength: Strength) -> str:
+    """A strength as one short token: `0.8`, `OUTD`, `1,0,0,...`."""
+    if _is_number(strength):
+        return f"{strength:g}"
+    if isinstance(strength, str):
+        return strength
+    if isinstance(strength, (list, tuple)):
+        return ",".join(f"{value:g}" for value in strength)
+    return "{" + ",".join(f"{key}={describe(value)}" for key, value in strength.items()) + "}"
 
 
 def _is_number(value) -> bool:

@@ -19,7 +19,7 @@ from .. import loader
 from ..reliability.durable import write_file
 from ..errors import AdapterFileError, ConfigError
 from ..base_models.parts import native_resolution
-from ..adapters.strength import Window
+from ..adapters.strength import Strength, Window, describe, scaled
 from ..images import labelled_columns, png_bytes
 
 COMPARE_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -62,7 +62,7 @@ def image_size(pipe, size: tuple[int, int] | None) -> tuple[int, int]:
     return size
 
 
-def load_with_adapters(model: str, loras: list[tuple[Path, float]], fuse: bool = False):
+def load_with_adapters(model: str, loras: list[tuple[Path, Strength]], fuse: bool = False):
     """The pipeline on the run-time device with the adapters loaded; returns (pipe, adapter names)."""
     from ..base_models.sources import load_pipeline
 
@@ -98,7 +98,7 @@ def images(pipe, settings: Settings, num: int = 1, progress: tqdm | None = None,
     return out
 
 
-def compare(pipe, names: list[str], strengths: list[float], settings: Settings, num: int = 1,
+def compare(pipe, names: list[str], strengths: list[Strength], settings: Settings, num: int = 1,
             fused: bool = False, windows: dict[str, Window] | None = None) -> Image.Image:
     """A grid: one column per strength in COMPARE_STRENGTHS (each adapter at that fraction of its own
     strength), one row per seed. At strength 0 every adapter is skipped: the base model's images."""
@@ -108,7 +108,7 @@ def compare(pipe, names: list[str], strengths: list[float], settings: Settings, 
             if fused:
                 loader.unfuse(pipe)
             for name, strength in zip(names, strengths):
-                loader.set_strength(pipe, name, fraction * strength)
+                loader.set_strength(pipe, name, scaled(strength, fraction))
             if fused:
                 loader.fuse(pipe)
             columns.append(images(pipe, settings, num, progress, windows))
@@ -117,14 +117,14 @@ def compare(pipe, names: list[str], strengths: list[float], settings: Settings, 
                                       for fraction in COMPARE_STRENGTHS])
 
 
-def parameters_text(settings: Settings, seed: int, size: tuple[int, int], loras: list[tuple[Path, float]]) -> str:
+def parameters_text(settings: Settings, seed: int, size: tuple[int, int], loras: list[tuple[Path, Strength]]) -> str:
     """The generation parameters as A1111 writes them in a PNG, so that an image says how it was made."""
     lines = [settings.prompt]
     if settings.negative:
         lines.append(f"Negative prompt: {settings.negative}")
     fields = [f"Steps: {settings.steps}", f"CFG scale: {settings.guidance:g}", f"Seed: {seed}",
               f"Size: {size[0]}x{size[1]}"]
-    fields += [f"Lora: {Path(path).name}:{strength:g}" for path, strength in loras]
+    fields += [f"Lora: {Path(path).name}:{describe(strength)}" for path, strength in loras]
     lines.append(", ".join(fields))
     return "\n".join(lines)
 
@@ -137,7 +137,7 @@ def output_paths(path: Path, num: int) -> list[Path]:
 
 
 def write_images(path: Path, found: list[Image.Image], settings: Settings, size: tuple[int, int],
-                 loras: list[tuple[Path, float]]) -> list[Path]:
+                 loras: list[tuple[Path, Strength]]) -> list[Path]:
     """Write each image atomically as a PNG that records its parameters."""
     written = []
     for j, (target, image) in enumerate(zip(output_paths(path, len(found)), found)):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import loader
-from ..adapters.strength import Window
+from ..adapters.strength import Strength, Window, scaled
 from .world import COLOURS, SHAPES, STAR_TRIGGER, score
 
 DEFAULT_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -93,14 +93,16 @@ def rates(prompt_set: str, strength: float, prompts: list[str], per_prompt: int,
 
 def evaluate(pipe, adapters: list[str], strengths=DEFAULT_STRENGTHS, per_prompt: int = 4,
              prompt_sets: dict[str, list[str]] | None = None, steps: int = 25, guidance: float = 5.0,
-             seed: int = 0, windows: dict[str, Window] | None = None) -> Evaluation:
+             seed: int = 0, windows: dict[str, Window] | None = None,
+             own: dict[str, Strength] | None = None) -> Evaluation:
     """Generate and score every prompt set with all `adapters` (already loaded) at each strength, each
-    adapter named in `windows` on for its part of the steps only (sdlora.step_windows)."""
+    adapter named in `windows` on for its part of the steps only (sdlora.step_windows). Each strength
+    multiplies an adapter's `own` strength (default 1: a number, per component, per block, block weights)."""
     prompt_sets = prompt_sets or {"content": content_prompts()}
     result = Evaluation(per_prompt, prompts=dict(prompt_sets))
     for strength in strengths:
         for name in adapters:
-            loader.set_strength(pipe, name, strength)
+            loader.set_strength(pipe, name, scaled((own or {}).get(name, 1.0), strength))
         with loader.step_windows(pipe, windows or {}) as callback:
             for prompt_set, prompts in prompt_sets.items():
                 images = generate(pipe, prompts, per_prompt, steps, guidance, seed, callback if windows else None)
