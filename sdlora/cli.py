@@ -292,13 +292,10 @@ def target_presets() -> list[str]:
 def parse_weighted(value: str, default: float = 1.0) -> tuple[Path, float]:
     """`FILE:WEIGHT` -> (FILE, WEIGHT); a FILE alone gets `default`. Only a number after the last
     colon is a weight, so a path with colons in it still works."""
-    head, colon, tail = value.rpartition(":")
-    if colon:
-        try:
-            return Path(head), float(tail)
-        except ValueError:
-            pass
-    return Path(value), default
+    from .adapters.strength import split_weight
+
+    path, weight = split_weight(value)
+    return Path(path), default if weight is None else weight
 
 
 def parse_lora(value: str):

@@ -8,6 +8,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Collection
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from .adapters.kinds import build_adapter, is_whole, standalone_update
 from .adapters.lycoris import DoRA
 from .base_models.parts import components, native_resolution, unet_block_counts
 from .base_models.sgm import to_original, unet_module_map
-from .adapters.block_weights import block_id
+from .adapters.block_weights import block_id, sort_blocks
 from .adapters.strength import Strength, Window, check_strength, check_window, in_window, resolve_strength
 from .adapters.targets import adaptable_modules, patterns_for, select
 
@@ -325,12 +326,14 @@ def load(target, path: str | os.PathLike, strength: Strength = 1.0, name: str | 
 
 def add_adapter(target, name: str, rank: int = 16, alpha: float | None = None, targets: str | list[str] = "attn",
                 components_to_adapt: tuple[str, ...] | None = None, dtype: torch.dtype | None = None,
-                dora: bool = False) -> list[str]:
+                dora: bool = False, blocks: Collection[str] | None = None) -> list[str]:
     """Attach a fresh, trainable adapter (down Kaiming-uniform, up zero); returns the module keys adapted.
 
     alpha defaults to rank (scale 1); dtype defaults to each base layer's. With dora=True each layer is
     a DoRA over the LoRA (sdlora.adapters.lycoris.DoRA.trainable), its magnitude starting at the base weight's
-    norms. Raises if the targets match no layer of a component asked for.
+    norms. `blocks` keeps the UNet layers of those blocks alone, named as block weights name them
+    (IN04, M00, OUT01: sdlora.adapters.block_weights); the text encoders are not affected. Raises if the
+    targets match no layer of a component asked for.
     """
     parts = components(target)
     _check_new_name(parts, name)
@@ -346,6 +349,8 @@ def add_adapter(target, name: str, rank: int = 16, alpha: float | None = None, t
         paths = select(parts[component], patterns)
         if not paths:
             raise ValueError(f"targets {targets!r} match no Linear or Conv2d layer of the {component}")
+        if blocks is not None and component == "unet":
+            paths = _in_blocks(parts, paths, blocks, targets)
         plan[component] = paths
         info.targets[component] = patterns
     adapted = []
@@ -361,6 +366,19 @@ def add_adapter(target, name: str, rank: int = 16, alpha: float | None = None, t
         info.ranks[component] = [rank]
         _registry(parts[component])[name] = info
     return adapted
+
+
+def _in_blocks(parts: dict[str, nn.Module], paths: list[str], blocks: Collection[str], targets) -> list[str]:
+    """The UNet layer paths that lie in `blocks`; ValueError naming blocks the model lacks, or none left."""
+    block_of, model_blocks = _block_ids(parts)
+    unknown = sorted(set(blocks) - model_blocks)
+    if unknown or not blocks:
+        raise ValueError(f"blocks {', '.join(unknown) or '(none)'}: this UNet's blocks are "
+                         f"{', '.join(sort_blocks(model_blocks - {'BASE'}))}")
+    kept = [path for path in paths if block_of("unet", path) in blocks]
+    if not kept:
+        raise ValueError(f"targets {targets!r} match no UNet layer in blocks {', '.join(blocks)}")
+    return kept
 
 
 def set_strength(target, name: str, strength: Strength) -> None:

@@ -79,6 +79,18 @@ def resolve_strength(strength: Strength, component: str, path: str, block: str |
     return float(block_value if _is_number(block_value) else block_value[index])
 
 
+def split_weight(value: str) -> tuple[str, float | None]:
+    """`FILE:WEIGHT` -> (FILE, WEIGHT); (value, None) when no number follows the last colon, so that a
+    path with colons in it still works."""
+    head, colon, tail = value.rpartition(":")
+    if colon:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return value, None
+
+
 def scaled(strength: Strength, factor: float) -> Strength:
     """The same strength with every layer's value times `factor`, in the same form."""
     if _is_number(strength):

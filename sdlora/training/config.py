@@ -41,7 +41,7 @@ REQUIRED = ("model", "data", "output_dir")
 # What decides the adapter's shape or a step's draws: a resumed run must have what its checkpoint had.
 # (Which text encoders are trained is compared too, resolved for the model: see trained_text_encoders; and
 # the global batch, batch_size x processes x gradient_accumulation, however it is made up: see loop.restore.)
-RESUME_KEYS = ("rank", "alpha", "targets", "seed", "resolution", "data",
+RESUME_KEYS = ("rank", "alpha", "targets", "blocks", "with_adapters", "seed", "resolution", "data",
                "clip_skip", "max_token_length", "dora", "loraplus_ratio", "ema_decay", "reg_data", "class_prompts",
                "num_class_images", "class_sample_steps", "class_guidance")
 
@@ -82,6 +82,15 @@ class TrainConfig:
         None, "SDXL: whether the second text encoder gets a LoRA (lora_te2_) (default: as --train-text-encoder); "
         "--no-train-text-encoder-2 trains the first alone, --train-text-encoder-2 alone the second alone",
         "adapter")
+    blocks: typing.Optional[list[str]] = option(
+        None, "train the UNet only in these blocks, named as block weights name them (IN04, M00, OUT01: see "
+        "docs/loading.md), so that two adapters trained in different blocks cannot overwrite each other; "
+        "b-lora-style is OUT01 and b-lora-content OUT00, B-LoRA's blocks for SDXL (default: every block)",
+        "adapter")
+    with_adapters: typing.Optional[list[str]] = option(
+        None, "adapter files applied, frozen, while this one trains (FILE or FILE:STRENGTH; repeat the flag): a "
+        "style trained with the character it will be stacked with learns to act on what the character draws; "
+        "the file written holds the trained adapter alone", "adapter")
     # prior preservation
     reg_data: typing.Optional[str] = option(
         None, "prior preservation (DreamBooth): a folder of class images with captions, read like --data (no "
@@ -382,6 +391,13 @@ def validate(config: TrainConfig) -> None:
         except re.error as error:
             raise ConfigError(f"targets must be {', '.join(PRESETS)} or a regular expression over module paths; "
                               f"{config.targets!r} is neither ({error})") from None
+    if config.blocks is not None:
+        training_blocks(config.blocks)
+    for entry in config.with_adapters or []:
+        path, _ = frozen_adapter(entry)
+        if not path.is_file():
+            raise ConfigError(f"with_adapters: {path} does not exist: give adapter files (.safetensors), each "
+                              "with an optional :STRENGTH")
     if config.resolution is not None and (config.resolution < 8 or config.resolution % 8):
         raise ConfigError(f"resolution must be a positive multiple of 8, got {config.resolution}")
     # The upper bound is the text encoder's depth, checked once the model is loaded (CLIP-L has 12 layers,
@@ -446,6 +462,27 @@ def validate(config: TrainConfig) -> None:
     if config.optimizer == "prodigy":
         _require("prodigyopt", "prodigy", "pip install 'sdlora[prodigy]'")
     _check_writable(Path(config.output_dir))
+
+
+BLOCK_PRESETS = {"b-lora-style": ["OUT01"], "b-lora-content": ["OUT00"]}  # SDXL's up_blocks.0.attentions.1 / .0
+
+
+def training_blocks(blocks: list[str]) -> list[str]:
+    """The block names `blocks` means (presets expanded); ConfigError for a name that is not a block's."""
+    names = [name for entry in blocks for name in BLOCK_PRESETS.get(entry, [entry])]
+    bad = [name for name in names if not re.fullmatch(r"IN\d\d|M00|OUT\d\d", name)]
+    if bad or not names:
+        raise ConfigError(f"blocks {', '.join(bad) or '(none)'}: name UNet blocks as block weights do (IN04, M00, "
+                          f"OUT01) or give a preset ({', '.join(BLOCK_PRESETS)})")
+    return names
+
+
+def frozen_adapter(entry: str) -> tuple[Path, float]:
+    """A with_adapters entry `FILE[:STRENGTH]` -> (FILE, STRENGTH)."""
+    from ..adapters.strength import split_weight
+
+    path, weight = split_weight(entry)
+    return Path(path), 1.0 if weight is None else weight
 
 
 def class_prompt_list(class_prompts: list[str] | str) -> list[str]:

@@ -350,7 +350,7 @@ def checkpoint_state(run: Run, step: int, epoch: int, position: int) -> dict:
     state = {"step": step, "epoch": epoch, "position": position, "global_batch": run.global_batch,
              "optimizer": optim.optimizer.state_dict(),
              "lr_scheduler": optim.lr_scheduler.state_dict(), "rng": rng_states(),
-             "config": json.dumps(asdict(run.config))}
+             "config": json.dumps(asdict(run.config)), "with_adapters": setup.frozen_adapter_digests(run.config)}
     if optim.ema is not None:
         state["ema"] = [average.detach().cpu().clone() for average in optim.ema]
     return state
@@ -389,6 +389,11 @@ def restore(run: Run, folder: Path) -> tuple[int, int, int]:
         if was != getattr(config, key):
             raise ConfigError(f"cannot resume from {folder}: it was trained with {key}={was!r}, this run has "
                               f"{key}={getattr(config, key)!r}")
+    changed = [entry for entry, digest in setup.frozen_adapter_digests(config).items()
+               if state.get("with_adapters", {}).get(entry) != digest]
+    if changed:
+        raise ConfigError(f"cannot resume from {folder}: with_adapters {', '.join(changed)} is not the file this run "
+                          "was trained with (it changed since): restore that file, or start a new run")
     loader.copy_weights_from(model.pipe, ADAPTER, folder / ADAPTER_FILE)
     optim.optimizer.load_state_dict(state["optimizer"])
     optim.lr_scheduler.load_state_dict(state["lr_scheduler"])
