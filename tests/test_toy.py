@@ -71,7 +71,7 @@ def test_bad_scene_values_are_rejected():
     with pytest.raises(ValueError, match="colour"):
         toy.render(toy.Scene("purple", "circle"))
     with pytest.raises(ValueError, match="shape"):
-        toy.render(toy.Scene("red", "hexagon"))
+        toy.render(toy.Scene("red", "pentagon"))
     with pytest.raises(ValueError, match="style"):
         toy.render(toy.Scene("red", "circle", style="dotted"))
 

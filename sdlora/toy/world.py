@@ -37,6 +37,9 @@ BACKGROUND = (240, 240, 240)
 SHAPES = ("circle", "square", "triangle")  # the pretraining shapes
 STAR = "star"  # never in pretraining: the character concept
 ALL_SHAPES = (*SHAPES, STAR)
+# Shapes for a more varied style dataset only: never in pretraining, never a star, captioned `shape` (a
+# spare word). A cross is concave with arms, as a star is; a diamond and a hexagon add corners.
+VARIED_SHAPES = ("cross", "diamond", "hexagon")
 STYLES = ("filled", "outline")  # "outline" is never in pretraining: the style concept
 TRIGGERS = ("sks", "zkz", "ohwx")  # spare tokens in the toy tokenizer, never seen in pretraining
 STAR_TRIGGER = "zkz"  # the trigger that datasets/character-star binds to the star
@@ -44,6 +47,7 @@ STAR_TRIGGER = "zkz"  # the trigger that datasets/character-star binds to the st
 SUPERSAMPLE = 4  # render at 4x and box-filter down: clean anti-aliased edges
 OUTLINE_WIDTH = 0.11  # outline thickness, as a fraction of the shape's size...
 OUTLINE_MIN = 2.0 / 32  # ...but never thinner than 2 px of a 32 px image, or small shapes close up
+CROSS_ARM = 0.4  # a cross's arm width / its size: wide enough for a hollow at 32 px
 STAR_INNER = 0.45  # inner/outer radius; fatter than a regular star (0.38) so arms survive 32 px
 
 
@@ -89,11 +93,34 @@ def _polygon(shape: str, cx: float, cy: float, size: float) -> tuple[list[Point]
         # Distance from the centre to an edge (tip to inner corner), from the triangle they span.
         edge = math.dist(points[0], points[1])
         return points, (cx, centre_y), outer * inner * math.sin(math.radians(36)) / edge
-    raise ValueError(f"unknown shape {shape!r}; use one of {', '.join(ALL_SHAPES)}")
+    if shape == "diamond":
+        half = size / 2
+        points = [(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)]
+        return points, (cx, cy), half / math.sqrt(2)
+    if shape == "hexagon":
+        outer = size / 2
+        points = [(cx + outer * math.cos(math.radians(60 * k)), cy + outer * math.sin(math.radians(60 * k)))
+                  for k in range(6)]
+        return points, (cx, cy), outer * math.sqrt(3) / 2
+    if shape == "cross":
+        return _plus_sign(cx, cy, size / 2, CROSS_ARM * size / 2), (cx, cy), CROSS_ARM * size / 2
+    raise ValueError(f"unknown shape {shape!r}; use one of {', '.join((*ALL_SHAPES, *VARIED_SHAPES))}")
+
+
+def _plus_sign(cx: float, cy: float, half: float, arm: float) -> list[Point]:
+    """A plus sign `2 half` across whose arms are `2 arm` wide."""
+    corners = [(-arm, -half), (arm, -half), (arm, -arm), (half, -arm), (half, arm), (arm, arm), (arm, half),
+               (-arm, half), (-arm, arm), (-half, arm), (-half, -arm), (-arm, -arm)]
+    return [(cx + x, cy + y) for x, y in corners]
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, size: float, fill, inset: float = 0.0) -> None:
     """Draw the shape, shrunk by `inset` on every side (how the hollow of an outline is cut)."""
+    if shape == "cross":  # concave: shrunk by moving every edge in, not by scaling about the centre
+        half, arm = size / 2 - inset, CROSS_ARM * size / 2 - inset
+        if arm > 0:
+            draw.polygon(_plus_sign(cx, cy, half, arm), fill=fill)
+        return
     if shape == "circle":
         r = size / 2 - inset
         if r > 0:
@@ -163,8 +190,9 @@ def balanced_scenes(
 
 
 def caption(scene: Scene, trigger: str | None = None) -> str:
-    """`a red circle`; with a trigger the trigger replaces the shape word: `a red zkz`."""
-    return f"a {scene.colour} {trigger or scene.shape}"
+    """`a red circle`; with a trigger the trigger replaces the shape word: `a red zkz`. A shape the
+    model has no word for is `a red shape`."""
+    return f"a {scene.colour} {trigger or ('shape' if scene.shape in VARIED_SHAPES else scene.shape)}"
 
 
 def write_dataset(
@@ -191,6 +219,9 @@ def write_dataset(
 # The shipped adapter datasets: name -> how to regenerate it bit for bit.
 DATASETS: dict[str, dict] = {
     "style-outline": dict(n=32, seed=1001, style="outline", shapes=SHAPES),
+    # The same style on twice the shapes (never a star): does a style that saw more shapes outline the
+    # character's star when the two are stacked?
+    "style-outline-varied": dict(n=48, seed=1003, style="outline", shapes=(*SHAPES, *VARIED_SHAPES)),
     # Stars no smaller than half the image: a small star's thin arms are lost in the 8x8 latents
     # (the toy VAE keeps 80-95% of small outlined stars, all of the larger ones).
     "character-star": dict(n=24, seed=1002, style="filled", shapes=(STAR,), sizes=(0.5, 0.75),
