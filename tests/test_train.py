@@ -279,59 +279,6 @@ def test_clip_skip_is_bounded_by_the_loaded_text_encoders_depth(tiny_dir, images
         validate(valid(tmp_path, clip_skip=0))
 
 
-def test_gradual_strength_blends_the_target_with_the_base_prediction():
-    """At strength s the target is s x the noise + (1 - s) x the frozen model's output, the loss / s^2:
-    recomputed here from the noise the loss drew."""
-    from types import SimpleNamespace
-
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    latents = torch.zeros(8, 4, 2, 2)
-    seen = {}
-
-    def unet(noisy, timesteps, encoder_hidden_states):
-        seen["noisy"], seen["timesteps"] = noisy, timesteps
-        return SimpleNamespace(sample=torch.full_like(noisy, 0.25))
-
-    def base_prediction(noisy, timesteps, rows):
-        assert torch.equal(rows, torch.arange(8))
-        return torch.full_like(noisy, -1.0)
-
-    strength = 0.4
-    loss = diffusion_loss(unet, scheduler, latents, {"encoder_hidden_states": None}, torch.Generator().manual_seed(0),
-                          prediction_type="epsilon", strength_blend=(strength, base_prediction))
-    timesteps = seen["timesteps"]
-    noise = seen["noisy"] / (1 - scheduler.alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
-    target = strength * noise + (1 - strength) * -1.0
-    expected = (0.25 - target).pow(2).mean() / strength ** 2
-    torch.testing.assert_close(loss, expected)
-
-
-def test_gradual_strength_trains_at_one_strength_per_step_and_ends_at_one(tiny_dir, images, tmp_path, monkeypatch):
-    from sdlora.training import loop
-    from sdlora.training.loss import GRADUAL_LOWEST, training_strength
-
-    drawn = [training_strength(loop.step_generator(7, step)) for step in range(12)]
-    assert all(GRADUAL_LOWEST <= s <= 1 for s in drawn) and len(set(drawn)) == 12
-    seen = []
-    real = loop.diffusion_loss
-
-    def spy(*args, strength_blend=None, **kw):
-        seen.append(strength_blend[0])
-        return real(*args, strength_blend=strength_blend, **kw)
-
-    monkeypatch.setattr(loop, "diffusion_loss", spy)
-    run = setup_run(config(tiny_dir, images, tmp_path, max_steps=4, gradient_accumulation=2, gradual_strength=True),
-                    quiet=True)
-    path = run_training(run)
-    # two micro-batches per step, both at the step's strength: the first draw of the step's generator
-    assert seen == [s for s in drawn[:4] for _ in range(2)]
-    assert all(torch.isfinite(t).all() for t in load_file(path).values())
-    layers = [w for _, _, w in sdlora.loader._layers(sdlora.loader.components(run.model.pipe))]
-    assert all(w.strengths["lora"] == 1.0 for w in layers if "lora" in w.strengths)
-
-
 def test_save_scale_multiplies_the_final_update_and_not_the_checkpoints(tiny_dir, images, tmp_path, pipe):
     plain = train(config(tiny_dir, images, tmp_path / "plain", max_steps=4, save_every=4), quiet=True)
     scaled = train(config(tiny_dir, images, tmp_path / "scaled", max_steps=4, save_every=4, save_scale=1.5),

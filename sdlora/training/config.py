@@ -41,7 +41,7 @@ REQUIRED = ("model", "data", "output_dir")
 # What decides the adapter's shape or a step's draws: a resumed run must have what its checkpoint had.
 # (Which text encoders are trained is compared too, resolved for the model: see trained_text_encoders; and
 # the global batch, batch_size x processes x gradient_accumulation, however it is made up: see loop.restore.)
-RESUME_KEYS = ("rank", "alpha", "targets", "blocks", "with_adapters", "gradual_strength", "seed", "resolution", "data",
+RESUME_KEYS = ("rank", "alpha", "targets", "blocks", "with_adapters", "seed", "resolution", "data",
                "clip_skip", "max_token_length", "dora", "loraplus_ratio", "ema_decay", "reg_data", "class_prompts",
                "num_class_images", "class_sample_steps", "class_guidance")
 
@@ -205,11 +205,6 @@ class TrainConfig:
                                   "window's ends)", "training")
     timestep_min: int = option(0, "lowest training timestep", "training")
     timestep_max: int = option(1000, "one past the highest training timestep", "training")
-    gradual_strength: bool = option(
-        False, "train for a strength knob that turns: each step runs the adapter at a random strength s in "
-        "[0.2, 1] and trains it towards s x the target + (1 - s) x the frozen model's prediction (its loss "
-        "divided by s^2), so that strengths between 0 and 1 give effects between none and all; one more UNet "
-        "pass per step, without gradients", "training")
     preserve_outside_window: bool = option(
         False, "with a timestep window: also train on the timesteps outside it, towards the base model's own "
         "prediction, so the adapter acts only inside the window (a style kept to timestep_max 600 leaves the "

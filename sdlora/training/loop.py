@@ -38,7 +38,7 @@ from .checkpoint import (ADAPTER_FILE, checkpoint_folder, checkpoint_folders, lo
                          set_rng_states)
 from .config import RESUME_KEYS, TrainConfig, to_toml, trained_text_encoders, validate
 from .data import BucketBatchSampler, ImageCaptionDataset, collate
-from .loss import Draws, TimestepSampling, diffusion_loss, rows_of, training_strength
+from .loss import Draws, TimestepSampling, diffusion_loss, rows_of
 from .prior import RENAMED_OPTIONS, ClassBatch, class_batch_keys
 from .runlog import RunLog
 from .setup import ADAPTER, BaseModel, ImageSet, Optimization, RunPaths
@@ -120,31 +120,15 @@ class Run:
         draws it would see without it.
         """
         share = share or Share.whole(len(indices))
-        strength = training_strength(generator) if training and self.config.gradual_strength else None
-        with self._adapter_at(strength):
-            draws = Draws(generator, share.rows, share.size)
-            loss = self._images_loss(epoch, indices, draws, images or self.images, training, pixels,
-                                     strength) * share.weight
-            if prior is None:
-                return loss
-            class_share = prior.share or Share.whole(len(prior.indices))
-            class_draws = Draws(generator, class_share.rows, class_share.size)
-            class_loss = self._images_loss(prior.epoch, prior.indices, class_draws, self.class_images, training,
-                                           prior.pixels, strength)
-            return loss + self.prior_loss_weight * class_share.weight * class_loss
-
-    @contextmanager
-    def _adapter_at(self, strength: float | None):
-        """The trained adapter at `strength` for the forward passes of a micro-batch (gradual_strength),
-        then back at 1: backward reuses the strength the forward pass recorded."""
-        if strength is None:
-            yield
-            return
-        loader.set_strength(self.model.pipe, ADAPTER, strength)
-        try:
-            yield
-        finally:
-            loader.set_strength(self.model.pipe, ADAPTER, 1.0)
+        draws = Draws(generator, share.rows, share.size)
+        loss = self._images_loss(epoch, indices, draws, images or self.images, training, pixels) * share.weight
+        if prior is None:
+            return loss
+        class_share = prior.share or Share.whole(len(prior.indices))
+        class_draws = Draws(generator, class_share.rows, class_share.size)
+        class_loss = self._images_loss(prior.epoch, prior.indices, class_draws, self.class_images, training,
+                                       prior.pixels)
+        return loss + self.prior_loss_weight * class_share.weight * class_loss
 
     @torch.no_grad()
     def fixed_noise_loss(self, images: ImageSet | None = None, seed: int = 1234) -> float:
@@ -162,7 +146,7 @@ class Run:
         return sum(losses) / len(losses)
 
     def _images_loss(self, epoch: int, indices: list[int], draws: Draws, images: ImageSet,
-                     training: bool, pixels: torch.Tensor | None, strength: float | None = None) -> torch.Tensor:
+                     training: bool, pixels: torch.Tensor | None) -> torch.Tensor:
         """The diffusion loss of one batch of `images` (instance or class)."""
         config, model, dataset = self.config, self.model, images.dataset
         # An evaluation batch encodes its images now, whether or not the run caches latents: validation
@@ -174,7 +158,6 @@ class Run:
         geometry = [ImageGeometry(*dataset.geometry(i, epoch)) for i in indices]
         inputs = model.family.unet_inputs(text, geometry)
         preserve = self._base_prediction(captions, inputs, geometry) if config.preserve_outside_window else None
-        blend = None if strength is None else (strength, self._base_prediction(captions, inputs, geometry))
         weight = self._loss_weight(dataset, epoch, indices, latents, cache)
         with self.accelerator.autocast():
             return diffusion_loss(self.optim.wrapped_unet if training else model.unet, self.scheduler, latents,
@@ -186,7 +169,7 @@ class Run:
                                   timestep_range=(config.timestep_min, config.timestep_max),
                                   timestep_sampling=TimestepSampling(config.timestep_sampling, config.logit_mean,
                                                                      config.logit_std, config.sigmoid_scale),
-                                  base_prediction=preserve, weight=weight, strength_blend=blend)
+                                  base_prediction=preserve, weight=weight)
 
     def _latents(self, dataset: ImageCaptionDataset, cache: LatentCache | None, epoch: int, indices: list[int],
                  draws: Draws, pixels=None) -> torch.Tensor:
@@ -216,8 +199,7 @@ class Run:
         return to_device(latent_mask(masks, tuple(latents.shape[-2:])), self.device)
 
     def _base_prediction(self, captions: list[str], inputs: dict, geometry: list[ImageGeometry]):
-        """The frozen model's output, the trained adapter off (text included): the target outside the
-        timestep window (preserve_outside_window) and what gradual_strength blends into the target."""
+        """The target outside the timestep window: the frozen model's output, adapter off (text included)."""
         model = self.model
 
         @torch.no_grad()

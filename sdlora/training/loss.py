@@ -155,8 +155,7 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, unet_inputs: dict, dr
                    debiased_estimation: bool = False, loss_type: str = "l2", huber_c: float = 0.1,
                    huber_schedule: str = "snr", timestep_range: tuple[int, int] = (0, 1000),
                    timestep_sampling: TimestepSampling = TimestepSampling(),
-                   base_prediction: Callable | None = None, weight: torch.Tensor | None = None,
-                   strength_blend: tuple[float, Callable] | None = None) -> torch.Tensor:
+                   base_prediction: Callable | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The noise-prediction loss of one batch, the mean of its images'; all randomness from `draws`
     (a generator: the batch is all of its global batch).
 
@@ -167,9 +166,7 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, unet_inputs: dict, dr
     inside the range are redrawn there as `timestep_sampling` says (so the share of the window is the
     same whatever the sampling), and those outside are trained towards that output: the adapter learns
     to leave them alone. With `weight` (each sample's mask at the latents' size, [B, 1, h, w]), each
-    sample's loss is `masked_mean`. With `strength_blend` (s, the same kind of function, the adapter
-    run at strength s meanwhile), the target is s x the target + (1 - s) x that output and the loss is
-    divided by s^2: at strength s the adapter learns s of its effect (see `training_strength`).
+    sample's loss is `masked_mean`.
     """
     draws = draws_of(draws, latents.shape[0])
     noise = draws.normal(*latents.shape[1:])
@@ -192,10 +189,6 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, unet_inputs: dict, dr
         if len(outside):
             target = target.clone()
             target[outside] = base_prediction(noisy[outside], timesteps[outside], outside).to(target.dtype)
-    if strength_blend is not None:
-        strength, base = strength_blend
-        every_row = torch.arange(len(noisy), device=noisy.device)
-        target = strength * target + (1 - strength) * base(noisy, timesteps, every_row).to(target.dtype)
     prediction = unet(noisy, timesteps, **unet_inputs).sample  # autocast picks the dtype
     threshold = None
     if loss_type != "l2":
@@ -206,17 +199,4 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, unet_inputs: dict, dr
         loss = loss * min_snr_weight(scheduler.alphas_cumprod, timesteps, min_snr_gamma, prediction_type)
     if debiased_estimation:
         loss = loss * debiased_weight(scheduler.alphas_cumprod, timesteps, prediction_type)
-    if strength_blend is not None:
-        # To first order the adapter's effect at strength s is s times its effect, and so is the error:
-        # dividing by s^2 gives every strength the weight of strength 1.
-        return loss.mean() / strength_blend[0] ** 2
     return loss.mean()
-
-
-GRADUAL_LOWEST = 0.2  # below it the blended target is nearly the frozen model's, and the loss mostly noise
-
-
-def training_strength(generator: torch.Generator) -> float:
-    """The strength one step trains the adapter at (gradual_strength), uniform in [GRADUAL_LOWEST, 1]. The
-    first draw from the step's generator: the same in every micro-batch and process of the step."""
-    return GRADUAL_LOWEST + (1 - GRADUAL_LOWEST) * float(torch.rand((), generator=generator))
