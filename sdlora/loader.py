@@ -530,12 +530,13 @@ def adapter_weights(target, name: str) -> dict[str, ModuleTensors]:
 
 def save(target, path: str | os.PathLike, name: str, dtype: str = "fp16", title: str | None = None,
          record: dict | None = None, header: dict[str, str] | None = None, prediction_type: str | None = None,
-         resolution: int | tuple[int, int] | None = None) -> Path:
+         resolution: int | tuple[int, int] | None = None, scale: float = 1.0) -> Path:
     """Write an adapter as a kohya-layout .safetensors file (A1111, ComfyUI and diffusers read it).
 
     `record` joins sdlora's JSON record in the header (the training config, say); `header` adds
     plain header keys (kohya's `ss_*` training facts). The header states the prediction type and
-    resolution given, by default the pipeline's own (its scheduler's, and its native size).
+    resolution given, by default the pipeline's own (its scheduler's, and its native size). `scale`
+    multiplies a LoRA's update, through its alpha: the file at strength 1 is the adapter at `scale`.
     """
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
@@ -543,6 +544,8 @@ def save(target, path: str | os.PathLike, name: str, dtype: str = "fp16", title:
     info = _require_loaded(parts, name)
     family = FAMILIES[info.family]
     weights = adapter_weights(target, name)
+    if scale != 1.0:
+        weights = {key: _scaled_lora(key, module, scale) for key, module in weights.items()}
     state_dict = to_kohya(weights, family, SAVE_DTYPES[dtype], _original_paths(parts))
     scheduler = getattr(target, "scheduler", None)
     prediction_type = prediction_type or (scheduler.config.prediction_type if scheduler is not None else "epsilon")
@@ -551,6 +554,15 @@ def save(target, path: str | os.PathLike, name: str, dtype: str = "fp16", title:
                               prediction_type=prediction_type, resolution=resolution)
     metadata.update(header or {})
     return write_adapter(path, state_dict, metadata)
+
+
+def _scaled_lora(key: str, module: ModuleTensors, scale: float) -> ModuleTensors:
+    """A LoRA module whose update is `scale` times this one's: the same factors, alpha times `scale`."""
+    if set(module.tensors) != set(LoRA.roles):
+        raise ValueError(f"{key}: only a plain LoRA's update scales with its alpha; this module holds "
+                         f"{', '.join(sorted(module.tensors))}")
+    alpha = module.alpha if module.alpha is not None else module.down.shape[0]
+    return ModuleTensors(module.tensors, alpha * scale)
 
 
 @torch.no_grad()

@@ -278,3 +278,24 @@ def test_clip_skip_is_bounded_by_the_loaded_text_encoders_depth(tiny_dir, images
     with pytest.raises(ConfigError, match="clip_skip counts layers from the end, 1 being the last, got 0"):
         validate(valid(tmp_path, clip_skip=0))
 
+
+def test_save_scale_multiplies_the_final_update_and_not_the_checkpoints(tiny_dir, images, tmp_path, pipe):
+    plain = train(config(tiny_dir, images, tmp_path / "plain", max_steps=4, save_every=4), quiet=True)
+    scaled = train(config(tiny_dir, images, tmp_path / "scaled", max_steps=4, save_every=4, save_scale=1.5),
+                   quiet=True)
+    # The same factors, alpha times 1.5: a naive W + 1.5 (alpha / rank) up @ down is what loads.
+    first, second = load_file(plain), load_file(scaled)
+    assert first.keys() == second.keys()
+    for key in first:
+        factor = 1.5 if key.endswith(".alpha") else 1.0
+        torch.testing.assert_close(second[key], first[key] * factor, msg=key)
+    base = unet_out(pipe)
+    sdlora.load(pipe, plain, strength=1.5, name="plain")
+    at_one_and_a_half = unet_out(pipe)
+    sdlora.unload(pipe)
+    sdlora.load(pipe, scaled, name="scaled")
+    torch.testing.assert_close(unet_out(pipe), at_one_and_a_half, atol=1e-5, rtol=0)
+    assert not torch.allclose(at_one_and_a_half, base)
+    checkpoint = tmp_path / "scaled" / "checkpoints" / "step-000004" / "adapter.safetensors"
+    assert torch.equal(load_file(checkpoint)[next(k for k in first if k.endswith(".alpha"))],
+                       first[next(k for k in first if k.endswith(".alpha"))])

@@ -216,6 +216,11 @@ class TrainConfig:
                               "not change between epochs", "training")
     seed: int = option(42, "random seed: the same seed and data give the same adapter", "training")
     # output
+    save_scale: float = option(
+        1.0, "multiply the update the final file holds (through its alpha; checkpoints keep the trained one): "
+        "with 1.5, strength 1 is the trained adapter at 1.5 and the trained effect sits at about 0.67, so that "
+        "strength 0.5 gives part of it rather than none (docs/stacking.md has the curves); LoRA only",
+        "output")
     save_every: typing.Optional[int] = option(None, "write a checkpoint (adapter + training state) every N "
                                               "steps", "output")
     keep_checkpoints: int = option(3, "keep only the newest N checkpoints", "output")
@@ -391,6 +396,11 @@ def validate(config: TrainConfig) -> None:
         except re.error as error:
             raise ConfigError(f"targets must be {', '.join(PRESETS)} or a regular expression over module paths; "
                               f"{config.targets!r} is neither ({error})") from None
+    if config.save_scale <= 0:
+        raise ConfigError(f"save_scale multiplies the saved update and must be > 0, got {config.save_scale}")
+    if config.save_scale != 1.0 and config.dora:
+        raise ConfigError("save_scale scales a LoRA's update through its alpha; a DoRA's update does not scale so: "
+                          "drop save_scale, or train without --dora")
     if config.blocks is not None:
         training_blocks(config.blocks)
     for entry in config.with_adapters or []:

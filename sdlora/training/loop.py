@@ -405,8 +405,9 @@ def restore(run: Run, folder: Path) -> tuple[int, int, int]:
     return state["step"], state["epoch"], state["position"]
 
 
-def save_adapter(run: Run, path: Path, dtype: str, step: int, ema: bool = False) -> Path:
-    """The adapter file; with ema=True, the same file of the EMA weights (`ema_weights` swaps them in)."""
+def save_adapter(run: Run, path: Path, dtype: str, step: int, ema: bool = False, scale: float = 1.0) -> Path:
+    """The adapter file; with ema=True, the same file of the EMA weights (`ema_weights` swaps them in);
+    `scale` multiplies the update written (save_scale: the final files, not the checkpoints)."""
     config, model = run.config, run.model
     header = kohya_training_header(
         asdict(config), steps=step, epoch=step // run.steps_per_epoch, resolution=model.resolution,
@@ -416,7 +417,7 @@ def save_adapter(run: Run, path: Path, dtype: str, step: int, ema: bool = False)
     record = {"training": asdict(config), "steps": step, "resolution": model.resolution,
               "prediction_type": model.prediction_type, **({"ema": True} if ema else {})}
     return loader.save(model.pipe, path, ADAPTER, dtype=dtype, title=config.name, record=record, header=header,
-                       prediction_type=model.prediction_type, resolution=model.resolution)
+                       prediction_type=model.prediction_type, resolution=model.resolution, scale=scale)
 
 
 @contextmanager
@@ -698,10 +699,10 @@ def run_training(run: Run) -> Path:
         if config.sample_prompts and (not config.sample_every or step % config.sample_every):
             sample(run, step, log)
         check_finite(optim.parameters, step, config.mixed_precision)
-        output = save_adapter(run, paths.adapter, config.save_dtype, step)
+        output = save_adapter(run, paths.adapter, config.save_dtype, step, scale=config.save_scale)
         if optim.ema is not None:
             with ema_weights(optim):
-                ema = save_adapter(run, paths.ema_adapter, config.save_dtype, step, ema=True)
+                ema = save_adapter(run, paths.ema_adapter, config.save_dtype, step, ema=True, scale=config.save_scale)
             run.say(f"EMA adapter: {ema}")
         event(run, "finished", step, adapter=output.name)
         elapsed = time.time() - started
