@@ -175,6 +175,7 @@ def test_command_line_forms():
     assert parse_lora("style.safetensors:0.8")[1] == 0.8
     assert from_text("style") is None and from_text("IN04=x") is None
     assert scaled("OUTD", 0.5) == [0.5 * float(value) for value in PRESETS["OUTD"].split(",")]
+    assert scaled("OUTD", 0) == 0.0  # off everywhere, layers outside the blocks too
     assert scaled({"unet": {"up": [1.0, 0.5]}, "text_encoder": 0.4}, 2) == {"unet": {"up": [2.0, 1.0]},
                                                                              "text_encoder": 0.8}
     assert describe({"IN04": 0.5}) == "{IN04=0.5}" and describe([1.0, 0.5]) == "1,0.5"

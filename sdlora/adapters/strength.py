@@ -92,7 +92,10 @@ def split_weight(value: str) -> tuple[str, float | None]:
 
 
 def scaled(strength: Strength, factor: float) -> Strength:
-    """The same strength with every layer's value times `factor`, in the same form."""
+    """The same strength with every layer's value times `factor`, in the same form. Block weights scale
+    their blocks (layers outside every block keep 1, as the extension has them); factor 0 is 0 everywhere."""
+    if factor == 0:
+        return 0.0
     if _is_number(strength):
         return strength * factor
     if isinstance(strength, (str, list, tuple)):
