@@ -95,3 +95,16 @@ def test_training_with_a_frozen_adapter_leaves_it_as_it_was_and_resumes_exactly(
 def test_a_missing_frozen_adapter_is_named(tiny_dir, images, tmp_path):
     with pytest.raises(ConfigError, match="with_adapters: .*nothing.safetensors does not exist"):
         train(config(tiny_dir, images, tmp_path, with_adapters=[str(tmp_path / "nothing.safetensors")]), quiet=True)
+
+
+def test_b_lora_presets_name_sdxls_first_up_block_attentions():
+    """B-LoRA's content and style layers, up_blocks.0.attentions.0 and .1, are SDXL's OUT00 and OUT01."""
+    from types import SimpleNamespace
+
+    from sdlora.training.config import training_blocks
+    from test_sgm import SDXL, meta_unet
+
+    unet = meta_unet(SDXL)
+    block_of, _ = _block_ids({"unet": SimpleNamespace(config=unet.config)})
+    assert training_blocks(["b-lora-content"]) == [block_of("unet", "up_blocks.0.attentions.0.proj_in")]
+    assert training_blocks(["b-lora-style", "M00"]) == [block_of("unet", "up_blocks.0.attentions.1.proj_in"), "M00"]

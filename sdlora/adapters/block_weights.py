@@ -50,6 +50,9 @@ PRESETS: dict[str, str] = {  # the extension's default presets (all 17 values: S
     "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
     "ALL0.5": ",".join(["0.5"] * 17),
 }
+# Blocks to train in (the blocks training option): B-LoRA's for SDXL, where up_blocks.0.attentions.0 holds
+# an image's content and up_blocks.0.attentions.1 its style.
+TRAINING_PRESETS: dict[str, tuple[str, ...]] = {"b-lora-content": ("OUT00",), "b-lora-style": ("OUT01",)}
 _BLOCK_NAME = re.compile(r"BASE|IN\d\d|M00|OUT\d\d")
 _NUMBER = re.compile(r"-?(\d+\.?\d*|\.\d+)")
 
@@ -68,6 +71,11 @@ def block_id(component: str, original_path: str | None) -> str | None:
     if original_path.startswith("middle_block."):
         return "M00"
     return None
+
+
+def is_unet_block(name: str) -> bool:
+    """Whether `name` names a UNet block (IN04, M00, OUT01), whichever the model has."""
+    return bool(_BLOCK_NAME.fullmatch(name)) and name != "BASE"
 
 
 def is_block_weights(strength) -> bool:

@@ -474,16 +474,15 @@ def validate(config: TrainConfig) -> None:
     _check_writable(Path(config.output_dir))
 
 
-BLOCK_PRESETS = {"b-lora-style": ["OUT01"], "b-lora-content": ["OUT00"]}  # SDXL's up_blocks.0.attentions.1 / .0
-
-
 def training_blocks(blocks: list[str]) -> list[str]:
     """The block names `blocks` means (presets expanded); ConfigError for a name that is not a block's."""
-    names = [name for entry in blocks for name in BLOCK_PRESETS.get(entry, [entry])]
-    bad = [name for name in names if not re.fullmatch(r"IN\d\d|M00|OUT\d\d", name)]
+    from ..adapters.block_weights import TRAINING_PRESETS, is_unet_block
+
+    names = [name for entry in blocks for name in TRAINING_PRESETS.get(entry, (entry,))]
+    bad = [name for name in names if not is_unet_block(name)]
     if bad or not names:
         raise ConfigError(f"blocks {', '.join(bad) or '(none)'}: name UNet blocks as block weights do (IN04, M00, "
-                          f"OUT01) or give a preset ({', '.join(BLOCK_PRESETS)})")
+                          f"OUT01) or give a preset ({', '.join(TRAINING_PRESETS)})")
     return names
 
 
