@@ -25,8 +25,8 @@ from .adapters.kinds import build_adapter, is_whole, standalone_update
 from .adapters.lycoris import DoRA
 from .base_models.parts import components, native_resolution, unet_block_counts
 from .base_models.sgm import to_original, unet_module_map
-from .adapters.block_weights import block_id, sort_blocks
-from .adapters.strength import Strength, Window, check_strength, check_window, in_window, resolve_strength
+from .adapters.block_weights import block_id, is_block_weights, sort_blocks
+from .adapters.strength import Strength, Window, check_strength, check_window, in_window, layer_strengths
 from .adapters.targets import adaptable_modules, patterns_for, select
 
 logger = logging.getLogger("sdlora")
@@ -135,15 +135,16 @@ def _block_ids(parts: dict[str, nn.Module]):
 
 
 class _Strengths:
-    """A strength checked against a model, resolved layer by layer."""
+    """A strength checked against a model, resolved layer by layer. Only block weights need each
+    layer's block, and so the original layout's module map."""
 
     def __init__(self, parts: dict[str, nn.Module], strength: Strength):
-        self.strength = strength
-        self.block_of, self.blocks = _block_ids(parts)
-        check_strength(strength, unet_block_counts(parts), list(parts), self.blocks)
+        self.block_of, blocks = _block_ids(parts) if is_block_weights(strength) else (None, set())
+        check_strength(strength, unet_block_counts(parts), list(parts), blocks)
+        self.resolve = layer_strengths(strength, blocks)
 
     def __call__(self, component: str, path: str) -> float:
-        return resolve_strength(self.strength, component, path, self.block_of(component, path), self.blocks)
+        return self.resolve(component, path, self.block_of(component, path) if self.block_of else None)
 
 
 def _model_layers(parts: dict[str, nn.Module]) -> dict[str, tuple[str, str, nn.Module]]:

@@ -60,14 +60,20 @@ def check_strength(strength: Strength, block_counts: dict[str, int], components:
                                  f"{block_counts[kind]} {kind} block(s): give one value per block")
 
 
-def resolve_strength(strength: Strength, component: str, path: str, block: str | None = None,
-                     model_blocks: Collection[str] = ()) -> float:
-    """The strength of one layer. `path` is the layer's module path within its component; `block` its
-    block-weight block (None outside every block), for the block-weight forms."""
+def layer_strengths(strength: Strength, model_blocks: Collection[str] = ()):
+    """A function (component, path, block) -> that layer's strength, block weights worked out once:
+    `block` is the layer's block-weight block (None outside every block; only block weights read it)."""
+    if is_block_weights(strength):
+        weights = block_weights(strength, model_blocks)
+        return lambda component, path, block: 1.0 if block is None else weights[block]
+    return lambda component, path, block: resolve_strength(strength, component, path)
+
+
+def resolve_strength(strength: Strength, component: str, path: str) -> float:
+    """The strength of one layer, for a number or a per-component / per-block dict. `path` is the
+    layer's module path within its component."""
     if _is_number(strength):
         return float(strength)
-    if is_block_weights(strength):
-        return 1.0 if block is None else block_weights(strength, model_blocks)[block]
     value = strength.get(component, 1.0)
     if _is_number(value):
         return float(value)
