@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -91,6 +91,7 @@ class Run:
     optim: Optimization
     steps_per_epoch: int
     total_steps: int
+    frozen_digests: dict[str, str] = field(default_factory=dict)  # with_adapters entry -> sha256, as loaded
 
     @property
     def device(self) -> torch.device:
@@ -249,6 +250,7 @@ def setup_run(config: TrainConfig, quiet: bool = False) -> Run:
     if config.class_prompts:
         folder = Path(config.class_data_dir or paths.root / "class-images")
         class_scan = setup.generate_class_images(config, model, folder, accelerator, progress, say)
+    frozen_digests = setup.frozen_adapter_digests(config)  # once: the files as attach_adapter reads them
     scheduler = setup.attach_adapter(config, model, accelerator.device)
 
     dataset, sampler = setup.training_data(config, scans.training, model, global_batch, say)
@@ -268,7 +270,8 @@ def setup_run(config: TrainConfig, quiet: bool = False) -> Run:
     return Run(config=config, quiet=quiet, paths=paths, resume_folder=resume_folder, prompts=prompts,
                accelerator=accelerator, weight_dtype=weight_dtype, model=model, scheduler=scheduler, images=images,
                validation=validation, class_images=class_images, prior_loss_weight=prior_loss_weight,
-               text_cache=text_cache, optim=optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+               text_cache=text_cache, optim=optim, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               frozen_digests=frozen_digests)
 
 
 # ---------------------------------------------------------------- the micro-batches
@@ -350,7 +353,7 @@ def checkpoint_state(run: Run, step: int, epoch: int, position: int) -> dict:
     state = {"step": step, "epoch": epoch, "position": position, "global_batch": run.global_batch,
              "optimizer": optim.optimizer.state_dict(),
              "lr_scheduler": optim.lr_scheduler.state_dict(), "rng": rng_states(),
-             "config": json.dumps(asdict(run.config)), "with_adapters": setup.frozen_adapter_digests(run.config)}
+             "config": json.dumps(asdict(run.config)), "with_adapters": run.frozen_digests}
     if optim.ema is not None:
         state["ema"] = [average.detach().cpu().clone() for average in optim.ema]
     return state
@@ -389,7 +392,7 @@ def restore(run: Run, folder: Path) -> tuple[int, int, int]:
         if was != getattr(config, key):
             raise ConfigError(f"cannot resume from {folder}: it was trained with {key}={was!r}, this run has "
                               f"{key}={getattr(config, key)!r}")
-    changed = [entry for entry, digest in setup.frozen_adapter_digests(config).items()
+    changed = [entry for entry, digest in run.frozen_digests.items()
                if state.get("with_adapters", {}).get(entry) != digest]
     if changed:
         raise ConfigError(f"cannot resume from {folder}: with_adapters {', '.join(changed)} is not the file this run "

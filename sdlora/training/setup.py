@@ -229,7 +229,7 @@ def attach_adapter(config: TrainConfig, model: BaseModel, device: torch.device):
     except ValueError as error:
         if blocks is None:
             raise
-        raise ConfigError(f"blocks {', '.join(config.blocks)}: {error}") from None
+        raise ConfigError(str(error)) from None  # the message names the blocks and what this UNet has
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         for name in model.trained_encoders:
