@@ -352,10 +352,10 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         train(config.build(values, args.config), quiet=args.quiet)
     except (TrainingDiverged, WriteFailed) as error:  # the run started; what it wrote is intact
-        print(f"sdlora: training stopped: {error}", file=sys.stderr)
+        error_line(f"sdlora: training stopped: {error}")
         return 1
     except TrainingStopped as stopped:
-        print(f"sdlora: {stopped}", file=sys.stderr)
+        error_line(f"sdlora: {stopped}")
         return 3
     return 0
 
@@ -553,13 +553,20 @@ COMMANDS = {"studio": run_studio, "train": run_train, "toy": run_toy, "inspect":
             "merge": run_merge, "resize": run_resize, "extract": run_extract, "convert": run_convert}
 
 
+def error_line(text: str) -> None:
+    """One line on stderr in one write: processes of one torchrun share the pipe, and print's separate
+    write of the newline let their lines run into each other."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a user's mistake (any SdloraError) is one line and exit code 2, a bug a traceback."""
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except SdloraError as error:
-        print(f"sdlora: error: {error}", file=sys.stderr)
+        error_line(f"sdlora: error: {error}")
         return 2
 
 
